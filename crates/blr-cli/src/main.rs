@@ -1,0 +1,45 @@
+//! `blr`: compress transformer models into block-low-rank form and run them fast.
+//!
+//! Each subcommand lives in its own module under `cmd/` with a clap `Args` struct and a
+//! `run(args) -> anyhow::Result<()>` function; this file only dispatches.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "blr",
+    version,
+    about = "Compress transformers into block-low-rank form (low-rank, Monarch, BLAST) and run them fast",
+    long_about = "blr compresses the linear layers of transformer models (Llama-family, GPT-2, ViT, DiT) \
+into block-low-rank (BLR) forms -- low-rank, Monarch and BLAST -- checks their accuracy and runs them \
+on NVIDIA GPUs (sm_80..sm_90) or the CPU.\n\n\
+Formats, for a layer y = W x with W of shape (m, n):\n  \
+dense    W                                   params m*n\n  \
+lowrank  W = U V, U (m,r), V (r,n)           params r(m+n)\n  \
+monarch  b x b blocks of rank R/b            params R(m+n)\n  \
+blast    W_ij = U_i diag(s_ij) V_j^T         params r(m+n+b_out*b_in)\n\n\
+Start with `blr cost --help` to see what a format costs, or `blr init-layer` + `blr info` to look at a checkpoint."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
