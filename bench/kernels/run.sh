@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build and run the layer-kernel harness on the GPU machine (CUDA 13.0, nvcc, cuBLAS).
+#   bench/kernels/run.sh [check|sanitize|bench|all]   (default: all)
+# Writes logs and JSON under $OUT (or ./out when $OUT is unset).
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+what="${1:-all}"
+export PATH=/usr/local/cuda/bin:$PATH
+nvcc -std=c++17 -O3 -lineinfo --default-stream per-thread -gencode=arch=compute_90a,code=sm_90a \
+    -Xptxas -v -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness -lcublas \
+    >"$out/build.log" 2>&1 || { cat "$out/build.log"; exit 1; }
+grep -E "Compiling entry|registers|spill" "$out/build.log" | paste - - - | awk '{print $6, $(NF-10), $(NF-9), $(NF-3), $(NF-2)}' | head -20
+if [[ $what == check || $what == all || $what == sanitize ]]; then
+    echo "== correctness (small shapes)"
+    /tmp/blr_harness --check-only --small 2>&1 | tee "$out/check.log" | tail -40
+fi
+if [[ $what == sanitize || $what == all ]]; then
+    for tool in memcheck racecheck; do
+        echo "== compute-sanitizer $tool"
+        timeout 240 compute-sanitizer --tool $tool --print-limit 20 /tmp/blr_harness --check-only --small \
+            >"$out/sanitize-$tool.log" 2>&1
+        echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed" "$out/sanitize-$tool.log" | tail -3
+    done
+fi
+if [[ $what == bench || $what == all ]]; then
+    echo "== bench"
+    /tmp/blr_harness --iters 30 --json "$out/layers.json" 2>&1 | tee "$out/bench.log"
+fi

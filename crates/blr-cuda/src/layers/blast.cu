@@ -1,0 +1,130 @@
+// BLAST stage 2 (the b_out x b_in mixing per rank index) for the prefill strategies.
+// Notation (BRIEF section 2): X (T, n), b_in x b_out blocks, q = n/b_in, p = m/b_out, rank r.
+//   Z_j = X_j V_j        stage 1, (T x r) per input block j   -- a batched GEMM
+//   W_i = sum_j s_ij . Z_j  stage 2, elementwise in k            -- THIS FILE
+//   Y_i = W_i U_i^T      stage 3, (T x p) per output block i   -- a batched GEMM
+//
+// blast_mix_tc: tensor-core mixing. For a fixed rank k, W[:, :, k] (T x b_out) =
+// Z[:, :, k] (T x b_in) * S[k]^T (b_in x b_out): one m16n8k16 MMA per 16 tokens x 8 outputs with
+// K = b_in (padded to 16). Stage 2 is only b_out*b_in/(m+n) of the FLOPs (~3% for llama7b qkvo)
+// but on CUDA cores in fp32 it would cost ~8 us at T=1024; on tensor cores it is free next to
+// the memory traffic, which is what this kernel is bound by (reads Z once, writes W once).
+//
+// Layouts (chosen so that no transpose copy is ever made):
+//   Zt  (b_in, r, ldz)  Z transposed per block: Zt[j][k][t], tokens contiguous, ldz = T rounded
+//                       up to 8. Stage 1 writes it directly as Zt_j = V_j^T X_j^T (an NT GEMM
+//                       with the operands swapped), and ldmatrix.trans then delivers the
+//                       (tokens x j) A fragment for a fixed k straight from shared memory.
+//   S   (r, 16, 16)     S[k][i][j], zero-padded to 16 x 16, K (= j) contiguous: the B fragment.
+//   W   (b_out, T, r)   W[i][t][k]: exactly the A operand of stage 3 (K = r contiguous).
+//                       Each thread collects 8 consecutive k's of its C fragments and stores 16
+//                       bytes, so W is written with 16-byte stores and no shared-memory staging.
+// Block tile: 64 tokens x 32 ranks, all j (16 planes in shared memory: 16 x 32 x 64 bf16 +
+// 16 B pad per plane so the 8 j-rows of one ldmatrix phase fall in distinct bank groups);
+// 4 warps, warp w owns tokens [16w, 16w+16) for all 32 ranks and all 16 outputs.
+// Bytes per W element: 2 (Z read, b_in/b_out of it) + 2 (W write) -> roofline = memory.
+// Requirements (launcher checks): b_in <= 16, b_out <= 16, r % 8 == 0, ldz % 8 == 0.
+#include "common.cuh"
+
+namespace blr_mix {
+constexpr int BT = 64;
+constexpr int BKR = 32;
+constexpr int JP = 16;
+constexpr int PLANE = BKR * BT + 8;  // elements; +16 B pad
+}  // namespace blr_mix
+
+extern "C" __global__ void __launch_bounds__(128) blr_blast_mix_tc(const bf16* __restrict__ Zt,
+                                                                   const bf16* __restrict__ S,
+                                                                   bf16* __restrict__ W, int T, int ldz,
+                                                                   int r, int b_in, int b_out) {
+    using namespace blr_mix;
+    extern __shared__ __align__(128) unsigned char blr_mix_smem[];
+    bf16* zs = reinterpret_cast<bf16*>(blr_mix_smem);
+
+    const int t0 = blockIdx.x * BT;
+    const int k0 = blockIdx.y * BKR;
+    // 16 planes x 32 ranks x 8 chunks of 16 B.
+    for (int idx = threadIdx.x; idx < JP * BKR * (BT / 8); idx += blockDim.x) {
+        int ch = idx % (BT / 8);
+        int k = (idx / (BT / 8)) % BKR;
+        int j = idx / (BT / 8 * BKR);
+        int gt = t0 + ch * 8;
+        bool pred = (j < b_in) && (k0 + k < r) && (gt < ldz);
+        const bf16* src = pred ? Zt + ((long)j * r + k0 + k) * ldz + gt : Zt;
+        cp_async16(smem_addr(zs + j * PLANE + k * BT + ch * 8), src, pred);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int c = lane & 3;
+    const int tw = warp * 16;
+    // ldmatrix.trans row address: matrix (lane/8): 0 -> (t 0-7, j 0-7), 1 -> (t 8-15, j 0-7),
+    // 2 -> (t 0-7, j 8-15), 3 -> (t 8-15, j 8-15); memory rows are j, 8 tokens each.
+    const int lj = (lane & 7) + ((lane >> 4) << 3);
+    const int lt = tw + (((lane >> 3) & 1) << 3);
+
+    for (int kb = 0; kb < BKR; kb += 8) {
+        float out[2][4][8];
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            const int k = kb + kk;
+            blr_u32 a0, a1, a2, a3;
+            ldmatrix_x4_trans(smem_addr(zs + lj * PLANE + k * BT + lt), a0, a1, a2, a3);
+            const int gk = min(k0 + k, r - 1);
+            const blr_u32* srow = reinterpret_cast<const blr_u32*>(S + (long)gk * 256);
+#pragma unroll
+            for (int it = 0; it < 2; ++it) {
+                // B fragment: S[k][i = it*8 + g][j = 2c, 2c+1] and [j = 2c+8, 2c+9].
+                blr_u32 b0 = __ldg(srow + (it * 8 + g) * 8 + c);
+                blr_u32 b1 = __ldg(srow + (it * 8 + g) * 8 + 4 + c);
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                mma_bf16(d, a0, a1, a2, a3, b0, b1);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) out[it][e][kk] = d[e];
+            }
+        }
+        const int gk = k0 + kb;
+        if (gk + 8 <= r) {
+#pragma unroll
+            for (int it = 0; it < 2; ++it) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int i = it * 8 + 2 * c + (e & 1);
+                    int t = t0 + tw + g + ((e >> 1) << 3);
+                    if (i < b_out && t < T) {
+                        uint4 v;
+                        v.x = pack_bf16x2(out[it][e][0], out[it][e][1]);
+                        v.y = pack_bf16x2(out[it][e][2], out[it][e][3]);
+                        v.z = pack_bf16x2(out[it][e][4], out[it][e][5]);
+                        v.w = pack_bf16x2(out[it][e][6], out[it][e][7]);
+                        *reinterpret_cast<uint4*>(W + ((long)i * T + t) * r + gk) = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Baseline stage 2 (what the PyTorch reference does: broadcast multiply + sum over j), one
+// thread per (t, k), fp32 math, Z in the natural (b_in, T, r) layout that a plain batched GEMM
+// writes. Used by the `unfused` strategy only.
+extern "C" __global__ void blr_blast_mix_naive(const bf16* __restrict__ Z, const bf16* __restrict__ S,
+                                               bf16* __restrict__ W, int T, int r, int b_in, int b_out) {
+    long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long)T * r) return;
+    int k = (int)(idx % r);
+    long t = idx / r;
+    float z[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) z[j] = j < b_in ? __bfloat162float(Z[((long)j * T + t) * r + k]) : 0.f;
+    for (int i = 0; i < b_out; ++i) {
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc += __bfloat162float(S[((long)k * 16 + i) * 16 + j]) * z[j];
+        W[((long)i * T + t) * r + k] = __float2bfloat16(acc);
+    }
+}

@@ -1,0 +1,249 @@
+// Decode (T <= 16 tokens) forward for BLAST, low-rank and Monarch in ONE persistent launch.
+//
+// Every BLR format here is two weight-streaming stages with a tiny intermediate:
+//   stage 1: z[t, j, k] = sum_c w1[j][k][c] * x[t, j*q1 + c]     (w1: BLAST V^T, LR V, Monarch w1)
+//   mixing : w[blk][t][k] from z (BLAST: sum_j s[k][i][j] z[t,j,k]; LR: copy; Monarch: the
+//            permutation P, (j, k) -> (l, s) = ((j*R + k) % b, (j*R + k) / b))
+//   stage 2: y[t, out(blk, o)] = sum_k w2[blk][o][k] * w[blk][t][k] (w2: BLAST U, LR U, Monarch w2)
+// At T <= 16 the layer is bound by streaming the weights once (BLAST llama7b qkvo: 17.3 MB,
+// 5.8 us at 3 TB/s; dense 33.5 MB, 11 us). Three launches would cost ~2-3 us each in drain and
+// fill, so the kernel is cooperative: phase 1 (stage 1 + mixing) over all SMs, a grid-wide
+// barrier, phase 2. Before arriving at the barrier each block prefetches its phase-2 weight rows
+// into L2, so the barrier wait overlaps with the w2 stream.
+//
+// Tensor cores do the dot products (M = 16 token rows, rows >= T zero): weights are the B
+// operand, read straight from global memory with 16-byte loads. The 8 consecutive k a thread
+// loads (k = 32*s + 8c + e) are fed to two m16n8k16 MMAs as logical k {2c,2c+1,2c+8,2c+9}
+// (e = 0..3) and then e = 4..7; activations are loaded with the same mapping, so the K order is
+// permuted consistently and every load is 16 bytes, coalesced into 64-byte row segments.
+// Phase 1 task = 8 ranks (one n8 tile) x all input blocks: the mixing needs every j of a rank,
+// so it runs in the task's epilogue from shared memory. Warps split the (j, 32-wide k step)
+// items and reduce through shared-memory float atomics. Phase 2 task = 16 output rows x all of
+// K; warps split K and reduce the same way.
+// Intermediate w: (nb2, 16, r2) bf16 (rows t >= T unused), written in phase 1, read from L2 in
+// phase 2 (ld.global.cg: L1 is not coherent across SMs).
+// Requirements (launcher checks): T <= 16, q1, r2, n % 8 == 0, nb1 <= 16 in BLAST mode,
+// grid <= co-resident blocks (cooperative launch), barrier words zeroed once before first use.
+#include "common.cuh"
+
+namespace blr_dec {
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int U1 = 4;  // phase-1 items in flight per warp
+constexpr int U2 = 4;  // phase-2 k steps in flight per warp
+}  // namespace blr_dec
+
+// Sense-free generation barrier: bar[0] counts arrivals, bar[1] is the generation. The last
+// block to arrive resets the count before bumping the generation, so the words are ready for
+// the next barrier and the next launch.
+static __device__ __forceinline__ void blr_grid_barrier(unsigned* bar, unsigned nblocks) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* vgen = bar + 1;
+        unsigned gen = *vgen;
+        __threadfence();
+        unsigned arrived = atomicAdd(bar, 1u);
+        if (arrived == nblocks - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*vgen == gen) {
+                __nanosleep(32);
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
+    blr_decode(const bf16* __restrict__ x, const bf16* __restrict__ w1, const bf16* __restrict__ s,
+               const bf16* __restrict__ w2, bf16* __restrict__ y, bf16* wbuf, unsigned* bar, int T, int n,
+               int m, int mode, int nb1, int r1, int q1, int nb2, int p2, int r2) {
+    using namespace blr_dec;
+    extern __shared__ float blr_dec_smem[];
+    float* zs = blr_dec_smem;  // phase 1: [nb1][16][8]; phase 2: [16][16]
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int c = lane & 3;
+    const bool tg_ok = g < T;
+    const bool tg8_ok = g + 8 < T;
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+
+    // ---------------- phase 1: stage 1 + mixing ----------------
+    const int tasks1 = (r1 + 7) >> 3;
+    const int nk1 = (q1 + 31) >> 5;
+    const int items = nb1 * nk1;
+    const int per = (items + WARPS - 1) / WARPS;
+    const int it_begin = warp * per;
+    const int it_end = min(items, it_begin + per);
+    for (int task = blockIdx.x; task < tasks1; task += gridDim.x) {
+        const int rank0 = task * 8;
+        for (int i = tid; i < nb1 * 128; i += THREADS) zs[i] = 0.f;
+        __syncthreads();
+        const int rank = rank0 + g;
+        const bool rank_ok = rank < r1;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int cur_j = it_begin < it_end ? it_begin / nk1 : 0;
+        for (int ib = it_begin; ib < it_end; ib += U1) {
+            uint4 bw[U1], xa[U1], xb[U1];
+#pragma unroll
+            for (int u = 0; u < U1; ++u) {
+                const int it = ib + u;
+                const int j = it / nk1;
+                const int kof = (it - j * nk1) * 32 + 8 * c;
+                const bool kok = (it < it_end) && (kof < q1);
+                bw[u] = (kok && rank_ok) ? ld_stream16(w1 + ((long)j * r1 + rank) * q1 + kof) : zero4;
+                const bf16* xp = x + (long)j * q1 + kof;
+                xa[u] = (kok && tg_ok) ? ld_ro16(xp + (long)g * n) : zero4;
+                xb[u] = (kok && tg8_ok) ? ld_ro16(xp + (long)(g + 8) * n) : zero4;
+            }
+#pragma unroll
+            for (int u = 0; u < U1; ++u) {
+                const int it = ib + u;
+                if (it < it_end) {
+                    const int j = it / nk1;
+                    if (j != cur_j) {
+                        float* zj = zs + cur_j * 128;
+                        atomicAdd(zj + g * 8 + 2 * c, acc[0]);
+                        atomicAdd(zj + g * 8 + 2 * c + 1, acc[1]);
+                        atomicAdd(zj + (g + 8) * 8 + 2 * c, acc[2]);
+                        atomicAdd(zj + (g + 8) * 8 + 2 * c + 1, acc[3]);
+                        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+                        cur_j = j;
+                    }
+                    mma_bf16(acc, xa[u].x, xb[u].x, xa[u].y, xb[u].y, bw[u].x, bw[u].y);
+                    mma_bf16(acc, xa[u].z, xb[u].z, xa[u].w, xb[u].w, bw[u].z, bw[u].w);
+                }
+            }
+        }
+        if (it_begin < it_end) {
+            float* zj = zs + cur_j * 128;
+            atomicAdd(zj + g * 8 + 2 * c, acc[0]);
+            atomicAdd(zj + g * 8 + 2 * c + 1, acc[1]);
+            atomicAdd(zj + (g + 8) * 8 + 2 * c, acc[2]);
+            atomicAdd(zj + (g + 8) * 8 + 2 * c + 1, acc[3]);
+        }
+        __syncthreads();
+        if (mode == 0) {
+            // BLAST mixing: w[i][t][k] = sum_j s[k][i][j] z[t][j][k].
+            for (int pidx = tid; pidx < nb2 * 8; pidx += THREADS) {
+                const int i = pidx >> 3;
+                const int kk = pidx & 7;
+                const int k = rank0 + kk;
+                if (k < r1) {
+                    const bf16* sp = s + ((long)k * 16 + i) * 16;
+                    uint4 s0 = ld_ro16(sp);
+                    uint4 s1 = ld_ro16(sp + 8);
+                    float sv[16] = {bf16_lo(s0.x), bf16_hi(s0.x), bf16_lo(s0.y), bf16_hi(s0.y),
+                                    bf16_lo(s0.z), bf16_hi(s0.z), bf16_lo(s0.w), bf16_hi(s0.w),
+                                    bf16_lo(s1.x), bf16_hi(s1.x), bf16_lo(s1.y), bf16_hi(s1.y),
+                                    bf16_lo(s1.z), bf16_hi(s1.z), bf16_lo(s1.w), bf16_hi(s1.w)};
+                    for (int t = 0; t < T; ++t) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int j = 0; j < 16; ++j)
+                            if (j < nb1) sum += sv[j] * zs[(j * 16 + t) * 8 + kk];
+                        wbuf[((long)i * 16 + t) * r2 + k] = __float2bfloat16(sum);
+                    }
+                }
+            }
+        } else if (mode == 1) {
+            for (int pidx = tid; pidx < 128; pidx += THREADS) {
+                const int t = pidx >> 3;
+                const int k = rank0 + (pidx & 7);
+                if (t < T && k < r1) wbuf[(long)t * r2 + k] = __float2bfloat16(zs[pidx]);
+            }
+        } else {
+            // Monarch: flat index f = j*R + k of out1 (T, b, R) goes to P[l = f % b][t][s = f / b].
+            for (int pidx = tid; pidx < nb1 * 128; pidx += THREADS) {
+                const int kk = pidx & 7;
+                const int t = (pidx >> 3) & 15;
+                const int j = pidx >> 7;
+                const int k = rank0 + kk;
+                if (t < T && k < r1) {
+                    const long f = (long)j * r1 + k;
+                    const int l = (int)(f % nb2);
+                    const long sidx = f / nb2;
+                    wbuf[((long)l * 16 + t) * r2 + sidx] = __float2bfloat16(zs[pidx]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // Prefetch this block's phase-2 weight rows into L2 while stragglers finish phase 1.
+    const int otiles = (p2 + 15) >> 4;
+    const int tasks2 = nb2 * otiles;
+    const int lines_per_row = (int)(((long)r2 * 2 + 127) / 128);
+    for (int task = blockIdx.x; task < tasks2; task += gridDim.x) {
+        const int blk = task / otiles;
+        const int o0 = (task - blk * otiles) * 16;
+        for (int li = tid; li < 16 * lines_per_row; li += THREADS) {
+            const int rr = li / lines_per_row;
+            const int ln = li - rr * lines_per_row;
+            if (o0 + rr < p2)
+                prefetch_l2(reinterpret_cast<const char*>(w2 + ((long)blk * p2 + o0 + rr) * r2) + ln * 128);
+        }
+    }
+
+    blr_grid_barrier(bar, gridDim.x);
+
+    // ---------------- phase 2: stage 2 ----------------
+    const int nk2 = (r2 + 31) >> 5;
+    float* ys = blr_dec_smem;
+    for (int task = blockIdx.x; task < tasks2; task += gridDim.x) {
+        const int blk = task / otiles;
+        const int o0 = (task - blk * otiles) * 16;
+        ys[tid] = 0.f;
+        __syncthreads();
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const int rowA = o0 + g;
+        const int rowB = o0 + 8 + g;
+        const bool okA = rowA < p2;
+        const bool okB = rowB < p2;
+        const bf16* wa = w2 + ((long)blk * p2 + rowA) * r2;
+        const bf16* wb = w2 + ((long)blk * p2 + rowB) * r2;
+        const bf16* za = wbuf + ((long)blk * 16 + g) * r2;
+        const bf16* zb = wbuf + ((long)blk * 16 + g + 8) * r2;
+        for (int ks0 = warp; ks0 < nk2; ks0 += WARPS * U2) {
+            uint4 ba[U2], bb[U2], xa[U2], xb[U2];
+#pragma unroll
+            for (int u = 0; u < U2; ++u) {
+                const int ks = ks0 + u * WARPS;
+                const int kof = ks * 32 + 8 * c;
+                const bool ok = (ks < nk2) && (kof < r2);
+                ba[u] = (ok && okA) ? ld_stream16(wa + kof) : zero4;
+                bb[u] = (ok && okB) ? ld_stream16(wb + kof) : zero4;
+                xa[u] = (ok && tg_ok) ? ld_cg16(za + kof) : zero4;
+                xb[u] = (ok && tg8_ok) ? ld_cg16(zb + kof) : zero4;
+            }
+#pragma unroll
+            for (int u = 0; u < U2; ++u) {
+                mma_bf16(acc[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, ba[u].x, ba[u].y);
+                mma_bf16(acc[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, ba[u].z, ba[u].w);
+                mma_bf16(acc[1], xa[u].x, xb[u].x, xa[u].y, xb[u].y, bb[u].x, bb[u].y);
+                mma_bf16(acc[1], xa[u].z, xb[u].z, xa[u].w, xb[u].w, bb[u].z, bb[u].w);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                atomicAdd(ys + (g + ((e >> 1) << 3)) * 16 + nt * 8 + 2 * c + (e & 1), acc[nt][e]);
+        __syncthreads();
+        {
+            const int t = tid >> 4;
+            const int o = o0 + (tid & 15);
+            if (t < T && o < p2) {
+                const long col = mode == 2 ? (long)o * nb2 + blk : (long)blk * p2 + o;
+                y[(long)t * m + col] = __float2bfloat16(ys[tid]);
+            }
+        }
+        __syncthreads();
+    }
+}
