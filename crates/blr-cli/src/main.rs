@@ -4,6 +4,7 @@
 //! `run(args) -> anyhow::Result<()>` function; this file only dispatches.
 
 mod cmd;
+mod table;
 
 use clap::{Parser, Subcommand};
 
@@ -29,11 +30,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show the layers of a blr checkpoint: format, shape, blocks, rank, params, bytes.
+    Info(cmd::info::Args),
+    /// Roofline cost model: FLOPs, bytes and floor of a layer for each execution strategy.
+    Cost(cmd::cost::Args),
+    /// Write a checkpoint holding one layer of random factors.
+    InitLayer(cmd::init_layer::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Info(args) => cmd::info::run(args),
+        Command::Cost(args) => cmd::cost::run(args),
+        Command::InitLayer(args) => cmd::init_layer::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

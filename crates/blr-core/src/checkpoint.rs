@@ -116,7 +116,10 @@ impl Checkpoint {
         Self::from_safetensors(&st)
     }
 
-    pub fn from_safetensors(st: &SafeTensors) -> Result<Checkpoint> {
+    /// Validates a checkpoint's header without decoding any tensor: the factor dtype and every
+    /// layer's shape, with each factor checked present with the right shape and dtype. This is
+    /// what `blr info` reads, so that inspecting a multi-gigabyte model costs milliseconds.
+    pub fn inspect(st: &SafeTensors) -> Result<(Dtype, Vec<(String, Shape)>)> {
         let path = st.path();
         let malformed = |detail: String| Error::Malformed {
             path: path.to_path_buf(),
@@ -152,32 +155,26 @@ impl Checkpoint {
                 "'{KEY_LAYERS}' metadata is not a valid layer list: {e}"
             ))
         })?;
-
-        let mut used = BTreeSet::new();
-        let mut layers = Vec::with_capacity(layer_meta.len());
+        let mut out = Vec::with_capacity(layer_meta.len());
         for lm in layer_meta {
+            let rank = if lm.format == FormatKind::Dense {
+                lm.m.min(lm.n)
+            } else {
+                lm.rank
+            };
             let shape = Shape {
                 format: lm.format,
                 m: lm.m,
                 n: lm.n,
                 b_out: lm.b_out,
                 b_in: lm.b_in,
-                rank: lm.rank,
-            };
-            let shape = if lm.format == FormatKind::Dense {
-                Shape {
-                    rank: lm.m.min(lm.n),
-                    ..shape
-                }
-            } else {
-                shape
+                rank,
             };
             shape.validate().map_err(|e| Error::Tensor {
                 path: path.to_path_buf(),
                 tensor: lm.name.clone(),
                 detail: format!("layer metadata is invalid: {e}"),
             })?;
-            let mut factors = Vec::new();
             for (factor, want_shape) in Linear::factor_shapes(&shape) {
                 let name = format!("{}.{factor}", lm.name);
                 let info = st.info(&name).ok_or_else(|| Error::Tensor {
@@ -195,11 +192,36 @@ impl Checkpoint {
                         detail: format!("dtype {} but the checkpoint declares {dtype}", info.dtype),
                     });
                 }
-                factors.push(st.read_f32_shaped(&name, &want_shape)?);
-                used.insert(name);
+                if info.shape != want_shape {
+                    return Err(Error::Tensor {
+                        path: path.to_path_buf(),
+                        tensor: name,
+                        detail: format!("has shape {:?}, expected {want_shape:?}", info.shape),
+                    });
+                }
             }
-            let layer = Linear::from_factors(&shape, factors)?;
-            layers.push((lm.name, layer));
+            out.push((lm.name, shape));
+        }
+        Ok((dtype, out))
+    }
+
+    pub fn from_safetensors(st: &SafeTensors) -> Result<Checkpoint> {
+        let path = st.path();
+        let malformed = |detail: String| Error::Malformed {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let (_, shapes) = Self::inspect(st)?;
+        let mut used = BTreeSet::new();
+        let mut layers = Vec::with_capacity(shapes.len());
+        for (name, shape) in shapes {
+            let mut factors = Vec::new();
+            for (factor, want_shape) in Linear::factor_shapes(&shape) {
+                let tensor = format!("{name}.{factor}");
+                factors.push(st.read_f32_shaped(&tensor, &want_shape)?);
+                used.insert(tensor);
+            }
+            layers.push((name, Linear::from_factors(&shape, factors)?));
         }
         let mut tensors = BTreeMap::new();
         for name in st.names() {
@@ -217,7 +239,8 @@ impl Checkpoint {
                 },
             );
         }
-        let metadata = meta
+        let metadata = st
+            .metadata()
             .iter()
             .filter(|(k, _)| !k.starts_with("blr."))
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -1,1 +1,5 @@
 //! One module per subcommand.
+pub mod cost;
+pub mod info;
+pub mod init_layer;
+pub mod layer_args;
