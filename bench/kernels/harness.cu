@@ -8,7 +8,7 @@
 // iteration; CUDA graphs for T <= 16). Ceilings (copy bandwidth, cuBLAS bf16 GEMM rate) are
 // measured in the same run and give each row's roofline floor.
 //
-//   harness [--check-only] [--small] [--iters N] [--json FILE]
+//   harness [--check-only] [--small | --tiny] [--iters N] [--json FILE]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -463,11 +463,12 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
 }
 
 int main(int argc, char** argv) {
-    bool small = false;
+    bool small = false, tiny = false;
     const char* json = nullptr;
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--check-only")) g_check_only = true;
         else if (!strcmp(argv[i], "--small")) small = true;
+        else if (!strcmp(argv[i], "--tiny")) small = tiny = true;
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc) g_iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     }
@@ -503,7 +504,10 @@ int main(int argc, char** argv) {
         {"llama7b-down", 4096, 11008, 16, 16, 1488, 1488, 16, 1536},
         {"llama3.2-1b-q", 2048, 2048, 16, 16, 256, 256, 16, 256},
     };
-    for (auto& c : cfgs_small) run_config(c, {1, 5, 16, 77, 300});
+    if (tiny)
+        run_config(cfgs_small[0], {1, 5, 77});
+    else
+        for (auto& c : cfgs_small) run_config(c, {1, 5, 16, 77, 300});
     if (!small)
         for (auto& c : cfgs_big) run_config(c, {1, 16, 128, 1024});
     if (json) {

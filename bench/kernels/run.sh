@@ -11,7 +11,7 @@ export PATH=/usr/local/cuda/bin:$PATH
 nvcc -std=c++17 -O3 -lineinfo --default-stream per-thread -gencode=arch=compute_90a,code=sm_90a \
     -Xptxas -v -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness -lcublas \
     >"$out/build.log" 2>&1 || { cat "$out/build.log"; exit 1; }
-grep -E "Compiling entry|registers|spill" "$out/build.log" | paste - - - | awk '{print $6, $(NF-10), $(NF-9), $(NF-3), $(NF-2)}' | head -20
+grep -E "Compiling entry function 'blr|Used [0-9]+ registers" "$out/build.log" | grep -A1 "'blr" | grep -v "^--" | paste - - | sed -E "s/ptxas info *: //g" | cut -c1-150
 if [[ $what == check || $what == all || $what == sanitize ]]; then
     echo "== correctness (small shapes)"
     /tmp/blr_harness --check-only --small 2>&1 | tee "$out/check.log" | tail -40
@@ -19,7 +19,7 @@ fi
 if [[ $what == sanitize || $what == all ]]; then
     for tool in memcheck racecheck; do
         echo "== compute-sanitizer $tool"
-        timeout 240 compute-sanitizer --tool $tool --print-limit 20 /tmp/blr_harness --check-only --small \
+        timeout 240 compute-sanitizer --tool $tool --print-limit 20 /tmp/blr_harness --check-only --tiny \
             >"$out/sanitize-$tool.log" 2>&1
         echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed" "$out/sanitize-$tool.log" | tail -3
     done
