@@ -30,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A guided first run: cost model, then a BLAST layer built, checked and timed.
+    Quickstart(cmd::quickstart::Args),
     /// Show the layers of a blr checkpoint: format, shape, blocks, rank, params, bytes.
     Info(cmd::info::Args),
     /// Roofline cost model: FLOPs, bytes and floor of a layer for each execution strategy.
@@ -41,6 +43,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Quickstart(args) => cmd::quickstart::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Cost(args) => cmd::cost::run(args),
         Command::InitLayer(args) => cmd::init_layer::run(args),

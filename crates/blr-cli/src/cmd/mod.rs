@@ -3,3 +3,4 @@ pub mod cost;
 pub mod info;
 pub mod init_layer;
 pub mod layer_args;
+pub mod quickstart;
