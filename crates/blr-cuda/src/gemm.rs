@@ -1,0 +1,729 @@
+//! Dense GEMM through cuBLASLt: bf16 in, fp32 accumulate, bf16 (or f32) out, strided-batched,
+//! with the descriptors and the chosen algorithm cached per shape.
+//!
+//! # Conventions (row-major, as everywhere in blr)
+//! For each batch index `i` in `0..batch`:
+//!
+//! ```text
+//! Y_i (rows, cols) = alpha * X_i (rows, inner) * op(W_i) + beta * Y_i
+//!   WeightLayout::OutIn:  W_i stored (cols, inner), op(W) = W^T   -- nn.Linear: Y = X W^T
+//!   WeightLayout::InOut:  W_i stored (inner, cols), op(W) = W
+//! ```
+//!
+//! For a linear layer, `rows = T` tokens, `cols = m` outputs, `inner = n` inputs (BRIEF §2).
+//! Each operand has a row stride (`ld_*`, elements between consecutive rows; defaults to the
+//! dense width) and a batch stride (`stride_*`, elements between consecutive batch matrices;
+//! 0 shares one matrix across the batch). Row strides let a GEMM read a column block of a
+//! wider matrix in place, e.g. BLAST's `X_j = X[:, j*q..(j+1)*q]` is `inner = q, ld_x = n,
+//! stride_x = q`: no copy.
+//!
+//! cuBLASLt is column-major. A row-major `(r, c)` matrix with row stride `ld` is the
+//! column-major `(c, r)` matrix with the same `ld`, i.e. its transpose, so we compute
+//! `Y^T (cols, rows) = op'(W) * X^T` with cuBLAS `m = cols, n = rows, k = inner`:
+//! `B = X^T` untransposed; `A` is the stored W, transposed (`OutIn`, "TN" GEMM, the layout
+//! Hopper's fastest kernels want) or not (`InOut`).
+//!
+//! # Plans
+//! cudarc's safe wrapper builds the layouts, asks the heuristic and destroys everything on
+//! every call (~10-30 us of host time, as long as the GEMM itself at decode sizes). Here a
+//! [`GemmShape`] + output type + operand alignment is the key of a [`Plan`] holding the matmul
+//! descriptor, the three layouts and the algorithm the heuristic picked; a call with a known
+//! key is one `cublasLtMatmul`.
+//!
+//! Alignment is part of the key because cuBLASLt's heuristic assumes 256-byte aligned operands
+//! unless told otherwise: a sub-matrix at an odd offset gets a plan built for its real alignment.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
+use half::bf16;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::memory::{DeviceBuffer, Element};
+
+/// How the weight operand is stored (see module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// `(cols, inner)` row-major, `Y = X W^T`: PyTorch's `nn.Linear.weight`, blr's `W (m, n)`.
+    OutIn,
+    /// `(inner, cols)` row-major, `Y = X W`.
+    InOut,
+}
+
+/// The shape of a (batched) row-major GEMM; see the module docs for the meaning of each field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub rows: usize,
+    pub cols: usize,
+    pub inner: usize,
+    pub w_layout: WeightLayout,
+    pub batch: usize,
+    pub ld_x: usize,
+    pub ld_w: usize,
+    pub ld_y: usize,
+    pub stride_x: usize,
+    pub stride_w: usize,
+    pub stride_y: usize,
+}
+
+impl GemmShape {
+    /// `Y (t, m) = X (t, n) W^T`, `W (m, n)`: one dense linear layer.
+    pub fn linear(t: usize, m: usize, n: usize) -> Self {
+        Self {
+            rows: t,
+            cols: m,
+            inner: n,
+            w_layout: WeightLayout::OutIn,
+            batch: 1,
+            ld_x: n,
+            ld_w: n,
+            ld_y: m,
+            stride_x: t * n,
+            stride_w: m * n,
+            stride_y: t * m,
+        }
+    }
+
+    /// `Y (rows, cols) = X (rows, inner) W`, `W (inner, cols)`.
+    pub fn matmul(rows: usize, cols: usize, inner: usize) -> Self {
+        Self {
+            w_layout: WeightLayout::InOut,
+            ld_w: cols,
+            ..Self::linear(rows, cols, inner)
+        }
+    }
+
+    /// Makes it a batch of `batch` GEMMs with the given element strides between matrices.
+    pub fn batched(self, batch: usize, stride_x: usize, stride_w: usize, stride_y: usize) -> Self {
+        Self {
+            batch,
+            stride_x,
+            stride_w,
+            stride_y,
+            ..self
+        }
+    }
+
+    /// Sets the row strides (elements) of X, W and Y.
+    pub fn with_ld(self, ld_x: usize, ld_w: usize, ld_y: usize) -> Self {
+        Self {
+            ld_x,
+            ld_w,
+            ld_y,
+            ..self
+        }
+    }
+
+    /// `2 * batch * rows * cols * inner`.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.rows as f64 * self.cols as f64 * self.inner as f64
+    }
+
+    /// (rows, cols) of the stored W.
+    fn w_dims(&self) -> (usize, usize) {
+        match self.w_layout {
+            WeightLayout::OutIn => (self.cols, self.inner),
+            WeightLayout::InOut => (self.inner, self.cols),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Shape(format!("GEMM {self:?}: {msg}")));
+        if self.rows == 0 || self.cols == 0 || self.inner == 0 || self.batch == 0 {
+            return bad("rows, cols, inner and batch must all be >= 1".into());
+        }
+        let (_, w_cols) = self.w_dims();
+        if self.ld_x < self.inner {
+            return bad(format!("ld_x {} < inner {}", self.ld_x, self.inner));
+        }
+        if self.ld_w < w_cols {
+            return bad(format!("ld_w {} < stored W width {w_cols}", self.ld_w));
+        }
+        if self.ld_y < self.cols {
+            return bad(format!("ld_y {} < cols {}", self.ld_y, self.cols));
+        }
+        if self.batch > 1 && self.stride_y == 0 {
+            return bad("stride_y = 0 with batch > 1 makes every batch write the same Y".into());
+        }
+        let limit = i32::MAX as usize;
+        if [self.batch, self.rows, self.cols, self.inner]
+            .iter()
+            .any(|&d| d > limit)
+        {
+            return bad("a dimension exceeds i32::MAX".into());
+        }
+        Ok(())
+    }
+
+    /// Elements of a buffer an operand spans from its offset: last batch, last row, full width.
+    fn extent(batch: usize, stride: usize, rows: usize, ld: usize, width: usize) -> usize {
+        (batch - 1) * stride + (rows - 1) * ld + width
+    }
+}
+
+/// A matrix operand: a buffer and the element offset its first matrix starts at.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a, T> {
+    pub buf: &'a DeviceBuffer<T>,
+    pub offset: usize,
+}
+
+/// A writable matrix operand.
+#[derive(Debug)]
+pub struct MatMut<'a, T> {
+    pub buf: &'a mut DeviceBuffer<T>,
+    pub offset: usize,
+}
+
+impl<T> DeviceBuffer<T> {
+    /// This buffer as a GEMM input starting at element `offset`.
+    pub fn at(&self, offset: usize) -> MatRef<'_, T> {
+        MatRef { buf: self, offset }
+    }
+
+    /// This buffer as a GEMM output starting at element `offset`.
+    pub fn at_mut(&mut self, offset: usize) -> MatMut<'_, T> {
+        MatMut { buf: self, offset }
+    }
+}
+
+impl<'a, T> From<&'a DeviceBuffer<T>> for MatRef<'a, T> {
+    fn from(buf: &'a DeviceBuffer<T>) -> Self {
+        Self { buf, offset: 0 }
+    }
+}
+
+impl<'a, T> From<&'a mut DeviceBuffer<T>> for MatMut<'a, T> {
+    fn from(buf: &'a mut DeviceBuffer<T>) -> Self {
+        Self { buf, offset: 0 }
+    }
+}
+
+/// Output element types cuBLASLt writes for bf16 inputs with fp32 accumulation.
+pub trait GemmOutput: Element {
+    #[doc(hidden)]
+    const CUDA_TYPE: lt_sys::cudaDataType;
+}
+
+impl GemmOutput for bf16 {
+    const CUDA_TYPE: lt_sys::cudaDataType = lt_sys::cudaDataType::CUDA_R_16BF;
+}
+
+impl GemmOutput for f32 {
+    const CUDA_TYPE: lt_sys::cudaDataType = lt_sys::cudaDataType::CUDA_R_32F;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    shape: GemmShape,
+    out_type: i32,
+    align: [u32; 3],
+}
+
+/// Descriptors + algorithm for one [`PlanKey`]. Destroys its cuBLASLt objects on drop.
+struct Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    a: lt_sys::cublasLtMatrixLayout_t,
+    b: lt_sys::cublasLtMatrixLayout_t,
+    c: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+    workspace: usize,
+}
+
+// SAFETY: the handles are plain pointers to immutable-after-creation cuBLASLt objects; cuBLASLt
+// allows using descriptors from any thread as long as they are not modified concurrently, and
+// a Plan is never modified after it is built.
+unsafe impl Send for Plan {}
+// SAFETY: as above.
+unsafe impl Sync for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once in `Blas::plan` and is destroyed only here.
+        unsafe {
+            for layout in [self.a, self.b, self.c] {
+                if !layout.is_null() {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace and the plan cache. Get it with [`Gpu::blas`].
+pub struct Blas {
+    handle: lt_sys::cublasLtHandle_t,
+    workspace: DeviceBuffer<u8>,
+    plans: Mutex<HashMap<PlanKey, std::sync::Arc<Plan>>>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from several threads (calls are serialised on our one
+// stream by the caller); the plan map is behind a Mutex.
+unsafe impl Send for Blas {}
+// SAFETY: as above.
+unsafe impl Sync for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created in `Blas::new`, destroyed only here.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+impl std::fmt::Debug for Blas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blas")
+            .field("workspace", &self.workspace.len())
+            .field("plans", &self.plan_count())
+            .finish()
+    }
+}
+
+/// cuBLASLt's version as `(major, minor, patch)`.
+pub fn cublaslt_version() -> Result<(usize, usize, usize)> {
+    crate::libs::ensure_cublaslt()?;
+    // SAFETY: library loaded (checked above); takes no arguments.
+    let v = unsafe { lt_sys::cublasLtGetVersion() };
+    Ok((v / 10000, (v / 100) % 100, v % 100))
+}
+
+/// cuBLAS's version as `(major, minor, patch)`.
+pub fn cublas_version() -> Result<(i32, i32, i32)> {
+    crate::libs::ensure_cublas()?;
+    use cudarc::cublas::sys as cb;
+    let get = |p| {
+        let mut v = 0;
+        // SAFETY: library loaded; out-pointer valid.
+        unsafe { cb::cublasGetProperty(p, &mut v) }
+            .result()
+            .map(|()| v)
+            .map_err(|e| Error::LibraryCall {
+                during: "reading the cuBLAS version".into(),
+                status: format!("{e:?}"),
+            })
+    };
+    Ok((
+        get(cb::libraryPropertyType::MAJOR_VERSION)?,
+        get(cb::libraryPropertyType::MINOR_VERSION)?,
+        get(cb::libraryPropertyType::PATCH_LEVEL)?,
+    ))
+}
+
+fn alignment_of(addr: u64) -> u32 {
+    // Largest power of two dividing the address, capped at the 256 bytes cuBLASLt asks for.
+    if addr == 0 {
+        256
+    } else {
+        (1u64 << addr.trailing_zeros().min(8)) as u32
+    }
+}
+
+impl Blas {
+    /// Workspace size per NVIDIA's recommendation: 32 MiB on Hopper, 4 MiB before.
+    pub(crate) fn new(gpu: &Gpu) -> Result<Self> {
+        crate::libs::ensure_cublaslt()?;
+        let handle = lt::create_handle().map_err(Error::cublas("creating the cuBLASLt handle"))?;
+        let ws_bytes = if gpu.info().compute_capability.0 >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        };
+        let workspace = match gpu.alloc::<u8>(ws_bytes, "the cuBLASLt workspace") {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: just created, not shared.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// How many distinct GEMM plans are cached.
+    pub fn plan_count(&self) -> usize {
+        self.plans.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// `Y = alpha * X op(W) + beta * Y` (module docs), bf16 inputs, fp32 accumulation, output
+    /// `O` (bf16 or f32). Every operand's extent is checked against its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm<'x, 'w, 'y, O: GemmOutput>(
+        &self,
+        gpu: &Gpu,
+        shape: &GemmShape,
+        x: impl Into<MatRef<'x, bf16>>,
+        w: impl Into<MatRef<'w, bf16>>,
+        y: impl Into<MatMut<'y, O>>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let (x, w, y) = (x.into(), w.into(), y.into());
+        shape.validate()?;
+        let s = shape;
+        let (w_rows, w_cols) = s.w_dims();
+        let check = |name: &str, offset: usize, len: usize, extent: usize| {
+            if offset.checked_add(extent).is_none_or(|end| end > len) {
+                Err(Error::Shape(format!(
+                    "GEMM {s:?}: operand {name} needs elements {offset}..{} but its buffer has {len}",
+                    offset.saturating_add(extent)
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        check(
+            "X",
+            x.offset,
+            x.buf.len(),
+            GemmShape::extent(s.batch, s.stride_x, s.rows, s.ld_x, s.inner),
+        )?;
+        check(
+            "W",
+            w.offset,
+            w.buf.len(),
+            GemmShape::extent(s.batch, s.stride_w, w_rows, s.ld_w, w_cols),
+        )?;
+        check(
+            "Y",
+            y.offset,
+            y.buf.len(),
+            GemmShape::extent(s.batch, s.stride_y, s.rows, s.ld_y, s.cols),
+        )?;
+
+        let x_ptr = x.buf.device_ptr() + (x.offset * 2) as u64;
+        let w_ptr = w.buf.device_ptr() + (w.offset * 2) as u64;
+        let out_size = std::mem::size_of::<O>() as u64;
+        let y_ptr = y.buf.device_ptr() + y.offset as u64 * out_size;
+        // Batch strides shift each matrix's start, so they bound the alignment too.
+        let align = [
+            alignment_of(w_ptr | (s.stride_w as u64 * 2) | (s.ld_w as u64 * 2)),
+            alignment_of(x_ptr | (s.stride_x as u64 * 2) | (s.ld_x as u64 * 2)),
+            alignment_of(y_ptr | (s.stride_y as u64 * out_size) | (s.ld_y as u64 * out_size)),
+        ];
+        let key = PlanKey {
+            shape: *s,
+            out_type: O::CUDA_TYPE as i32,
+            align,
+        };
+        let plan = self.plan::<O>(&key)?;
+        let ws_ptr = self.workspace.device_ptr();
+        // SAFETY: all operand extents were checked against their buffers above; the plan's
+        // layouts describe exactly those extents; the workspace outlives the call (owned by
+        // self) and is only used on this stream, so consecutive GEMMs never share it at once.
+        unsafe {
+            lt_sys::cublasLtMatmul(
+                self.handle,
+                plan.desc,
+                (&alpha as *const f32).cast::<c_void>(),
+                w_ptr as *const c_void,
+                plan.a,
+                x_ptr as *const c_void,
+                plan.b,
+                (&beta as *const f32).cast::<c_void>(),
+                y_ptr as *const c_void,
+                plan.c,
+                y_ptr as *mut c_void,
+                plan.c,
+                &plan.algo,
+                ws_ptr as *mut c_void,
+                plan.workspace,
+                gpu.stream().cu_stream() as _,
+            )
+        }
+        .result()
+        .map_err(Error::cublas(format!("running the GEMM {s:?}")))
+    }
+
+    fn plan<O: GemmOutput>(&self, key: &PlanKey) -> Result<std::sync::Arc<Plan>> {
+        if let Some(p) = self.plans.lock().ok().and_then(|p| p.get(key).cloned()) {
+            return Ok(p);
+        }
+        let s = &key.shape;
+        let during = |what: &str| format!("{what} for the GEMM {s:?}");
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            workspace: 0,
+        };
+        plan.desc = lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt_sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(Error::cublas(during("creating the matmul descriptor")))?;
+        let trans_a: i32 = match s.w_layout {
+            WeightLayout::OutIn => 1,
+            WeightLayout::InOut => 0,
+        };
+        let trans_b: i32 = 0;
+        // SAFETY: `plan.desc` is live; the attribute values are i32 as cuBLASLt documents
+        // for CUBLASLT_MATMUL_DESC_TRANSA/B (cublasOperation_t).
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&trans_a as *const i32).cast(),
+                std::mem::size_of::<i32>(),
+            )
+            .map_err(Error::cublas(during("setting TRANSA")))?;
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                (&trans_b as *const i32).cast(),
+                std::mem::size_of::<i32>(),
+            )
+            .map_err(Error::cublas(during("setting TRANSB")))?;
+        }
+        // Column-major views (module docs): A = stored W, B = X^T, C = D = Y^T.
+        let (w_rows, w_cols) = s.w_dims();
+        let layout = |ty, rows: usize, cols: usize, ld: usize, stride: usize, what: &str| {
+            let l = lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
+                .map_err(Error::cublas(during(what)))?;
+            if s.batch > 1 {
+                let count = s.batch as i32;
+                let stride = stride as i64;
+                // SAFETY: `l` is live; BATCH_COUNT is i32 and STRIDED_BATCH_OFFSET is i64.
+                let set = unsafe {
+                    lt::set_matrix_layout_attribute(
+                        l,
+                        lt_sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count as *const i32).cast(),
+                        std::mem::size_of::<i32>(),
+                    )
+                    .and_then(|()| {
+                        lt::set_matrix_layout_attribute(
+                            l,
+                            lt_sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            (&stride as *const i64).cast(),
+                            std::mem::size_of::<i64>(),
+                        )
+                    })
+                };
+                if let Err(e) = set {
+                    // SAFETY: created above, not stored anywhere yet.
+                    let _ = unsafe { lt::destroy_matrix_layout(l) };
+                    return Err(Error::Cublas {
+                        during: during(what),
+                        source: e,
+                    });
+                }
+            }
+            Ok(l)
+        };
+        let bf = lt_sys::cudaDataType::CUDA_R_16BF;
+        plan.a = layout(bf, w_cols, w_rows, s.ld_w, s.stride_w, "the W layout")?;
+        plan.b = layout(bf, s.inner, s.rows, s.ld_x, s.stride_x, "the X layout")?;
+        plan.c = layout(
+            O::CUDA_TYPE,
+            s.cols,
+            s.rows,
+            s.ld_y,
+            s.stride_y,
+            "the Y layout",
+        )?;
+
+        let pref =
+            lt::create_matmul_pref().map_err(Error::cublas(during("creating preferences")))?;
+        let ws = self.workspace.len();
+        let set_pref = |attr, value: *const c_void, size| {
+            // SAFETY: `pref` is live; each value matches the attribute's documented type.
+            unsafe { lt::set_matmul_pref_attribute(pref, attr, value, size) }
+        };
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let prefs = set_pref(
+            P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws as *const usize).cast(),
+            std::mem::size_of::<usize>(),
+        )
+        .and_then(|()| {
+            set_pref(
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                (&key.align[0] as *const u32).cast(),
+                4,
+            )
+        })
+        .and_then(|()| {
+            set_pref(
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                (&key.align[1] as *const u32).cast(),
+                4,
+            )
+        })
+        .and_then(|()| {
+            set_pref(
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                (&key.align[2] as *const u32).cast(),
+                4,
+            )
+        })
+        .and_then(|()| {
+            set_pref(
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                (&key.align[2] as *const u32).cast(),
+                4,
+            )
+        });
+        let heuristic = prefs.and_then(|()| {
+            // SAFETY: all descriptors are live.
+            unsafe {
+                lt::get_matmul_algo_heuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    pref,
+                )
+            }
+        });
+        // SAFETY: created above; no longer needed once the heuristic answered.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        let heuristic = heuristic.map_err(|e| {
+            if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                Error::NoGemmAlgorithm {
+                    gemm: format!("{s:?} with operand alignments {:?} bytes", key.align),
+                }
+            } else {
+                Error::Cublas {
+                    during: during("asking the algorithm heuristic"),
+                    source: e,
+                }
+            }
+        })?;
+        plan.algo = heuristic.algo;
+        plan.workspace = heuristic.workspaceSize.min(ws);
+        let plan = std::sync::Arc::new(plan);
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.insert(*key, std::sync::Arc::clone(&plan));
+        }
+        Ok(plan)
+    }
+}
+
+impl Gpu {
+    /// Shorthand for [`Blas::gemm`] with `alpha = 1, beta = 0`: `Y = X op(W)`.
+    pub fn gemm<'x, 'w, 'y, O: GemmOutput>(
+        &self,
+        shape: &GemmShape,
+        x: impl Into<MatRef<'x, bf16>>,
+        w: impl Into<MatRef<'w, bf16>>,
+        y: impl Into<MatMut<'y, O>>,
+    ) -> Result<()> {
+        self.blas()?.gemm(self, shape, x, w, y, 1.0, 0.0)
+    }
+}
+
+/// CPU reference of [`Blas::gemm`] (f64 accumulation) on host copies of the operands, with the
+/// same shape/stride semantics. Used by the self-test and by tests of other kernels.
+pub fn gemm_reference(
+    shape: &GemmShape,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    shape.validate()?;
+    let s = shape;
+    let (w_rows, w_cols) = s.w_dims();
+    let need = [
+        (
+            "X",
+            x.len(),
+            GemmShape::extent(s.batch, s.stride_x, s.rows, s.ld_x, s.inner),
+        ),
+        (
+            "W",
+            w.len(),
+            GemmShape::extent(s.batch, s.stride_w, w_rows, s.ld_w, w_cols),
+        ),
+        (
+            "Y",
+            y.len(),
+            GemmShape::extent(s.batch, s.stride_y, s.rows, s.ld_y, s.cols),
+        ),
+    ];
+    for (name, len, extent) in need {
+        if extent > len {
+            return Err(Error::Shape(format!(
+                "reference GEMM {s:?}: {name} needs {extent} elements, has {len}"
+            )));
+        }
+    }
+    for b in 0..s.batch {
+        for r in 0..s.rows {
+            for c in 0..s.cols {
+                let mut acc = 0.0f64;
+                for k in 0..s.inner {
+                    let xv = x[b * s.stride_x + r * s.ld_x + k];
+                    let wv = match s.w_layout {
+                        WeightLayout::OutIn => w[b * s.stride_w + c * s.ld_w + k],
+                        WeightLayout::InOut => w[b * s.stride_w + k * s.ld_w + c],
+                    };
+                    acc += f64::from(xv) * f64::from(wv);
+                }
+                let yi = b * s.stride_y + r * s.ld_y + c;
+                y[yi] = (f64::from(alpha) * acc + f64::from(beta) * f64::from(y[yi])) as f32;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_bad_shapes() {
+        assert!(GemmShape::linear(3, 5, 7).validate().is_ok());
+        assert!(GemmShape::linear(0, 5, 7).validate().is_err());
+        assert!(GemmShape::linear(3, 5, 7)
+            .with_ld(6, 7, 5)
+            .validate()
+            .is_err());
+        assert!(GemmShape::linear(3, 5, 7)
+            .batched(2, 21, 35, 0)
+            .validate()
+            .is_err());
+        assert!(GemmShape::matmul(3, 5, 7)
+            .with_ld(7, 4, 5)
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn reference_matches_hand_computation() {
+        // X (2,3) = [[1,2,3],[4,5,6]], W (2,3) = [[1,0,-1],[2,1,0]] -> Y = X W^T
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let w = [1.0, 0.0, -1.0, 2.0, 1.0, 0.0];
+        let mut y = [0.0; 4];
+        gemm_reference(&GemmShape::linear(2, 2, 3), &x, &w, &mut y, 1.0, 0.0).ok();
+        assert_eq!(y, [-2.0, 4.0, -2.0, 13.0]);
+        // Same product with W stored transposed (3,2).
+        let wt = [1.0, 2.0, 0.0, 1.0, -1.0, 0.0];
+        let mut y2 = [1.0; 4];
+        gemm_reference(&GemmShape::matmul(2, 2, 3), &x, &wt, &mut y2, 2.0, 1.0).ok();
+        assert_eq!(y2, [-3.0, 9.0, -3.0, 27.0]);
+    }
+
+    #[test]
+    fn alignment() {
+        assert_eq!(alignment_of(0x1000), 256);
+        assert_eq!(alignment_of(0x1002), 2);
+        assert_eq!(alignment_of(0x1010), 16);
+    }
+}
