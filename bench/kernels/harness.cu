@@ -8,7 +8,7 @@
 // iteration; CUDA graphs for T <= 16). Ceilings (copy bandwidth, cuBLAS bf16 GEMM rate) are
 // measured in the same run and give each row's roofline floor.
 //
-//   harness [--check-only] [--small | --tiny] [--iters N] [--json FILE]
+//   harness [--check-only] [--small | --tiny] [--only CONFIG] [--tokens 1,16,...] [--iters N] [--json FILE]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -123,6 +123,17 @@ __global__ void k_ref_perm_out(const float* out2, float* y, int T, int b, int mb
     y[t * b * mb + (long)s * b + l] = out2[idx];
 }
 
+// L2 flush by READING a 256 MB buffer: a memset would leave ~50 MB of dirty lines in L2 whose
+// write-back then lands inside the timed region (seen: ~2x on memory-bound rows).
+__global__ void k_flush_read(const uint4* p, long n, unsigned* sink) {
+    unsigned acc = 0;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        uint4 v = __ldcg(p + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 static unsigned g_seed = 12345;
 static int nblk(long n, int t = 256) { return (int)std::min<long>((n + t - 1) / t, 1 << 30); }
 static bf16* dalloc_bf(long n) {
@@ -204,7 +215,9 @@ static Timing time_fn(const std::function<void()>& fn, bool use_graph) {
     std::vector<cudaEvent_t> ev(2 * g_iters);
     for (auto& e : ev) CK(cudaEventCreate(&e));
     for (int i = 0; i < g_iters; ++i) {
-        CK(cudaMemsetAsync(g_flush, i & 0xff, FLUSH_BYTES, st));
+        k_flush_read<<<1024, 512, 0, st>>>(reinterpret_cast<const uint4*>(g_flush), FLUSH_BYTES / 16,
+                                            reinterpret_cast<unsigned*>(g_flush));
+        CK(cudaGetLastError());
         CK(cudaEventRecord(ev[2 * i], st));
         if (graph)
             CK(cudaGraphLaunch(exec, st));
@@ -464,6 +477,8 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
 
 int main(int argc, char** argv) {
     bool small = false, tiny = false;
+    std::string only;
+    std::vector<int> tok_override;
     const char* json = nullptr;
     for (int i = 1; i < argc; ++i) {
         if (!strcmp(argv[i], "--check-only")) g_check_only = true;
@@ -471,6 +486,10 @@ int main(int argc, char** argv) {
         else if (!strcmp(argv[i], "--tiny")) small = tiny = true;
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc) g_iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc) {
+            for (char* tk = strtok(argv[++i], ","); tk; tk = strtok(nullptr, ",")) tok_override.push_back(atoi(tk));
+        }
     }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
@@ -484,6 +503,7 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(blr_blast_mix_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             blr_mix::JP * blr_mix::PLANE * 2));
     CK(cudaMalloc(&g_flush, FLUSH_BYTES));
+    CK(cudaMemset(g_flush, 0, FLUSH_BYTES));
     if (!g_check_only) measure_ceilings();
     printf("device %s, %d SMs, L2 %d MB | copy BW %.2f TB/s | cuBLAS bf16 %.0f TFLOP/s\n", prop.name, g_sms,
            prop.l2CacheSize >> 20, g_bw / 1e12, g_peak / 1e12);
@@ -504,12 +524,16 @@ int main(int argc, char** argv) {
         {"llama7b-down", 4096, 11008, 16, 16, 1488, 1488, 16, 1536},
         {"llama3.2-1b-q", 2048, 2048, 16, 16, 256, 256, 16, 256},
     };
+    auto pick = [&](const Cfg& c, std::vector<int> toks) {
+        if (!only.empty() && only != c.name) return;
+        run_config(c, tok_override.empty() ? toks : tok_override);
+    };
     if (tiny)
-        run_config(cfgs_small[0], {1, 5, 77});
+        pick(cfgs_small[0], {1, 5, 77});
     else
-        for (auto& c : cfgs_small) run_config(c, {1, 5, 16, 77, 300});
+        for (auto& c : cfgs_small) pick(c, {1, 5, 16, 77, 300});
     if (!small)
-        for (auto& c : cfgs_big) run_config(c, {1, 16, 128, 1024});
+        for (auto& c : cfgs_big) pick(c, {1, 16, 128, 1024});
     if (json) {
         FILE* f = fopen(json, "w");
         if (f) {

@@ -28,3 +28,10 @@ if [[ $what == bench || $what == all ]]; then
     echo "== bench"
     /tmp/blr_harness --iters 30 --json "$out/layers.json" 2>&1 | tee "$out/bench.log"
 fi
+if [[ $what == profile ]]; then
+    # Per-kernel duration and DRAM bytes (caches flushed before each kernel by ncu).
+    cfg="${2:-llama7b-qkvo}"; toks="${3:-1,1024}"
+    ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__registers_per_thread,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+        --csv /tmp/blr_harness --check-only --only "$cfg" --tokens "$toks" >"$out/ncu-$cfg.csv" 2>"$out/ncu-$cfg.err"
+    python3 "$here/ncu_summary.py" "$out/ncu-$cfg.csv"
+fi

@@ -29,8 +29,14 @@
 namespace blr_dec {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
-constexpr int U1 = 4;  // phase-1 items in flight per warp
-constexpr int U2 = 4;  // phase-2 k steps in flight per warp
+#ifndef BLR_DEC_U1
+#define BLR_DEC_U1 4
+#endif
+#ifndef BLR_DEC_U2
+#define BLR_DEC_U2 4
+#endif
+constexpr int U1 = BLR_DEC_U1;  // phase-1 items in flight per warp
+constexpr int U2 = BLR_DEC_U2;  // phase-2 k steps in flight per warp
 }  // namespace blr_dec
 
 // Sense-free generation barrier: bar[0] counts arrivals, bar[1] is the generation. The last
