@@ -38,6 +38,23 @@ pub struct Checkpoint {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Refuses tensors holding NaN or infinity: one such weight poisons every output it touches,
+/// and the failure would otherwise surface far away (a NaN perplexity, garbage text). The
+/// error names the tensor and the first bad element so the producer can be found.
+fn finite(st: &SafeTensors, name: &str, data: Vec<f32>) -> Result<Vec<f32>> {
+    match data.iter().position(|v| !v.is_finite()) {
+        None => Ok(data),
+        Some(i) => Err(Error::Tensor {
+            path: st.path().to_path_buf(),
+            tensor: name.to_string(),
+            detail: format!(
+                "element {i} is {} (non-finite weights are refused: re-create the checkpoint from finite weights)",
+                data[i]
+            ),
+        }),
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct LayerMeta {
     name: String,
@@ -218,7 +235,11 @@ impl Checkpoint {
             let mut factors = Vec::new();
             for (factor, want_shape) in Linear::factor_shapes(&shape) {
                 let tensor = format!("{name}.{factor}");
-                factors.push(st.read_f32_shaped(&tensor, &want_shape)?);
+                factors.push(finite(
+                    st,
+                    &tensor,
+                    st.read_f32_shaped(&tensor, &want_shape)?,
+                )?);
                 used.insert(tensor);
             }
             layers.push((name, Linear::from_factors(&shape, factors)?));
@@ -235,7 +256,7 @@ impl Checkpoint {
                 name.to_string(),
                 Tensor {
                     shape: info.shape.clone(),
-                    data: st.read_f32(name)?,
+                    data: finite(st, name, st.read_f32(name)?)?,
                 },
             );
         }
@@ -440,6 +461,19 @@ mod tests {
         });
         let err = Checkpoint::load(&path).unwrap_err().to_string();
         assert!(err.contains("dtype F32"), "{err}");
+        // Non-finite weights are refused, naming the tensor and element.
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut ck = sample();
+            if let Linear::LowRank(l) = &mut ck.layers[1].1 {
+                l.v[5] = bad;
+            }
+            ck.save(&path, Dtype::F32).unwrap();
+            let err = Checkpoint::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("layers.1.lowrank.v") && err.contains("element 5"),
+                "{err}"
+            );
+        }
         // Truncated file.
         sample().save(&path, Dtype::F32).unwrap();
         let bytes = std::fs::read(&path).unwrap();

@@ -19,6 +19,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also decode every tensor and check that all values are finite (reads the whole file).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -53,6 +56,9 @@ struct Report {
 pub fn run(args: Args) -> Result<()> {
     let st = SafeTensors::open(&args.file)?;
     let (dtype, shapes) = Checkpoint::inspect(&st)?;
+    if args.verify {
+        Checkpoint::from_safetensors(&st)?;
+    }
     let file_bytes = std::fs::metadata(&args.file)
         .with_context(|| format!("reading the size of {}", args.file.display()))?
         .len();
@@ -146,6 +152,9 @@ pub fn run(args: Args) -> Result<()> {
         bytes((report.linear_params * dtype.size()) as f64),
     ]);
     print!("{}", t.render());
+    if args.verify {
+        println!("verified: every tensor decoded, all values finite");
+    }
     if report.other_tensors > 0 {
         println!(
             "plus {} other tensors (norms, embeddings...): {} params",
