@@ -2,6 +2,8 @@
 //! naming what and where, a non-zero exit, no panic, no half-written output, and leaves the
 //! input untouched. Runs the real `blr` binary.
 
+#![allow(clippy::unwrap_used)] // test harness helpers: a failed setup step should abort the test loudly
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
