@@ -18,7 +18,11 @@ pub struct Args {
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
@@ -39,10 +43,21 @@ fn time<T>(f: impl Fn() -> Result<T>) -> Result<(T, f64)> {
 pub fn run(args: Args) -> Result<()> {
     let cfg = cost::reference_config("llama7b-qkvo")?;
     println!("== 1. The cost model: Llama-7B q/k/v/o (4096 x 4096) at ~50% parameters ==");
-    println!("   roofline floors on an H100 (3.0 TB/s, 700 TFLOP/s); `blr doctor` measures your GPU\n");
-    let mut t = Table::new(&["<format", "rank", "params", "T", "<strategy", "floor ms", "vs dense"]);
+    println!(
+        "   roofline floors on an H100 (3.0 TB/s, 700 TFLOP/s); `blr doctor` measures your GPU\n"
+    );
+    let mut t = Table::new(&[
+        "<format",
+        "rank",
+        "params",
+        "T",
+        "<strategy",
+        "floor ms",
+        "vs dense",
+    ]);
     for tokens in [1usize, 1024] {
-        let dense = cost::cost(&cfg.shape(FormatKind::Dense), tokens, Strategy::Dense)?.floor_seconds(3.0e12, 700e12);
+        let dense = cost::cost(&cfg.shape(FormatKind::Dense), tokens, Strategy::Dense)?
+            .floor_seconds(3.0e12, 700e12);
         for f in FormatKind::ALL {
             let s = cfg.shape(f);
             for &st in cost::strategies_for(f) {
@@ -63,7 +78,10 @@ pub fn run(args: Args) -> Result<()> {
     println!("\n   Unfused BLR (what the PyTorch reference code does) is slower than dense at 1024 tokens;");
     println!("   fused kernels that keep intermediates on chip are what make BLR pay.\n");
 
-    println!("== 2. A BLAST layer on this CPU (b=16, r=1024, {} tokens) ==", args.tokens);
+    println!(
+        "== 2. A BLAST layer on this CPU (b=16, r=1024, {} tokens) ==",
+        args.tokens
+    );
     let shape = cfg.shape(FormatKind::Blast);
     let layer = Linear::random(&shape, 1)?;
     let dense = Linear::Dense(layer.to_dense()?);
