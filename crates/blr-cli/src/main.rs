@@ -38,6 +38,8 @@ enum Command {
     Cost(cmd::cost::Args),
     /// Write a checkpoint holding one layer of random factors.
     InitLayer(cmd::init_layer::Args),
+    /// Check the CUDA setup (libraries, device) and measure the GPU's roofline ceilings.
+    Doctor(cmd::doctor::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Info(args) => cmd::info::run(args),
         Command::Cost(args) => cmd::cost::run(args),
         Command::InitLayer(args) => cmd::init_layer::run(args),
+        Command::Doctor(args) => cmd::doctor::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

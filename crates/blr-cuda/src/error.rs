@@ -16,7 +16,7 @@ pub enum Error {
     /// libcuda could not be loaded: no NVIDIA driver on this machine.
     #[error(
         "no NVIDIA driver found (could not load libcuda.so.1 / libcuda.so): GPU commands are unavailable \
-         on this machine; every CPU command still works. Install the NVIDIA driver (R525 or newer for \
+         on this machine; every CPU command still works. Install the NVIDIA driver (R580 or newer for \
          CUDA 13) or run on a machine with an NVIDIA GPU"
     )]
     DriverNotFound,

@@ -27,6 +27,7 @@
 
 pub mod ceilings;
 pub mod compile;
+pub mod doctor;
 pub mod error;
 pub mod gemm;
 pub mod gpu;

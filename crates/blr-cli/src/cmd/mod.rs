@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod cost;
+pub mod doctor;
 pub mod info;
 pub mod init_layer;
 pub mod layer_args;
