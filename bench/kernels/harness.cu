@@ -333,7 +333,7 @@ static void launch_decode(const bf16* x, const bf16* w1, const bf16* s, const bf
     static int occ = -1;
     if (occ < 0) {
         CK(cudaFuncSetAttribute(blr_decode, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
-        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode, 256, 16 * 1024));
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode, blr_dec::THREADS, 16 * 1024));
     }
     int tasks1 = (r1 + 7) / 8, tasks2 = nb2 * ((p2 + 15) / 16);
     int grid = std::min(occ * g_sms, std::max(tasks1, tasks2));
@@ -341,7 +341,7 @@ static void launch_decode(const bf16* x, const bf16* w1, const bf16* s, const bf
     void* args[] = {(void*)&x,  (void*)&w1,   (void*)&s,   (void*)&w2, (void*)&y,  (void*)&wbuf,
                     (void*)&bar, (void*)&T,   (void*)&n,   (void*)&m,  (void*)&mode, (void*)&nb1,
                     (void*)&r1, (void*)&q1,   (void*)&nb2, (void*)&p2, (void*)&r2};
-    cudaError_t e = cudaLaunchCooperativeKernel((void*)blr_decode, dim3(grid), dim3(256), args, smem,
+    cudaError_t e = cudaLaunchCooperativeKernel((void*)blr_decode, dim3(grid), dim3(blr_dec::THREADS), args, smem,
                                                 cudaStreamPerThread);
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(cudaStreamPerThread, &cs);
@@ -351,6 +351,26 @@ static void launch_decode(const bf16* x, const bf16* w1, const bf16* s, const bf
         return;
     }
     CK(e);
+}
+
+// Phase timing of one decode launch after an L2 flush (builds with -DBLR_DEC_TIMING only).
+static void decode_phase_report(const char* what, const std::function<void()>& fn) {
+#ifdef BLR_DEC_TIMING
+    unsigned long long init[4] = {~0ull, 0, 0, 0}, t[4];
+    for (int rep = 0; rep < 2; ++rep) {
+        CK(cudaMemcpyToSymbol(blr_dec_times, init, sizeof(init)));
+        k_flush_read<<<1024, 512>>>(reinterpret_cast<const uint4*>(g_flush), FLUSH_BYTES / 16,
+                                    reinterpret_cast<unsigned*>(g_flush));
+        fn();
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpyFromSymbol(t, blr_dec_times, sizeof(t)));
+    }
+    printf("  phases %-22s phase1 %6.2f us | barrier %6.2f us | phase2 %6.2f us | total %6.2f us\n", what,
+           (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3, (t[3] - t[0]) * 1e-3);
+#else
+    (void)what;
+    (void)fn;
+#endif
 }
 
 static void run_config(const Cfg& c, const std::vector<int>& tokens) {
@@ -420,20 +440,30 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             dim3 grid((T + blr_mix::BT - 1) / blr_mix::BT, (r + blr_mix::BKR - 1) / blr_mix::BKR);
             blr_blast_mix_tc<<<grid, 128, blr_mix::JP * blr_mix::PLANE * 2>>>(Zb, Sd, Wb, T, ldz, r, bi, bo);
         };
-        run_row(c, T, "blast", "partial-cublas", bparams, bflops, y, ref, [&] {
+        auto mix_tc2 = [&] {
+            dim3 grid((T + blr_mix2::BT - 1) / blr_mix2::BT, (r + blr_mix2::BKR - 1) / blr_mix2::BKR);
+            blr_blast_mix_tc2<<<grid, 256, blr_mix2::SMEM_BYTES>>>(Zb, Sd, Wb, T, ldz, r, bi, bo);
+        };
+        run_row(c, T, "blast", "partial-cublas-v1", bparams, bflops, y, ref, [&] {
             cublas_nt(Vt, q, (long)r * q, x, n, q, Zb, ldz, (long)r * ldz, r, T, q, bi);
             mix_tc();
             cublas_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
         });
+        run_row(c, T, "blast", "partial-cublas", bparams, bflops, y, ref, [&] {
+            cublas_nt(Vt, q, (long)r * q, x, n, q, Zb, ldz, (long)r * ldz, r, T, q, bi);
+            mix_tc2();
+            cublas_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
+        });
         run_row(c, T, "blast", "partial-own", bparams, bflops, y, ref, [&] {
             own_nt(Vt, q, (long)r * q, x, n, q, Zb, ldz, (long)r * ldz, r, T, q, bi);
-            mix_tc();
+            mix_tc2();
             own_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
         });
-        if (T <= 16)
-            run_row(c, T, "blast", "decode", bparams, bflops, y, ref, [&] {
-                launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r);
-            });
+        if (T <= 16) {
+            auto f = [&] { launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
+            run_row(c, T, "blast", "decode", bparams, bflops, y, ref, f);
+            decode_phase_report("blast", f);
+        }
 
         // LR
         k_ref_rowdot_bf<<<nblk((long)T * lr), 256>>>(x, n, LV, fz1, lr, T, lr, n, lr, 0);
@@ -448,10 +478,11 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             own_nt(x, n, 0, LV, n, 0, LZ, lr, 0, T, lr, n, 1);
             own_nt(LZ, lr, 0, LU, lr, 0, y, m, 0, T, m, lr, 1);
         });
-        if (T <= 16)
-            run_row(c, T, "lowrank", "decode", lparams, lflops, y, ref, [&] {
-                launch_decode(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr);
-            });
+        if (T <= 16) {
+            auto f = [&] { launch_decode(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr); };
+            run_row(c, T, "lowrank", "decode", lparams, lflops, y, ref, f);
+            decode_phase_report("lowrank", f);
+        }
 
         // Monarch reference: out1 flat (T, b*R); P (T, b, R); out2 (T, b, m/b); y
         k_ref_rowdot_bf<<<nblk((long)T * mb * R), 256>>>(x, n, M1, fz1, (long)mb * R, T, mb * R, nbk, R, nbk);
@@ -502,6 +533,7 @@ int main(int argc, char** argv) {
                             blr_gemm::Cfg<128, 256>::SMEM_BYTES));
     CK(cudaFuncSetAttribute(blr_blast_mix_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             blr_mix::JP * blr_mix::PLANE * 2));
+    CK(cudaFuncSetAttribute(blr_blast_mix_tc2, cudaFuncAttributeMaxDynamicSharedMemorySize, blr_mix2::SMEM_BYTES));
     CK(cudaMalloc(&g_flush, FLUSH_BYTES));
     CK(cudaMemset(g_flush, 0, FLUSH_BYTES));
     if (!g_check_only) measure_ceilings();

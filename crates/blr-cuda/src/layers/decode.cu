@@ -26,8 +26,30 @@
 // grid <= co-resident blocks (cooperative launch), barrier words zeroed once before first use.
 #include "common.cuh"
 
+#ifndef BLR_DEC_THREADS
+#define BLR_DEC_THREADS 256
+#endif
+#ifdef BLR_DEC_TIMING
+// Development only: phase boundaries (globaltimer ns): [0] first block start (min), [1] last
+// block done with phase 1, [2] last block past the barrier, [3] last block done.
+__device__ unsigned long long blr_dec_times[4];
+static __device__ __forceinline__ void blr_dec_mark(int which, bool is_min) {
+    if (threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        if (is_min)
+            atomicMin(&blr_dec_times[which], t);
+        else
+            atomicMax(&blr_dec_times[which], t);
+    }
+}
+#define BLR_DEC_MARK(w, m) blr_dec_mark(w, m)
+#else
+#define BLR_DEC_MARK(w, m)
+#endif
+
 namespace blr_dec {
-constexpr int THREADS = 256;
+constexpr int THREADS = BLR_DEC_THREADS;
 constexpr int WARPS = THREADS / 32;
 #ifndef BLR_DEC_U1
 #define BLR_DEC_U1 4
@@ -79,6 +101,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
     const bool tg_ok = g < T;
     const bool tg8_ok = g + 8 < T;
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    BLR_DEC_MARK(0, true);
 
     // ---------------- phase 1: stage 1 + mixing ----------------
     const int tasks1 = (r1 + 7) >> 3;
@@ -182,6 +205,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
         __syncthreads();
     }
 
+    BLR_DEC_MARK(1, false);
     // Prefetch this block's phase-2 weight rows into L2 while stragglers finish phase 1.
     const int otiles = (p2 + 15) >> 4;
     const int tasks2 = nb2 * otiles;
@@ -198,6 +222,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
     }
 
     blr_grid_barrier(bar, gridDim.x);
+    BLR_DEC_MARK(2, false);
 
     // ---------------- phase 2: stage 2 ----------------
     const int nk2 = (r2 + 31) >> 5;
@@ -205,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
     for (int task = blockIdx.x; task < tasks2; task += gridDim.x) {
         const int blk = task / otiles;
         const int o0 = (task - blk * otiles) * 16;
-        ys[tid] = 0.f;
+        if (tid < 256) ys[tid] = 0.f;
         __syncthreads();
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         const int rowA = o0 + g;
@@ -242,7 +267,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
             for (int e = 0; e < 4; ++e)
                 atomicAdd(ys + (g + ((e >> 1) << 3)) * 16 + nt * 8 + 2 * c + (e & 1), acc[nt][e]);
         __syncthreads();
-        {
+        if (tid < 256) {
             const int t = tid >> 4;
             const int o = o0 + (tid & 15);
             if (t < T && o < p2) {
@@ -252,4 +277,5 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
         }
         __syncthreads();
     }
+    BLR_DEC_MARK(3, false);
 }
