@@ -13,6 +13,7 @@ use half::bf16;
 use crate::error::Result;
 use crate::gemm::GemmShape;
 use crate::gpu::Gpu;
+use crate::timing::{bench, bench_graph, BenchOptions};
 use crate::util::UtilKernels;
 
 /// One timed measurement.
@@ -38,25 +39,40 @@ pub struct Ceilings {
     /// Every measurement behind the two numbers.
     pub copies: Vec<Timing>,
     pub gemms: Vec<Timing>,
+    /// Dense cuBLASLt linear layers at BRIEF §4's shape (4096 -> 4096), L2 flushed before each
+    /// run: the "speedup vs dense" baselines, next to their roofline floor.
+    pub dense_reference: Vec<DenseReference>,
 }
 
-/// Median, min and max of `reps` timed runs of `work` after `warmup` untimed ones.
+/// One dense-layer baseline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DenseReference {
+    pub what: String,
+    pub tokens: usize,
+    pub m: usize,
+    pub n: usize,
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    /// max(bytes / copy_gbs, flops / gemm_tflops) with the ceilings measured in this run.
+    pub floor_ms: f64,
+}
+
+/// Median, min and max of `reps` timed runs of `work` after `warmup` untimed ones (no L2
+/// flush: the copy buffers are 20x L2 and the GEMMs are compute-bound).
 pub fn time_reps(
     gpu: &Gpu,
     warmup: usize,
     reps: usize,
-    mut work: impl FnMut() -> Result<()>,
+    work: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64, f64)> {
-    for _ in 0..warmup {
-        work()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        times.push(gpu.time_ms(&mut work)?);
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    Ok((median, times[0], times[times.len() - 1]))
+    let opts = BenchOptions {
+        warmup,
+        reps,
+        flush_l2: false,
+    };
+    let s = bench(gpu, &opts, work)?;
+    Ok((s.median_ms, s.min_ms, s.max_ms))
 }
 
 /// Measures both ceilings. `copy_bytes` per buffer (two are allocated) and the GEMM shapes are
@@ -126,12 +142,62 @@ pub fn measure(
         });
     }
     let best = |v: &[Timing]| v.iter().map(|t| t.rate).fold(0.0, f64::max);
+    let (copy_gbs, gemm_tflops) = (best(&copies), best(&gemms));
+    let dense_reference = dense_reference(gpu, &util, copy_gbs, gemm_tflops, reps)?;
     Ok(Ceilings {
-        copy_gbs: best(&copies),
-        gemm_tflops: best(&gemms),
+        copy_gbs,
+        gemm_tflops,
         copies,
         gemms,
+        dense_reference,
     })
+}
+
+/// Dense `Y (T, 4096) = X (T, 4096) W^T` at T = 1 (graph replay: decode) and T = 1024
+/// (prefill), weights read from HBM (L2 flushed before each run).
+fn dense_reference(
+    gpu: &Gpu,
+    util: &UtilKernels,
+    copy_gbs: f64,
+    gemm_tflops: f64,
+    reps: usize,
+) -> Result<Vec<DenseReference>> {
+    let (m, n) = (4096usize, 4096usize);
+    let mut w = gpu.alloc::<bf16>(m * n, "the dense reference's W")?;
+    util.fill_uniform_bf16(gpu, &mut w, 3, 0.02)?;
+    let mut out = Vec::new();
+    for &(t, graph) in &[(1usize, true), (1024usize, false)] {
+        let shape = GemmShape::linear(t, m, n);
+        let mut x = gpu.alloc::<bf16>(t * n, "the dense reference's X")?;
+        let mut y = gpu.alloc::<bf16>(t * m, "the dense reference's Y")?;
+        util.fill_uniform_bf16(gpu, &mut x, 4, 1.0)?;
+        let opts = BenchOptions {
+            warmup: 5,
+            reps: reps.max(10),
+            flush_l2: true,
+        };
+        let stats = if graph {
+            bench_graph(gpu, &opts, || gpu.gemm(&shape, &x, &w, &mut y))?
+        } else {
+            bench(gpu, &opts, || gpu.gemm(&shape, &x, &w, &mut y))?
+        };
+        let bytes = 2.0 * (m * n + t * (m + n)) as f64;
+        let floor_ms = (bytes / (copy_gbs * 1e9)).max(shape.flops() / (gemm_tflops * 1e12)) * 1e3;
+        out.push(DenseReference {
+            what: format!(
+                "dense 4096x4096, T={t}{}",
+                if graph { ", graph replay" } else { "" }
+            ),
+            tokens: t,
+            m,
+            n,
+            median_ms: stats.median_ms,
+            p10_ms: stats.p10_ms,
+            p90_ms: stats.p90_ms,
+            floor_ms,
+        });
+    }
+    Ok(out)
 }
 
 /// [`measure`] with sizes that fit the device: 1 GiB copy buffers and 8192^3 / 16384x8192x8192

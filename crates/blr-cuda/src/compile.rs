@@ -27,9 +27,9 @@ pub struct KernelSource {
     pub name: &'static str,
     /// The CUDA C++ source text.
     pub code: &'static str,
-    /// Headers the source `#include "..."`s, as `(include name, contents)`, handed to NVRTC
-    /// in memory (the binary carries no source tree). Embed with
-    /// `kernel_source!("gemm.cu", headers: ["common.cuh"])`.
+    /// Headers the source `#include "..."`s, as `(path, contents)`, handed to NVRTC in memory
+    /// (the binary carries no source tree) under their file name (the part after the last
+    /// `/`). Embed with `kernel_source!("gemm.cu", headers: ["common.cuh"])`.
     pub headers: &'static [(&'static str, &'static str)],
 }
 
@@ -301,9 +301,11 @@ fn compile_with_args(
     };
     let c_code = cstr(code, "the source")?;
     let c_name = cstr(name, "the file name")?;
+    // A header embedded from "../common.cuh" is `#include "common.cuh"` in the source: NVRTC
+    // matches include names exactly, so register each under its file name.
     let header_names: Vec<CString> = headers
         .iter()
-        .map(|(n, _)| cstr(n, "a header name"))
+        .map(|(n, _)| cstr(n.rsplit('/').next().unwrap_or(n), "a header name"))
         .collect::<Result<_>>()?;
     let header_texts: Vec<CString> = headers
         .iter()

@@ -16,12 +16,16 @@
 //!   [`Gpu::upload_bf16`]) and downloads, stream-ordered allocation under the `--max-gpu-mem` cap.
 //! - [`gemm`]: dense GEMM through cuBLASLt (bf16 in, fp32 accumulate, bf16/f32 out,
 //!   strided-batched, row-major conventions documented there), plans cached per shape.
-//! - [`Gpu::time_ms`] / [`Event`] for timing; [`Gpu::capture`] -> [`Graph::replay`] for CUDA graphs.
+//! - [`timing`] has [`timing::bench`] (events, warm-up, median/p10/p90, L2 flushed between runs)
+//!   and [`timing::bench_graph`] (captured once, replays timed); [`Gpu::capture`] ->
+//!   [`Graph::replay`] for CUDA graphs; [`Gpu::time_ms`] / [`Event`] for one-off timings.
 //! - [`ceilings`]: the two measured roofline ceilings (copy bandwidth, bf16 GEMM rate).
 //! - [`selftest`]: GPU checks against CPU references, run by `blr doctor --self-test`.
 //!
 //! Writing a kernel: put `name.cu` next to `name.rs`, embed it with
-//! `const SRC: KernelSource = kernel_source!("name.cu");`, load it once with
+//! `const SRC: KernelSource = kernel_source!("name.cu");` (local headers:
+//! `kernel_source!("name.cu", headers: ["common.cuh"])`, handed to NVRTC in memory, so
+//! `#include "common.cuh"` works unchanged), load it once with
 //! `gpu.load_module(&SRC, &CompileOptions::default())?`, and launch as [`util`] does. Every
 //! `.cu` under `src/` is compiled for every supported arch by the `nvrtc_compile` test in CI.
 
@@ -34,6 +38,7 @@ pub mod gpu;
 pub mod libs;
 pub mod memory;
 pub mod selftest;
+pub mod timing;
 pub mod util;
 
 // --- BLR layer kernels -------------------------------------------------------------------

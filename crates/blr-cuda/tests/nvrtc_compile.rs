@@ -181,3 +181,28 @@ fn disk_cache_hits_on_second_compile_and_misses_on_change() {
         "new arch must not hit the cache"
     );
 }
+
+#[test]
+fn kernel_source_macro_embeds_headers_for_nvrtc() {
+    if toolchain_or_skip("kernel_source_macro_embeds_headers_for_nvrtc").is_none() {
+        return;
+    }
+    const PROBE: KernelSource =
+        blr_cuda::kernel_source!("data/probe.cu", headers: ["data/probe.cuh"]);
+    assert_eq!(PROBE.headers.len(), 1);
+    let compiled = KernelCache::disabled()
+        .compile(&PROBE, SUPPORTED_ARCHS[3], &CompileOptions::default())
+        .map_err(|e| e.to_string());
+    assert!(compiled.is_ok(), "{compiled:?}");
+    // Without the header the same source must fail, naming the missing include.
+    let bare = KernelSource {
+        headers: &[],
+        ..PROBE
+    };
+    let err = KernelCache::disabled()
+        .compile(&bare, SUPPORTED_ARCHS[3], &CompileOptions::default())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("probe.cuh"), "{err}");
+}

@@ -179,6 +179,22 @@ fn print_text(r: &DoctorReport) {
                 t.what, t.median_ms, t.min_ms, t.max_ms, t.rate
             );
         }
+        println!("\nDense baselines (cuBLASLt, weights from HBM: L2 flushed before each run)");
+        println!(
+            "  {:<44} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "layer", "median", "p10", "p90", "floor", "of floor"
+        );
+        for d in &c.dense_reference {
+            println!(
+                "  {:<44} {:>6.4} ms {:>6.4} ms {:>6.4} ms {:>6.4} ms {:>8.0}%",
+                d.what,
+                d.median_ms,
+                d.p10_ms,
+                d.p90_ms,
+                d.floor_ms,
+                100.0 * d.floor_ms / d.median_ms
+            );
+        }
     }
     if let Some(checks) = &r.self_test {
         let passed = checks.iter().filter(|c| c.passed).count();
