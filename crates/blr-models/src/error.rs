@@ -68,7 +68,6 @@ pub enum Error {
     Core(#[from] blr_core::Error),
 }
 
-#[allow(dead_code)] // used by the model modules
 impl Error {
     pub(crate) fn config(model: &'static str, detail: impl Into<String>) -> Self {
         Error::Config {

@@ -1,10 +1,15 @@
 //! Transformer models (Llama, GPT-2, ViT, DiT) written once over a backend trait; GGUF and
 //! safetensors loading; the byte-level BPE tokenizer.
 
+pub mod backend;
+pub mod cpu;
 pub mod error;
 pub mod gguf;
+pub mod llama;
+pub mod lm;
 pub mod quant;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};
 

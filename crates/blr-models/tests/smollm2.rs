@@ -160,3 +160,21 @@ fn smollm2_tokenizer_matches_known_encodings() {
         assert_eq!(t.decode(&got, false), *text);
     }
 }
+
+#[test]
+fn smollm2_generates_coherent_text() {
+    use blr_models::cpu::Cpu;
+    use blr_models::llama::{self, Llama};
+    use blr_models::lm::{generate, Sampler};
+    let Some(f) = open() else { return };
+    let t = Tokenizer::from_gguf(&f).unwrap();
+    let (cfg, ck) = llama::from_gguf(&f).unwrap();
+    let model = Llama::load(Cpu, cfg, ck).unwrap();
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = t.encode(prompt, true).unwrap();
+    let stats = generate(&model, &ids, 24, &mut Sampler::greedy(), &[2], |_| Ok(())).unwrap();
+    let text = t.decode(&stats.generated, true);
+    eprintln!("{prompt}{text}");
+    assert!(text.contains("Paris"), "{text:?}");
+}
