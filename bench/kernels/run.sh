@@ -42,13 +42,13 @@ if [[ $what == variants ]]; then
         IFS=, read th u1 u2 <<<"$v"
         nvcc -std=c++17 -O3 --default-stream per-thread -gencode=arch=compute_90a,code=sm_90a \
             -DBLR_DEC_TIMING -DBLR_DEC_THREADS=$th -DBLR_DEC_U1=$u1 -DBLR_DEC_U2=$u2 \
-            -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness_$th_$u1_$u2.$th.$u1.$u2 -lcublas \
+            -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness_v.${th}.${u1}.${u2} -lcublas \
             >"$out/build-$th-$u1-$u2.log" 2>&1 &
     done
     wait
     for v in $vlist; do
         IFS=, read th u1 u2 <<<"$v"
         echo "== decode variant threads=$th U1=$u1 U2=$u2"
-        /tmp/blr_harness_$th_$u1_$u2.$th.$u1.$u2 --only "${3:-llama7b-qkvo}" --tokens "${4:-1,16}" 2>&1 | grep -E "decode|phases|FAIL"
+        /tmp/blr_harness_v.${th}.${u1}.${u2} --only "${3:-llama7b-qkvo}" --tokens "${4:-1,16}" 2>&1 | grep -E "decode|phases|FAIL"
     done
 fi
