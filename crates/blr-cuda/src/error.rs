@@ -129,6 +129,10 @@ pub enum Error {
     #[error("{0}")]
     Shape(String),
 
+    /// A GPU result that disagrees with its CPU reference (self-tests, benchmark checks).
+    #[error("wrong result: {0}")]
+    Mismatch(String),
+
     /// An invalid launch configuration, found before calling the driver.
     #[error("bad launch configuration for kernel '{kernel}': {reason}")]
     LaunchConfig { kernel: String, reason: String },

@@ -216,6 +216,26 @@ impl GemmOutput for f32 {
     const CUDA_TYPE: lt_sys::cudaDataType = lt_sys::cudaDataType::CUDA_R_32F;
 }
 
+/// What [`Blas::tune`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TuneReport {
+    /// `(heuristic rank, median ms)` of each candidate that ran; rank 0 is the default pick.
+    pub candidates: Vec<(usize, f64)>,
+    /// Median of the heuristic's first choice (NaN if it did not run).
+    pub heuristic_ms: f64,
+    pub best_ms: f64,
+    /// Heuristic rank of the pinned algorithm.
+    pub best_index: usize,
+}
+
+/// A validated GEMM call: its plan key and operand addresses.
+struct Prepared {
+    key: PlanKey,
+    x_ptr: u64,
+    w_ptr: u64,
+    y_ptr: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     shape: GemmShape,
@@ -367,7 +387,79 @@ impl Blas {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        let (x, w, y) = (x.into(), w.into(), y.into());
+        let prepared = Self::prepare::<O>(shape, &x.into(), &w.into(), &y.into())?;
+        let plan = self.plan::<O>(&prepared.key)?;
+        self.launch(
+            gpu,
+            &prepared,
+            &plan,
+            &plan.algo,
+            plan.workspace,
+            alpha,
+            beta,
+        )
+    }
+
+    /// Times every algorithm cuBLASLt's heuristic offers for this GEMM (up to 8; median of
+    /// `reps` event-timed runs each) and pins the fastest in the plan cache, so later
+    /// [`Blas::gemm`] calls with the same shape, output type and alignment use it. Writes Y.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tune<'x, 'w, 'y, O: GemmOutput>(
+        &self,
+        gpu: &Gpu,
+        shape: &GemmShape,
+        x: impl Into<MatRef<'x, bf16>>,
+        w: impl Into<MatRef<'w, bf16>>,
+        y: impl Into<MatMut<'y, O>>,
+        reps: usize,
+    ) -> Result<TuneReport> {
+        let prepared = Self::prepare::<O>(shape, &x.into(), &w.into(), &y.into())?;
+        let (mut plan, candidates) = self.build_plan::<O>(&prepared.key, 8)?;
+        let mut timed = Vec::new();
+        for (i, c) in candidates.iter().enumerate() {
+            let run = || self.launch(gpu, &prepared, &plan, &c.algo, c.workspaceSize, 1.0, 0.0);
+            // An algorithm that fails to run is skipped, not fatal: the heuristic may list
+            // ones this exact problem cannot use.
+            if run().is_err() {
+                continue;
+            }
+            let stats = crate::timing::bench(
+                gpu,
+                &crate::timing::BenchOptions {
+                    warmup: 2,
+                    reps: reps.max(3),
+                    flush_l2: false,
+                },
+                run,
+            )?;
+            timed.push((i, stats.median_ms));
+        }
+        let Some(&(best, best_ms)) = timed.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            return Err(Error::NoGemmAlgorithm {
+                gemm: format!("{shape:?} (no candidate ran)"),
+            });
+        };
+        let heuristic_ms = timed.iter().find(|t| t.0 == 0).map_or(f64::NAN, |t| t.1);
+        plan.algo = candidates[best].algo;
+        plan.workspace = candidates[best].workspaceSize.min(self.workspace.len());
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.insert(prepared.key, std::sync::Arc::new(plan));
+        }
+        Ok(TuneReport {
+            candidates: timed,
+            heuristic_ms,
+            best_ms,
+            best_index: best,
+        })
+    }
+
+    /// Validates `shape` against the operands and computes pointers and the plan key.
+    fn prepare<O: GemmOutput>(
+        shape: &GemmShape,
+        x: &MatRef<'_, bf16>,
+        w: &MatRef<'_, bf16>,
+        y: &MatMut<'_, O>,
+    ) -> Result<Prepared> {
         shape.validate()?;
         let s = shape;
         let (w_rows, w_cols) = s.w_dims();
@@ -410,14 +502,32 @@ impl Blas {
             alignment_of(x_ptr | (s.stride_x as u64 * 2) | (s.ld_x as u64 * 2)),
             alignment_of(y_ptr | (s.stride_y as u64 * out_size) | (s.ld_y as u64 * out_size)),
         ];
-        let key = PlanKey {
-            shape: *s,
-            out_type: O::CUDA_TYPE as i32,
-            align,
-        };
-        let plan = self.plan::<O>(&key)?;
+        Ok(Prepared {
+            key: PlanKey {
+                shape: *s,
+                out_type: O::CUDA_TYPE as i32,
+                align,
+            },
+            x_ptr,
+            w_ptr,
+            y_ptr,
+        })
+    }
+
+    /// Queues one `cublasLtMatmul` with `plan`'s descriptors and `algo`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        p: &Prepared,
+        plan: &Plan,
+        algo: &lt_sys::cublasLtMatmulAlgo_t,
+        workspace: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         let ws_ptr = self.workspace.device_ptr();
-        // SAFETY: all operand extents were checked against their buffers above; the plan's
+        // SAFETY: `prepare` checked every operand extent against its buffer; the plan's
         // layouts describe exactly those extents; the workspace outlives the call (owned by
         // self) and is only used on this stream, so consecutive GEMMs never share it at once.
         unsafe {
@@ -425,29 +535,44 @@ impl Blas {
                 self.handle,
                 plan.desc,
                 (&alpha as *const f32).cast::<c_void>(),
-                w_ptr as *const c_void,
+                p.w_ptr as *const c_void,
                 plan.a,
-                x_ptr as *const c_void,
+                p.x_ptr as *const c_void,
                 plan.b,
                 (&beta as *const f32).cast::<c_void>(),
-                y_ptr as *const c_void,
+                p.y_ptr as *const c_void,
                 plan.c,
-                y_ptr as *mut c_void,
+                p.y_ptr as *mut c_void,
                 plan.c,
-                &plan.algo,
+                algo,
                 ws_ptr as *mut c_void,
-                plan.workspace,
+                workspace.min(self.workspace.len()),
                 gpu.stream().cu_stream() as _,
             )
         }
         .result()
-        .map_err(Error::cublas(format!("running the GEMM {s:?}")))
+        .map_err(Error::cublas(format!("running the GEMM {:?}", p.key.shape)))
     }
 
     fn plan<O: GemmOutput>(&self, key: &PlanKey) -> Result<std::sync::Arc<Plan>> {
         if let Some(p) = self.plans.lock().ok().and_then(|p| p.get(key).cloned()) {
             return Ok(p);
         }
+        let (plan, _) = self.build_plan::<O>(key, 1)?;
+        let plan = std::sync::Arc::new(plan);
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.insert(*key, std::sync::Arc::clone(&plan));
+        }
+        Ok(plan)
+    }
+
+    /// Descriptors for `key` and up to `count` algorithms from the heuristic, best first; the
+    /// plan uses the first.
+    fn build_plan<O: GemmOutput>(
+        &self,
+        key: &PlanKey,
+        count: usize,
+    ) -> Result<(Plan, Vec<lt_sys::cublasLtMatmulHeuristicResult_t>)> {
         let s = &key.shape;
         let during = |what: &str| format!("{what} for the GEMM {s:?}");
         let mut plan = Plan {
@@ -575,10 +700,14 @@ impl Blas {
                 4,
             )
         });
-        let heuristic = prefs.and_then(|()| {
-            // SAFETY: all descriptors are live.
+        let heuristics = prefs.and_then(|()| {
+            let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+                Vec::with_capacity(count.max(1));
+            let mut returned = 0i32;
+            // SAFETY: all descriptors are live; `results` has room for `count` entries, and
+            // only the `returned` first are read (set_len after the call).
             unsafe {
-                lt::get_matmul_algo_heuristic(
+                lt_sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
                     plan.desc,
                     plan.a,
@@ -586,30 +715,40 @@ impl Blas {
                     plan.c,
                     plan.c,
                     pref,
+                    i32::try_from(count.max(1)).unwrap_or(1),
+                    results.as_mut_ptr(),
+                    &mut returned,
                 )
+                .result()
+                .map(|()| {
+                    results.set_len(usize::try_from(returned).unwrap_or(0).min(count.max(1)));
+                    results
+                })
             }
         });
         // SAFETY: created above; no longer needed once the heuristic answered.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        let heuristic = heuristic.map_err(|e| {
-            if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
-                Error::NoGemmAlgorithm {
-                    gemm: format!("{s:?} with operand alignments {:?} bytes", key.align),
+        let no_algo = || Error::NoGemmAlgorithm {
+            gemm: format!("{s:?} with operand alignments {:?} bytes", key.align),
+        };
+        let heuristics: Vec<_> = heuristics
+            .map_err(|e| {
+                if e.0 == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+                    no_algo()
+                } else {
+                    Error::Cublas {
+                        during: during("asking the algorithm heuristic"),
+                        source: e,
+                    }
                 }
-            } else {
-                Error::Cublas {
-                    during: during("asking the algorithm heuristic"),
-                    source: e,
-                }
-            }
-        })?;
-        plan.algo = heuristic.algo;
-        plan.workspace = heuristic.workspaceSize.min(ws);
-        let plan = std::sync::Arc::new(plan);
-        if let Ok(mut plans) = self.plans.lock() {
-            plans.insert(*key, std::sync::Arc::clone(&plan));
-        }
-        Ok(plan)
+            })?
+            .into_iter()
+            .filter(|h| h.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .collect();
+        let first = heuristics.first().ok_or_else(no_algo)?;
+        plan.algo = first.algo;
+        plan.workspace = first.workspaceSize.min(ws);
+        Ok((plan, heuristics))
     }
 }
 

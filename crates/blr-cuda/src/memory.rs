@@ -216,6 +216,18 @@ impl<T> DeviceBuffer<T> {
         &mut self.slice
     }
 
+    /// Raw device address of element `offset`, for passing a sub-range to a kernel as a
+    /// pointer argument (`launch.arg(&ptr)` with `ptr: u64`). Fails if `offset > len`.
+    pub fn device_ptr_at(&self, offset: usize) -> Result<u64> {
+        if offset > self.len() {
+            return Err(Error::Shape(format!(
+                "element offset {offset} is past the end of a buffer of {} elements",
+                self.len()
+            )));
+        }
+        Ok(self.device_ptr() + (offset * std::mem::size_of::<T>()) as u64)
+    }
+
     /// Raw device address of element 0 (for pointer arithmetic in GEMM batches). Valid while
     /// `self` lives. Event tracking is off on blr's contexts, so this records no event.
     pub fn device_ptr(&self) -> u64 {

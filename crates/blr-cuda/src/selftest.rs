@@ -89,6 +89,10 @@ pub fn run_all(gpu: &Gpu, seed: u64) -> Vec<Check> {
             1.0,
         ),
     );
+    record(
+        "cuBLASLt tuned plan (fastest of the heuristic's algorithms)",
+        tuned_gemm(gpu, seed),
+    );
     record("CUDA graph capture + replay", graph_replay(gpu, seed));
     record("memory cap gives a clear error", memory_cap(gpu));
     record(
@@ -145,10 +149,10 @@ fn roundtrip(gpu: &Gpu, seed: u64) -> Result<String> {
     let b = gpu.upload_bf16(&host, "self-test bf16")?;
     let back_b = gpu.download_f32(&b)?;
     if back != host {
-        return Err(Error::Shape("f32 round trip changed values".into()));
+        return Err(Error::Mismatch("f32 round trip changed values".into()));
     }
     if back_b != round_bf16(&host) {
-        return Err(Error::Shape(
+        return Err(Error::Mismatch(
             "bf16 round trip differs from host bf16 rounding".into(),
         ));
     }
@@ -169,7 +173,7 @@ fn fill_matches_host(gpu: &Gpu, seed: u64) -> Result<String> {
         .filter(|(a, b)| a.to_bits() != b.to_bits())
         .count();
     if mismatches > 0 {
-        return Err(Error::Shape(format!(
+        return Err(Error::Mismatch(format!(
             "{mismatches} of {n} values differ from the host mirror"
         )));
     }
@@ -177,7 +181,7 @@ fn fill_matches_host(gpu: &Gpu, seed: u64) -> Result<String> {
     gpu.memset_bytes(&mut bb, 0xFF)?;
     util.fill_uniform_bf16(gpu, &mut bb, seed, 0.75)?;
     if gpu.download_f32(&bb)? != round_bf16(&want) {
-        return Err(Error::Shape(
+        return Err(Error::Mismatch(
             "bf16 fill differs from the host mirror".into(),
         ));
     }
@@ -252,10 +256,41 @@ fn gemm_case<O: crate::gemm::GemmOutput + ToF32>(
     if err <= limit {
         Ok(format!("rel err {err:.2e} (limit {limit:.0e})"))
     } else {
-        Err(Error::Shape(format!(
+        Err(Error::Mismatch(format!(
             "rel err {err:.3e} over the limit {limit:.0e}"
         )))
     }
+}
+
+/// Tunes a GEMM (pins the fastest candidate algorithm), then checks that the pinned plan still
+/// computes the right product on fresh inputs.
+fn tuned_gemm(gpu: &Gpu, seed: u64) -> Result<String> {
+    let shape = GemmShape::linear(64, 96, 200);
+    let x_host = round_bf16(&uniform_vec(seed ^ 0x70, 64 * 200, 1.0));
+    let w_host = round_bf16(&uniform_vec(seed ^ 0x71, 96 * 200, 1.0));
+    let x = gpu.upload_bf16(&x_host, "tune X")?;
+    let w = gpu.upload_bf16(&w_host, "tune W")?;
+    let mut y = gpu.alloc::<bf16>(64 * 96, "tune Y")?;
+    let report = gpu.blas()?.tune(gpu, &shape, &x, &w, &mut y, 5)?;
+    gpu.memset_bytes(&mut y, 0xFF)?;
+    gpu.gemm(&shape, &x, &w, &mut y)?;
+    let got = gpu.download_f32(&y)?;
+    let mut want = vec![0.0f32; 64 * 96];
+    gemm_reference(&shape, &x_host, &w_host, &mut want, 1.0, 0.0)?;
+    let err = rel_error(&got, &want);
+    if err > 8e-3 {
+        return Err(Error::Mismatch(format!(
+            "after tuning (picked candidate {}), rel err {err:.3e}",
+            report.best_index
+        )));
+    }
+    Ok(format!(
+        "{} candidates ran; picked #{} {:.4} ms vs heuristic #0 {:.4} ms; rel err {err:.2e}",
+        report.candidates.len(),
+        report.best_index,
+        report.best_ms,
+        report.heuristic_ms
+    ))
 }
 
 /// Conversion for comparing GEMM outputs.
@@ -328,7 +363,7 @@ fn graph_replay(gpu: &Gpu, seed: u64) -> Result<String> {
             "{replays} replays with fresh X: last Y rel err {err_y:.1e}, sum {err_acc:.1e}"
         ))
     } else {
-        Err(Error::Shape(format!(
+        Err(Error::Mismatch(format!(
             "after {replays} replays: Y rel err {err_y:.2e}, accumulated rel err {err_acc:.2e}"
         )))
     }
@@ -343,7 +378,7 @@ fn memory_cap(gpu: &Gpu) -> Result<String> {
     gpu.set_mem_cap(before.cap);
     let message = match over {
         Ok(_) => {
-            return Err(Error::Shape(
+            return Err(Error::Mismatch(
                 "2 MiB allocation under a 1 MiB headroom cap succeeded".into(),
             ))
         }
@@ -352,7 +387,7 @@ fn memory_cap(gpu: &Gpu) -> Result<String> {
     };
     under?;
     if !message.contains("2 MiB test buffer") || !message.contains("--max-gpu-mem") {
-        return Err(Error::Shape(format!(
+        return Err(Error::Mismatch(format!(
             "cap error does not name the buffer and the flag: {message}"
         )));
     }
@@ -383,6 +418,6 @@ fn bad_launch_rejected(gpu: &Gpu) -> Result<String> {
     match res {
         Err(e @ Error::LaunchConfig { .. }) => Ok(format!("refused: {e}")),
         Err(e) => Err(e),
-        Ok(()) => Err(Error::Shape("a 2048-thread block was launched".into())),
+        Ok(()) => Err(Error::Mismatch("a 2048-thread block was launched".into())),
     }
 }
