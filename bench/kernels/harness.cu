@@ -373,6 +373,43 @@ static void decode_phase_report(const char* what, const std::function<void()>& f
 #endif
 }
 
+static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y, bf16* wbuf,
+                           unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2, int p2,
+                           int r2) {
+    static int max_optin = -1;
+    if (max_optin < 0) {
+        CK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        CK(cudaFuncSetAttribute(blr_decode2, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
+    }
+    int tasks2 = nb2 * ((p2 + 15) / 16);
+    size_t zs_bytes = (size_t)std::max(nb1 * 128, 256) * 4;
+    size_t task_bytes = (size_t)16 * (r2 + 8) * 2;
+    int grid = g_sms;
+    int want = (tasks2 + grid - 1) / grid;
+    int fit = (int)((max_optin - zs_bytes) / task_bytes);
+    int smem_tasks = std::max(0, std::min(want, fit));
+    size_t smem = zs_bytes + smem_tasks * task_bytes;
+    int occ = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode2, blr_dec2::THREADS, smem));
+    if (occ < 1) {
+        fprintf(stderr, "decode2 does not fit: smem %zu\n", smem);
+        exit(2);
+    }
+    void* args[] = {(void*)&x,  (void*)&w1, (void*)&s,    (void*)&w2,  (void*)&y,  (void*)&wbuf,
+                    (void*)&bar, (void*)&T, (void*)&n,    (void*)&m,   (void*)&mode, (void*)&nb1,
+                    (void*)&r1, (void*)&q1, (void*)&nb2,  (void*)&p2,  (void*)&r2, (void*)&smem_tasks};
+    cudaError_t e = cudaLaunchCooperativeKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args, smem,
+                                                cudaStreamPerThread);
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(cudaStreamPerThread, &cs);
+    if (e != cudaSuccess && cs != cudaStreamCaptureStatusNone) {
+        g_capture_failed = true;
+        cudaGetLastError();
+        return;
+    }
+    CK(e);
+}
+
 static void run_config(const Cfg& c, const std::vector<int>& tokens) {
     const int m = c.m, n = c.n;
     int Tmax = *std::max_element(tokens.begin(), tokens.end());
@@ -463,6 +500,9 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             auto f = [&] { launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
             run_row(c, T, "blast", "decode", bparams, bflops, y, ref, f);
             decode_phase_report("blast", f);
+            auto f2 = [&] { launch_decode2(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
+            run_row(c, T, "blast", "decode2", bparams, bflops, y, ref, f2);
+            decode_phase_report("blast v2", f2);
         }
 
         // LR
@@ -482,6 +522,9 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             auto f = [&] { launch_decode(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr); };
             run_row(c, T, "lowrank", "decode", lparams, lflops, y, ref, f);
             decode_phase_report("lowrank", f);
+            auto f2 = [&] { launch_decode2(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr); };
+            run_row(c, T, "lowrank", "decode2", lparams, lflops, y, ref, f2);
+            decode_phase_report("lowrank v2", f2);
         }
 
         // Monarch reference: out1 flat (T, b*R); P (T, b, R); out2 (T, b, m/b); y
@@ -497,10 +540,14 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             cublas_nt(MP, (long)mb * R, R, M2, R, (long)mbk * R, MO2, m, mbk, T, mbk, R, mb);
             blr_monarch_perm_out<<<nblk((long)T * m), 256>>>(MO2, y, T, mb, mbk);
         });
-        if (T <= 16)
+        if (T <= 16) {
             run_row(c, T, "monarch", "decode", mparams, mflops, y, ref, [&] {
                 launch_decode(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R);
             });
+            run_row(c, T, "monarch", "decode2", mparams, mflops, y, ref, [&] {
+                launch_decode2(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R);
+            });
+        }
     }
     void* ptrs[] = {x, y, ref, Wd, U, Vt, S, Sd, Zb, Wb, LU, LV, LZ, M1, M2, MO1, MP, MO2, dwbuf, bar, fz1, fz2, fz3};
     for (void* q2 : ptrs) CK(cudaFree(q2));

@@ -279,3 +279,271 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
     }
     BLR_DEC_MARK(3, false);
 }
+
+// ---------------------------------------------------------------------------------------------
+// blr_decode2: v2 of the decode kernel. Same math, same arguments plus `smem_tasks`, launched
+// with one block of 512 threads per SM. What changed and why (v1 measured ~20 us in-kernel for
+// llama7b qkvo at T=1, 17 MB: phase 1 ~8-14 us, barrier ~3.5 us, phase 2 ~5-9 us):
+//  * At entry every block issues cp.async copies of its first `smem_tasks` phase-2 row groups
+//    (16 rows x r2 each) into shared memory, so the w2 stream runs concurrently with the w1
+//    stream of phase 1 instead of after the barrier; after the barrier those tasks only compute.
+//    Rows are padded by 16 B so the 8 rows of one 16-byte load phase hit distinct bank groups.
+//  * 16 warps x 8 items in flight: a phase-1 task (8 ranks x all j) is one round trip for
+//    q <= 256 and b_in <= 16.
+//  * One fence per block in the grid barrier (v1 fenced in every thread).
+// Dynamic shared memory: max(nb1*128, 256)*4 + smem_tasks * 16 * (r2 + 8) * 2 bytes.
+// ---------------------------------------------------------------------------------------------
+namespace blr_dec2 {
+constexpr int THREADS = 512;
+constexpr int WARPS = THREADS / 32;
+constexpr int U1 = 8;
+constexpr int U2 = 2;
+}  // namespace blr_dec2
+
+static __device__ __forceinline__ void blr_grid_barrier2(unsigned* bar, unsigned nblocks) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* vgen = bar + 1;
+        unsigned gen = *vgen;
+        __threadfence();
+        unsigned arrived = atomicAdd(bar, 1u);
+        if (arrived == nblocks - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*vgen == gen) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
+    blr_decode2(const bf16* __restrict__ x, const bf16* __restrict__ w1, const bf16* __restrict__ s,
+                const bf16* __restrict__ w2, bf16* __restrict__ y, bf16* wbuf, unsigned* bar, int T, int n,
+                int m, int mode, int nb1, int r1, int q1, int nb2, int p2, int r2, int smem_tasks) {
+    using namespace blr_dec2;
+    extern __shared__ __align__(16) unsigned char blr_dec2_smem[];
+    float* zs = reinterpret_cast<float*>(blr_dec2_smem);
+    const int zs_floats = max(nb1 * 128, 256);
+    bf16* us = reinterpret_cast<bf16*>(blr_dec2_smem + zs_floats * 4);
+    const int urow = r2 + 8;  // padded row, elements
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int c = lane & 3;
+    const bool tg_ok = g < T;
+    const bool tg8_ok = g + 8 < T;
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    BLR_DEC_MARK(0, true);
+
+    const int otiles = (p2 + 15) >> 4;
+    const int tasks2 = nb2 * otiles;
+    // ---- issue the phase-2 weight copies for the first smem_tasks tasks of this block
+    {
+        const int chunks_per_row = r2 >> 3;
+        const int per_task = 16 * chunks_per_row;
+        int slot = 0;
+        for (int task = blockIdx.x; task < tasks2 && slot < smem_tasks; task += gridDim.x, ++slot) {
+            const int blk = task / otiles;
+            const int o0 = (task - blk * otiles) * 16;
+            for (int idx = tid; idx < per_task; idx += THREADS) {
+                const int rr = idx / chunks_per_row;
+                const int ch = idx - rr * chunks_per_row;
+                const bool ok = o0 + rr < p2;
+                const bf16* src = ok ? w2 + ((long)blk * p2 + o0 + rr) * r2 + ch * 8 : w2;
+                cp_async16(smem_addr(us + ((long)slot * 16 + rr) * urow + ch * 8), src, ok);
+            }
+        }
+        cp_async_commit();
+    }
+
+    // ---------------- phase 1: stage 1 + mixing (as blr_decode) ----------------
+    const int tasks1 = (r1 + 7) >> 3;
+    const int nk1 = (q1 + 31) >> 5;
+    const int items = nb1 * nk1;
+    const int per = (items + WARPS - 1) / WARPS;
+    const int it_begin = warp * per;
+    const int it_end = min(items, it_begin + per);
+    for (int task = blockIdx.x; task < tasks1; task += gridDim.x) {
+        const int rank0 = task * 8;
+        for (int i = tid; i < nb1 * 128; i += THREADS) zs[i] = 0.f;
+        __syncthreads();
+        const int rank = rank0 + g;
+        const bool rank_ok = rank < r1;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        int cur_j = it_begin < it_end ? it_begin / nk1 : 0;
+        for (int ib = it_begin; ib < it_end; ib += U1) {
+            uint4 bw[U1], xa[U1], xb[U1];
+#pragma unroll
+            for (int u = 0; u < U1; ++u) {
+                const int it = ib + u;
+                const int j = it / nk1;
+                const int kof = (it - j * nk1) * 32 + 8 * c;
+                const bool kok = (it < it_end) && (kof < q1);
+                bw[u] = (kok && rank_ok) ? ld_stream16(w1 + ((long)j * r1 + rank) * q1 + kof) : zero4;
+                const bf16* xp = x + (long)j * q1 + kof;
+                xa[u] = (kok && tg_ok) ? ld_ro16(xp + (long)g * n) : zero4;
+                xb[u] = (kok && tg8_ok) ? ld_ro16(xp + (long)(g + 8) * n) : zero4;
+            }
+#pragma unroll
+            for (int u = 0; u < U1; ++u) {
+                const int it = ib + u;
+                if (it < it_end) {
+                    const int j = it / nk1;
+                    if (j != cur_j) {
+                        float* zj = zs + cur_j * 128;
+                        atomicAdd(zj + g * 8 + 2 * c, acc[0]);
+                        atomicAdd(zj + g * 8 + 2 * c + 1, acc[1]);
+                        atomicAdd(zj + (g + 8) * 8 + 2 * c, acc[2]);
+                        atomicAdd(zj + (g + 8) * 8 + 2 * c + 1, acc[3]);
+                        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+                        cur_j = j;
+                    }
+                    mma_bf16(acc, xa[u].x, xb[u].x, xa[u].y, xb[u].y, bw[u].x, bw[u].y);
+                    mma_bf16(acc, xa[u].z, xb[u].z, xa[u].w, xb[u].w, bw[u].z, bw[u].w);
+                }
+            }
+        }
+        if (it_begin < it_end) {
+            float* zj = zs + cur_j * 128;
+            atomicAdd(zj + g * 8 + 2 * c, acc[0]);
+            atomicAdd(zj + g * 8 + 2 * c + 1, acc[1]);
+            atomicAdd(zj + (g + 8) * 8 + 2 * c, acc[2]);
+            atomicAdd(zj + (g + 8) * 8 + 2 * c + 1, acc[3]);
+        }
+        __syncthreads();
+        if (mode == 0) {
+            for (int pidx = tid; pidx < nb2 * 8; pidx += THREADS) {
+                const int i = pidx >> 3;
+                const int kk = pidx & 7;
+                const int k = rank0 + kk;
+                if (k < r1) {
+                    const bf16* sp = s + ((long)k * 16 + i) * 16;
+                    uint4 s0 = ld_ro16(sp);
+                    uint4 s1 = ld_ro16(sp + 8);
+                    float sv[16] = {bf16_lo(s0.x), bf16_hi(s0.x), bf16_lo(s0.y), bf16_hi(s0.y),
+                                    bf16_lo(s0.z), bf16_hi(s0.z), bf16_lo(s0.w), bf16_hi(s0.w),
+                                    bf16_lo(s1.x), bf16_hi(s1.x), bf16_lo(s1.y), bf16_hi(s1.y),
+                                    bf16_lo(s1.z), bf16_hi(s1.z), bf16_lo(s1.w), bf16_hi(s1.w)};
+                    for (int t = 0; t < T; ++t) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int j = 0; j < 16; ++j)
+                            if (j < nb1) sum += sv[j] * zs[(j * 16 + t) * 8 + kk];
+                        wbuf[((long)i * 16 + t) * r2 + k] = __float2bfloat16(sum);
+                    }
+                }
+            }
+        } else if (mode == 1) {
+            for (int pidx = tid; pidx < 128; pidx += THREADS) {
+                const int t = pidx >> 3;
+                const int k = rank0 + (pidx & 7);
+                if (t < T && k < r1) wbuf[(long)t * r2 + k] = __float2bfloat16(zs[pidx]);
+            }
+        } else {
+            for (int pidx = tid; pidx < nb1 * 128; pidx += THREADS) {
+                const int kk = pidx & 7;
+                const int t = (pidx >> 3) & 15;
+                const int j = pidx >> 7;
+                const int k = rank0 + kk;
+                if (t < T && k < r1) {
+                    const long f = (long)j * r1 + k;
+                    const int l = (int)(f % nb2);
+                    const long sidx = f / nb2;
+                    wbuf[((long)l * 16 + t) * r2 + sidx] = __float2bfloat16(zs[pidx]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    BLR_DEC_MARK(1, false);
+
+    // L2 prefetch for the phase-2 tasks that do not fit in shared memory.
+    const int lines_per_row = (int)(((long)r2 * 2 + 127) / 128);
+    {
+        int slot = 0;
+        for (int task = blockIdx.x; task < tasks2; task += gridDim.x, ++slot) {
+            if (slot < smem_tasks) continue;
+            const int blk = task / otiles;
+            const int o0 = (task - blk * otiles) * 16;
+            for (int li = tid; li < 16 * lines_per_row; li += THREADS) {
+                const int rr = li / lines_per_row;
+                const int ln = li - rr * lines_per_row;
+                if (o0 + rr < p2)
+                    prefetch_l2(reinterpret_cast<const char*>(w2 + ((long)blk * p2 + o0 + rr) * r2) + ln * 128);
+            }
+        }
+    }
+
+    blr_grid_barrier2(bar, gridDim.x);
+    cp_async_wait<0>();
+    __syncthreads();
+    BLR_DEC_MARK(2, false);
+
+    // ---------------- phase 2 ----------------
+    const int nk2 = (r2 + 31) >> 5;
+    float* ys = zs;
+    int slot = 0;
+    for (int task = blockIdx.x; task < tasks2; task += gridDim.x, ++slot) {
+        const int blk = task / otiles;
+        const int o0 = (task - blk * otiles) * 16;
+        if (tid < 256) ys[tid] = 0.f;
+        __syncthreads();
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const int rowA = o0 + g;
+        const int rowB = o0 + 8 + g;
+        const bool okA = rowA < p2;
+        const bool okB = rowB < p2;
+        const bool in_smem = slot < smem_tasks;
+        const bf16* wa = in_smem ? us + ((long)slot * 16 + g) * urow : w2 + ((long)blk * p2 + rowA) * r2;
+        const bf16* wb = in_smem ? us + ((long)slot * 16 + 8 + g) * urow : w2 + ((long)blk * p2 + rowB) * r2;
+        const bf16* za = wbuf + ((long)blk * 16 + g) * r2;
+        const bf16* zb = wbuf + ((long)blk * 16 + g + 8) * r2;
+        for (int ks0 = warp; ks0 < nk2; ks0 += WARPS * U2) {
+            uint4 ba[U2], bb[U2], xa[U2], xb[U2];
+#pragma unroll
+            for (int u = 0; u < U2; ++u) {
+                const int ks = ks0 + u * WARPS;
+                const int kof = ks * 32 + 8 * c;
+                const bool ok = (ks < nk2) && (kof < r2);
+                if (in_smem) {
+                    // Rows past p2 were zero-filled by cp.async.
+                    ba[u] = ok ? *reinterpret_cast<const uint4*>(wa + kof) : zero4;
+                    bb[u] = ok ? *reinterpret_cast<const uint4*>(wb + kof) : zero4;
+                } else {
+                    ba[u] = (ok && okA) ? ld_stream16(wa + kof) : zero4;
+                    bb[u] = (ok && okB) ? ld_stream16(wb + kof) : zero4;
+                }
+                xa[u] = (ok && tg_ok) ? ld_cg16(za + kof) : zero4;
+                xb[u] = (ok && tg8_ok) ? ld_cg16(zb + kof) : zero4;
+            }
+#pragma unroll
+            for (int u = 0; u < U2; ++u) {
+                mma_bf16(acc[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, ba[u].x, ba[u].y);
+                mma_bf16(acc[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, ba[u].z, ba[u].w);
+                mma_bf16(acc[1], xa[u].x, xb[u].x, xa[u].y, xb[u].y, bb[u].x, bb[u].y);
+                mma_bf16(acc[1], xa[u].z, xb[u].z, xa[u].w, xb[u].w, bb[u].z, bb[u].w);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                atomicAdd(ys + (g + ((e >> 1) << 3)) * 16 + nt * 8 + 2 * c + (e & 1), acc[nt][e]);
+        __syncthreads();
+        if (tid < 256) {
+            const int t = tid >> 4;
+            const int o = o0 + (tid & 15);
+            if (t < T && o < p2) {
+                const long col = mode == 2 ? (long)o * nb2 + blk : (long)blk * p2 + o;
+                y[(long)t * m + col] = __float2bfloat16(ys[tid]);
+            }
+        }
+        __syncthreads();
+    }
+    BLR_DEC_MARK(3, false);
+}
