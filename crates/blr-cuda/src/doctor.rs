@@ -16,8 +16,8 @@ use crate::selftest::{self, Check};
 /// Options for [`run`].
 #[derive(Debug, Clone)]
 pub struct DoctorOptions {
-    pub ordinal: usize,
-    pub max_mem: Option<Bytes>,
+    /// Which device, memory cap, kernel cache.
+    pub gpu: GpuOptions,
     /// Measure copy bandwidth and GEMM rate (a few seconds on an H100).
     pub measure: bool,
     /// Repetitions per measurement (median reported).
@@ -112,11 +112,7 @@ pub fn run(opts: &DoctorOptions) -> DoctorReport {
             return report;
         }
     }
-    let gpu = match Gpu::new(GpuOptions {
-        ordinal: opts.ordinal,
-        max_mem: opts.max_mem,
-        ..GpuOptions::default()
-    }) {
+    let gpu = match Gpu::new(opts.gpu.clone()) {
         Ok(g) => g,
         Err(e) => {
             report.problems.push(e.to_string());

@@ -628,6 +628,43 @@ impl<'a> Launch<'a> {
     /// The pushed arguments must match the kernel's parameters, and the kernel must stay within
     /// the buffers it is given for this configuration.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        self.check(&cfg)?;
+        // SAFETY: forwarded to the caller.
+        let launched = unsafe { self.args.launch(cfg) };
+        self.finish(launched.map(|_| ()))
+    }
+
+    /// Like [`Launch::launch`], as a cooperative launch: every block of the grid is resident at
+    /// once, so the kernel may synchronise the whole grid (a global-memory barrier or
+    /// `cooperative_groups::this_grid().sync()`). The grid must not exceed what fits on the
+    /// device at once (see [`Gpu::persistent_grid`]); that is checked here first.
+    ///
+    /// # Safety
+    /// As for [`Launch::launch`].
+    pub unsafe fn launch_cooperative(&mut self, cfg: LaunchConfig) -> Result<()> {
+        self.check(&cfg)?;
+        let blocks =
+            u64::from(cfg.grid_dim.0) * u64::from(cfg.grid_dim.1) * u64::from(cfg.grid_dim.2);
+        let threads = cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2;
+        let resident = self
+            .gpu
+            .persistent_grid(self.kernel, threads, cfg.shared_mem_bytes)?;
+        if blocks > u64::from(resident) {
+            return Err(Error::LaunchConfig {
+                kernel: self.kernel.name.clone(),
+                reason: format!(
+                    "cooperative launch of {blocks} blocks, but only {resident} blocks of \
+                     {threads} threads and {} dynamic shared memory fit on the device at once",
+                    Bytes(u64::from(cfg.shared_mem_bytes))
+                ),
+            });
+        }
+        // SAFETY: forwarded to the caller.
+        let launched = unsafe { self.args.launch_cooperative(cfg) };
+        self.finish(launched.map(|_| ()))
+    }
+
+    fn check(&self, cfg: &LaunchConfig) -> Result<()> {
         let bad = |reason: String| Error::LaunchConfig {
             kernel: self.kernel.name.clone(),
             reason,
@@ -652,8 +689,11 @@ impl<'a> Launch<'a> {
                 self.gpu.info.max_smem_per_block_optin
             )));
         }
-        // SAFETY: forwarded to the caller.
-        unsafe { self.args.launch(cfg) }.map_err(|e| Error::Launch {
+        Ok(())
+    }
+
+    fn finish(&self, launched: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+        launched.map_err(|e| Error::Launch {
             kernel: self.kernel.name.clone(),
             source: e,
         })?;

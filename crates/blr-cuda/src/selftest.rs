@@ -94,6 +94,10 @@ pub fn run_all(gpu: &Gpu, seed: u64) -> Vec<Check> {
         tuned_gemm(gpu, seed),
     );
     record("CUDA graph capture + replay", graph_replay(gpu, seed));
+    record(
+        "cooperative launch: grid-wide barrier over all SMs",
+        cooperative(gpu),
+    );
     record("memory cap gives a clear error", memory_cap(gpu));
     record(
         "launch config checked before launch",
@@ -419,5 +423,32 @@ fn bad_launch_rejected(gpu: &Gpu) -> Result<String> {
         Err(e @ Error::LaunchConfig { .. }) => Ok(format!("refused: {e}")),
         Err(e) => Err(e),
         Ok(()) => Err(Error::Mismatch("a 2048-thread block was launched".into())),
+    }
+}
+
+/// A cooperative launch filling every co-resident slot synchronises the whole grid; one block
+/// more is refused before the driver sees it.
+fn cooperative(gpu: &Gpu) -> Result<String> {
+    let util = UtilKernels::load(gpu)?;
+    let resident = gpu.persistent_grid(util.coop_kernel(), 128, 0)?;
+    let got = util.coop_neighbour(gpu, resident)?;
+    let wrong = (0..resident)
+        .filter(|&b| got[b as usize] != ((b + 1) % resident) * 3 + 1)
+        .count();
+    if wrong > 0 {
+        return Err(Error::Mismatch(format!(
+            "{wrong} of {resident} blocks read a wrong neighbour value after the grid barrier"
+        )));
+    }
+    match util.coop_neighbour(gpu, resident + 1) {
+        Err(Error::LaunchConfig { .. }) => Ok(format!(
+            "{resident} blocks ({} SMs) met at the barrier; {} blocks refused",
+            gpu.info().sm_count,
+            resident + 1
+        )),
+        Err(e) => Err(e),
+        Ok(_) => Err(Error::Mismatch(
+            "a cooperative grid larger than the device holds was launched".into(),
+        )),
     }
 }

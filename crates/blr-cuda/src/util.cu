@@ -72,3 +72,21 @@ extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restri
         y[i] += alpha * x[i];
     }
 }
+
+// Self-test of cooperative launch: every block publishes a value, all blocks meet at a
+// grid-wide barrier (a counter in global memory, zeroed before the launch), then each block
+// reads its neighbour's value. Only correct (and only terminates) if all blocks are resident
+// at once, which is what a cooperative launch guarantees and checks.
+extern "C" __global__ void coop_neighbour(unsigned* __restrict__ published, unsigned* __restrict__ out,
+                                          unsigned* __restrict__ barrier) {
+    if (threadIdx.x == 0) {
+        published[blockIdx.x] = blockIdx.x * 3u + 1u;
+        __threadfence();
+        atomicAdd(barrier, 1u);
+        while (atomicAdd(barrier, 0u) < gridDim.x) {
+        }
+        __threadfence();
+        out[blockIdx.x] = ((volatile unsigned*)published)[(blockIdx.x + 1u) % gridDim.x];
+    }
+    __syncthreads();
+}

@@ -25,6 +25,7 @@ pub struct UtilKernels {
     fill_f32: Kernel,
     copy: Kernel,
     axpy: Kernel,
+    coop: Kernel,
 }
 
 impl UtilKernels {
@@ -36,6 +37,7 @@ impl UtilKernels {
             fill_f32: module.function("fill_uniform_f32")?,
             copy: module.function("copy_vec16")?,
             axpy: module.function("axpy_f32")?,
+            coop: module.function("coop_neighbour")?,
         })
     }
 
@@ -159,6 +161,38 @@ impl UtilKernels {
                 .arg(&n)
                 .launch(cfg)
         }
+    }
+}
+
+impl UtilKernels {
+    /// Runs `coop_neighbour` cooperatively on `blocks` blocks (a grid-wide barrier) and returns
+    /// what each block read from its neighbour: block `b` must see `((b + 1) % blocks) * 3 + 1`.
+    pub fn coop_neighbour(&self, gpu: &Gpu, blocks: u32) -> Result<Vec<u32>> {
+        let n = blocks as usize;
+        let mut published = gpu.alloc_zeros::<u32>(n, "coop published")?;
+        let mut out = gpu.alloc::<u32>(n, "coop out")?;
+        gpu.memset_bytes(&mut out, 0xFF)?;
+        let mut barrier = gpu.alloc_zeros::<u32>(1, "coop barrier")?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: coop_neighbour(u32* published, u32* out, u32* barrier) touches
+        // published/out[0..gridDim.x) and barrier[0]; buffers hold n, n and 1 elements.
+        unsafe {
+            gpu.launch(&self.coop)
+                .arg(&mut published)
+                .arg(&mut out)
+                .arg(&mut barrier)
+                .launch_cooperative(cfg)?;
+        }
+        gpu.download(&out)
+    }
+
+    /// The `coop_neighbour` kernel, for tests of the cooperative-launch checks.
+    pub fn coop_kernel(&self) -> &Kernel {
+        &self.coop
     }
 }
 

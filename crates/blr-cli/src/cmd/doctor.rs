@@ -3,12 +3,10 @@
 
 use anyhow::{bail, Context};
 use blr_cuda::doctor::{DoctorOptions, DoctorReport};
-use blr_cuda::Bytes;
+use blr_cuda::{Bytes, GpuOptions};
 
 #[derive(clap::Args)]
-#[command(
-    about = "Check the CUDA setup and measure the GPU's roofline ceilings",
-    long_about = "Check the CUDA setup and measure the GPU's roofline ceilings.\n\n\
+#[command(after_long_help = "\
 Reports which CUDA libraries load (driver, NVRTC, cuBLASLt, cuBLAS) and their versions, where \
 the CUDA headers NVRTC needs were found, the device (name, compute capability and the arch \
 kernels are compiled for, SMs, memory, L2, shared memory), and compiles a kernel to show the \
@@ -22,15 +20,10 @@ CUDA graph capture + replay, the memory cap error, ...) and exits non-zero if an
 Examples:\n  blr doctor\n  blr doctor --self-test --json > doctor.json\n  blr doctor --no-measure\n\n\
 Environment: BLR_NVRTC_LIB_DIR (dir of libnvrtc.so.13), BLR_CUDA_INCLUDE (dir of cuda_bf16.h), \
 BLR_KERNEL_CACHE (compiled-kernel cache dir, or 'off'), BLR_MAX_GPU_MEM (default cap), \
-BLR_CUDA_SYNC=1 (check each kernel launch synchronously)."
-)]
+BLR_CUDA_SYNC=1 (check each kernel launch synchronously).")]
 pub struct Args {
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Cap on the device memory blr may allocate, e.g. 8GiB, 512MiB, 6GB.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    max_gpu_mem: Option<Bytes>,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Skip the bandwidth and GEMM measurements (seconds on a large GPU).
     #[arg(long)]
     no_measure: bool,
@@ -48,14 +41,37 @@ pub struct Args {
     json: bool,
 }
 
+/// The GPU flags every GPU command takes: add `#[command(flatten)] gpu: GpuArgs` to a
+/// command's `Args` and open the device with `Gpu::new(args.gpu.options())`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GpuArgs {
+    /// CUDA device ordinal (as CUDA_VISIBLE_DEVICES numbers them).
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Cap on the device memory blr may allocate (weights, activations, KV cache, workspaces),
+    /// e.g. 8GiB, 512MiB, 6GB; an allocation past it fails with a message naming the buffer.
+    /// Default: BLR_MAX_GPU_MEM, else no cap beyond the device.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_gpu_mem: Option<Bytes>,
+}
+
+impl GpuArgs {
+    pub fn options(&self) -> GpuOptions {
+        GpuOptions {
+            ordinal: self.device,
+            max_mem: self.max_gpu_mem,
+            ..GpuOptions::default()
+        }
+    }
+}
+
 fn parse_size(text: &str) -> Result<Bytes, String> {
     text.parse::<Bytes>().map_err(|e| e.to_string())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let report = blr_cuda::doctor::run(&DoctorOptions {
-        ordinal: args.device,
-        max_mem: args.max_gpu_mem,
+        gpu: args.gpu.options(),
         measure: !args.no_measure,
         reps: args.reps.max(1),
         self_test: args.self_test,
