@@ -1,1 +1,39 @@
-//! Dense -> block-low-rank compression: SVD low-rank, Monarch projection, BLAST preconditioned factorization, calibrated variants, rank allocation.
+//! Dense -> block-low-rank compression: SVD low-rank, Monarch projection, BLAST preconditioned
+//! factorization, their calibrated (activation-aware) variants, and rank allocation.
+//!
+//! Notation follows ../shared/BRIEF.md sections 2-3: a weight `W (m, n)` (m outputs, n inputs,
+//! row-major), `b` blocks per side (`b_out`, `b_in` for BLAST), block sizes `p = m / b_out`,
+//! `q = n / b_in`, rank `r` (`R` for Monarch). Every algorithm has one entry point that takes
+//! a [`Target`] (the weight) and an optional [`Calibration`] (the activation Gram `X X^T`) and
+//! returns a [`blr_core::Linear`]; data-free is the same code path with the identity Gram,
+//! never formed.
+//!
+//! | format  | data-free                       | calibrated (min ||(W - Ŵ) X||_F)                   |
+//! |---------|---------------------------------|-----------------------------------------------------|
+//! | lowrank | truncated SVD (optimal)         | whitened SVD with Cholesky of the Gram (optimal)    |
+//! | monarch | per-block SVD (optimal)         | block-whitened SVD + exact block Gauss-Seidel       |
+//! | blast   | preconditioned alternating GD   | same, Gram-weighted loss and preconditioners        |
+//!
+//! The library never prints: progress goes through [`Progress`].
+
+mod blast;
+mod error;
+mod gram;
+mod linalg;
+mod lowrank;
+mod monarch;
+mod progress;
+mod rank;
+mod target;
+
+pub use blast::{blast, blast_report, BlastInit, BlastMethod, BlastOptions, BlastReport};
+pub use error::{CompressError, Result};
+pub use gram::Gram;
+pub use lowrank::{lowrank, lowrank_error_curve};
+pub use monarch::{monarch, monarch_error_curve, MonarchOptions};
+pub use progress::{Progress, Silent};
+pub use rank::{allocate, shape_for_ratio, Allocation, Candidate, LayerOptions};
+pub use target::{relative_error, Calibration, Target};
+
+#[cfg(test)]
+mod tests;
