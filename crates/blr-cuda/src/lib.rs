@@ -42,7 +42,7 @@ pub mod timing;
 pub mod util;
 
 // --- BLR layer kernels -------------------------------------------------------------------
-// The layer engineer adds `pub mod layers;` here once crates/blr-cuda/src/layers/mod.rs exists.
+pub mod layers;
 // ------------------------------------------------------------------------------------------
 
 pub use compile::{Arch, CompileOptions, KernelCache, KernelSource, SUPPORTED_ARCHS};

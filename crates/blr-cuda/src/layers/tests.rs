@@ -1,0 +1,183 @@
+//! Tests of the layer forwards. Host-only tests always run; the parity test runs every format x
+//! strategy on the GPU against `blr_core`'s CPU forward and is skipped (with a message) when no
+//! GPU/driver is present, as on CI.
+
+use super::*;
+use blr_core::rng::Rng;
+
+fn shape(format: FormatKind, m: usize, n: usize, b_out: usize, b_in: usize, rank: usize) -> Shape {
+    Shape {
+        format,
+        m,
+        n,
+        b_out,
+        b_in,
+        rank,
+    }
+}
+
+#[test]
+fn pack_s_places_every_entry_and_pads_with_zeros() {
+    let (b_out, b_in, r) = (3, 5, 7);
+    let mut rng = Rng::new(11);
+    let s = rng.normal_vec(b_out * b_in * r, 1.0);
+    let packed = pack_blast_s(&s, b_out, b_in, r).expect("valid shape");
+    assert_eq!(packed.len(), r * 256);
+    for k in 0..r {
+        for i in 0..16 {
+            for j in 0..16 {
+                let got = packed[k * 256 + i * 16 + j];
+                let want = if i < b_out && j < b_in {
+                    s[(i * b_in + j) * r + k]
+                } else {
+                    0.0
+                };
+                assert_eq!(got, want, "k={k} i={i} j={j}");
+            }
+        }
+    }
+    assert!(pack_blast_s(&s, 17, 1, 1).is_err());
+    assert!(pack_blast_s(&s[1..], b_out, b_in, r).is_err());
+}
+
+#[test]
+fn strategy_names_round_trip_and_fused_is_explained() {
+    for st in Strategy::ALL {
+        let back: Strategy = st.name().parse().expect("own name parses");
+        assert_eq!(back, st);
+    }
+    let err = "fused"
+        .parse::<Strategy>()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not implemented"), "{err}");
+    assert!("nonsense".parse::<Strategy>().is_err());
+}
+
+#[test]
+fn strategy_checks_name_the_failing_dimension() {
+    let blast = shape(FormatKind::Blast, 4096, 4096, 16, 16, 1024);
+    for st in Strategy::ALL {
+        assert!(check_strategy(&blast, st, 16).is_ok(), "{st}");
+    }
+    let msg = check_strategy(&blast, Strategy::Decode, 17)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("at most 16 tokens"), "{msg}");
+    let odd = shape(FormatKind::Blast, 64, 104, 4, 4, 16); // q = 26
+    let msg = check_strategy(&odd, Strategy::Partial, 8)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("q = n/b_in = 26"), "{msg}");
+    assert!(check_strategy(&odd, Strategy::Unfused, 8).is_ok());
+    let wide = shape(FormatKind::Blast, 64 * 17, 64, 17, 1, 16);
+    assert!(check_strategy(&wide, Strategy::Partial, 8).is_err());
+    let mon = shape(FormatKind::Monarch, 128, 128, 4, 4, 32);
+    assert!(check_strategy(&mon, Strategy::Partial, 128).is_err());
+    assert!(check_strategy(&mon, Strategy::Decode, 1).is_ok());
+    let dense = shape(FormatKind::Dense, 128, 128, 1, 1, 128);
+    assert!(check_strategy(&dense, Strategy::Decode, 1).is_err());
+}
+
+#[test]
+fn auto_strategy_follows_token_count_and_format() {
+    let blast = shape(FormatKind::Blast, 4096, 4096, 16, 16, 1024);
+    assert_eq!(auto_strategy(&blast, 1), Strategy::Decode);
+    assert_eq!(auto_strategy(&blast, 16), Strategy::Decode);
+    assert_eq!(auto_strategy(&blast, 17), Strategy::Partial);
+    let lr = shape(FormatKind::LowRank, 4096, 4096, 1, 1, 1024);
+    assert_eq!(auto_strategy(&lr, 1024), Strategy::Unfused);
+    let odd = shape(FormatKind::LowRank, 100, 100, 1, 1, 10);
+    assert_eq!(auto_strategy(&odd, 1), Strategy::Unfused);
+}
+
+/// Rounds every factor to bf16 so the CPU reference sees exactly the GPU's weights.
+fn bf16_rounded(layer: &Linear) -> Linear {
+    let shape = layer.shape();
+    let factors = layer
+        .factors()
+        .into_iter()
+        .map(|(_, _, v)| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+        .collect();
+    Linear::from_factors(&shape, factors).expect("same shape")
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    let mut bad = 0;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            bad += 1;
+            continue;
+        }
+        num += (f64::from(g) - f64::from(w)).powi(2);
+        den += f64::from(w).powi(2);
+    }
+    ((num / den.max(1e-30)).sqrt(), bad)
+}
+
+#[test]
+fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
+    let gpu = match Gpu::open_default() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: no usable GPU here ({e})");
+            return;
+        }
+    };
+    let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
+    // T, p, q, r deliberately not multiples of any tile (only of 8 where 16-byte rows need it).
+    let shapes = [
+        shape(FormatKind::Dense, 120, 104, 1, 1, 104),
+        shape(FormatKind::LowRank, 136, 104, 1, 1, 24),
+        shape(FormatKind::Monarch, 120, 96, 4, 4, 40),
+        shape(FormatKind::Blast, 120, 112, 5, 7, 40),
+        shape(FormatKind::Blast, 96, 96, 12, 12, 8),
+        // q = 104/4 = 26: only the unfused path applies.
+        shape(FormatKind::Blast, 64, 104, 4, 4, 16),
+    ];
+    let mut rng = Rng::new(0xB1A5);
+    let mut checked = 0;
+    for (si, sh) in shapes.iter().enumerate() {
+        let layer = bf16_rounded(&Linear::random(sh, 100 + si as u64).expect("valid shape"));
+        let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
+        let max_t = 77;
+        let mut ws = dev.workspace(&gpu, max_t).expect("workspace");
+        for &t in &[1usize, 5, 13, 77] {
+            let x: Vec<f32> = rng
+                .normal_vec(t * sh.n, 1.0)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            let want = layer.forward(&x, t).expect("cpu forward");
+            let xd = gpu.upload_bf16(&x, "x").expect("upload x");
+            let mut yd = gpu.alloc::<bf16>(t * sh.m, "y").expect("alloc y");
+            for st in Strategy::ALL {
+                if check_strategy(sh, st, t).is_err() {
+                    assert!(dev
+                        .forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
+                        .is_err());
+                    continue;
+                }
+                gpu.memset_bytes(&mut yd, 0xFF).expect("poison");
+                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
+                    .unwrap_or_else(|e| panic!("{} {st} T={t}: {e}", sh.format));
+                let got = gpu.download_f32(&yd).expect("download");
+                let (err, bad) = rel_err(&got, &want);
+                assert_eq!(
+                    bad, 0,
+                    "{:?} {st} T={t}: {bad} outputs unwritten or NaN",
+                    sh
+                );
+                assert!(err < 1.5e-2, "{:?} {st} T={t}: rel err {err:.3e}", sh);
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("gpu parity: {checked} (shape, strategy, T) cases within bf16 error");
+    assert!(checked >= 40, "only {checked} cases ran");
+}
