@@ -40,6 +40,10 @@ enum Command {
     InitLayer(cmd::init_layer::Args),
     /// Check the CUDA setup (libraries, device) and measure the GPU's roofline ceilings.
     Doctor(cmd::doctor::Args),
+    /// Generate text from a Llama-family model (GGUF, blr checkpoint), streaming, with tokens/s.
+    Generate(cmd::generate::Args),
+    /// Measure a model's accuracy (`blr eval ppl`: sliding-window perplexity on a text file).
+    Eval(cmd::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,8 @@ fn main() -> std::process::ExitCode {
         Command::Cost(args) => cmd::cost::run(args),
         Command::InitLayer(args) => cmd::init_layer::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -112,9 +112,7 @@ fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
+use crate::math::silu;
 
 /// Softmax of `scores (rows, keys)` in place, each row `r` seeing keys `< visible(r)`; masked
 /// entries become 0.
@@ -124,11 +122,10 @@ fn softmax_rows(scores: &mut [f32], keys: usize, visible: impl Fn(usize) -> usiz
         let (live, dead) = row.split_at_mut(n);
         dead.fill(0.0);
         let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
         for s in live.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = crate::math::exp(*s - max);
         }
+        let sum: f32 = live.iter().sum();
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         for s in live.iter_mut() {
             *s *= inv;
@@ -402,15 +399,19 @@ impl Backend for Cpu {
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         same_dims("silu_mul", gate, up)?;
         let mut out = gate.clone();
-        if out.data.len() >= PAR_MIN {
-            out.data
-                .par_iter_mut()
-                .zip(up.data.par_iter())
-                .for_each(|(g, &u)| *g = silu(*g) * u);
-        } else {
-            for (g, &u) in out.data.iter_mut().zip(&up.data) {
+        let f = |(g, u): (&mut [f32], &[f32])| {
+            for (g, &u) in g.iter_mut().zip(u) {
                 *g = silu(*g) * u;
             }
+        };
+        // Chunks, not elements, per rayon task: per-element tasks cost more than the math.
+        if out.data.len() >= PAR_MIN {
+            out.data
+                .par_chunks_mut(PAR_MIN / 4)
+                .zip(up.data.par_chunks(PAR_MIN / 4))
+                .for_each(f);
+        } else {
+            f((&mut out.data, &up.data));
         }
         Ok(out)
     }

@@ -76,7 +76,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn input(what: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub fn input(what: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Input {
             what: what.into(),
             detail: detail.into(),

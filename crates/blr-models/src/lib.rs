@@ -7,6 +7,8 @@ pub mod error;
 pub mod gguf;
 pub mod llama;
 pub mod lm;
+pub mod loader;
+pub mod math;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;

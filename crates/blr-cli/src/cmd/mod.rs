@@ -1,6 +1,8 @@
 //! One module per subcommand.
 pub mod cost;
 pub mod doctor;
+pub mod eval;
+pub mod generate;
 pub mod info;
 pub mod init_layer;
 pub mod layer_args;

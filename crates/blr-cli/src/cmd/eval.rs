@@ -1,0 +1,170 @@
+//! `blr eval`: accuracy of a model. `blr eval ppl` is sliding-window perplexity on a text file.
+
+use anyhow::{bail, Context, Result};
+use blr_models::backend::Backend;
+use blr_models::cpu::Cpu;
+use blr_models::llama::Llama;
+use blr_models::lm::perplexity;
+use blr_models::loader;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+/// Measure a model's accuracy.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(clap::Subcommand)]
+pub enum What {
+    /// Perplexity of a causal LM on a text file, with sliding windows.
+    Ppl(PplArgs),
+}
+
+/// Perplexity = exp(mean negative log-likelihood of each token given the ones before it).
+///
+/// The whole file is tokenized with the model's tokenizer and the first --tokens tokens are
+/// kept. Windows of --ctx tokens start every --stride tokens; each window scores only the
+/// tokens the previous window did not, so with stride < ctx every token after the first is
+/// scored once, with at least ctx - stride tokens of context (the Hugging Face recipe). Lower
+/// is better; compare numbers only at the same tokens, ctx and stride.
+///
+/// Cost: about (tokens / stride) windows of ctx tokens each, i.e. ~ctx/stride times the work of
+/// one pass over the text.
+///
+/// Example (the dense SmolLM2 baseline recorded in docs/models.md):
+///   blr eval ppl --model smollm2 --data data/wikitext-2/test.txt --tokens 4096 --ctx 512 --stride 256
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct PplArgs {
+    /// The model: `smollm2`, a Llama GGUF, or a blr checkpoint (then pass --tokenizer).
+    #[arg(long)]
+    pub model: String,
+    /// A GGUF file to take the tokenizer from, when the model file has none.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// UTF-8 text file (e.g. data/wikitext-2/test.txt).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Score the first N tokens of the file (0 = all of it).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Distance between window starts (<= ctx).
+    #[arg(long, default_value_t = 256)]
+    pub stride: usize,
+    /// Where to run: cpu (f32 reference) or cuda (bf16).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    model: String,
+    data: String,
+    device: String,
+    perplexity: f64,
+    nll_per_token: f64,
+    tokens: usize,
+    scored_tokens: usize,
+    ctx: usize,
+    stride: usize,
+    windows: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.what {
+        What::Ppl(a) => ppl(a),
+    }
+}
+
+fn ppl(args: PplArgs) -> Result<()> {
+    if args.device == "cuda" {
+        bail!("--device cuda: the CUDA model backend is not available in this build yet; use --device cpu");
+    }
+    let loaded = loader::load_llama(&args.model)
+        .with_context(|| format!("loading model '{}'", args.model))?;
+    let tokenizer = match (&args.tokenizer, loaded.tokenizer) {
+        (Some(path), _) => loader::tokenizer_from_gguf(&loader::resolve_path(path)?)?,
+        (None, Some(t)) => t,
+        (None, None) => bail!(
+            "the model '{}' carries no tokenizer: pass --tokenizer FILE.gguf",
+            args.model
+        ),
+    };
+    let text = std::fs::read_to_string(&args.data)
+        .with_context(|| format!("reading {}", args.data.display()))?;
+    let mut ids = tokenizer.encode(&text, false)?;
+    if args.tokens > 0 {
+        if ids.len() < args.tokens {
+            eprintln!(
+                "note: {} holds only {} tokens; scoring all of them",
+                args.data.display(),
+                ids.len()
+            );
+        }
+        ids.truncate(args.tokens);
+    }
+    let model = Llama::load(Cpu, loaded.cfg, loaded.weights)?;
+
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} windows {pos}/{len} [{bar:30}] {elapsed} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    };
+    let t0 = std::time::Instant::now();
+    let r = perplexity(&model, &ids, args.ctx, args.stride, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let report = Report {
+        model: loaded.source,
+        data: args.data.display().to_string(),
+        device: model.backend().name(),
+        perplexity: r.perplexity,
+        nll_per_token: r.nll,
+        tokens: ids.len(),
+        scored_tokens: r.scored_tokens,
+        ctx: r.ctx,
+        stride: r.stride,
+        windows: r.windows,
+        seconds,
+        tokens_per_second: (r.windows * r.ctx.min(ids.len())) as f64 / seconds.max(1e-9),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "perplexity {:.4} (nll {:.4} nats/token) over {} scored of {} tokens; ctx {}, stride {}, {} windows; {:.1} s on {} ({:.0} tokens/s processed)",
+            report.perplexity,
+            report.nll_per_token,
+            report.scored_tokens,
+            report.tokens,
+            report.ctx,
+            report.stride,
+            report.windows,
+            report.seconds,
+            report.device,
+            report.tokens_per_second
+        );
+    }
+    Ok(())
+}

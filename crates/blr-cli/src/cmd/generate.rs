@@ -1,0 +1,192 @@
+//! `blr generate`: text generation with a KV cache, streaming tokens as they are chosen.
+
+use anyhow::{bail, Context, Result};
+use blr_models::backend::Backend;
+use blr_models::cpu::Cpu;
+use blr_models::llama::Llama;
+use blr_models::lm::{generate, Sampler};
+use blr_models::loader;
+use blr_models::tokenizer::StreamDecoder;
+use std::io::Write;
+
+/// Generate text from a Llama-family model, streaming tokens to stdout and reporting speed.
+///
+/// The prompt is prefilled in one forward pass (all its tokens at once), then tokens are decoded
+/// one at a time against the KV cache. Sampling is greedy with --temperature 0 (the default),
+/// else softmax at that temperature restricted to the top-p nucleus, drawn from a generator
+/// seeded by --seed: the same command always prints the same text.
+///
+/// Examples:
+///   scripts/fetch-smollm2.sh                       # once: 98 MB into ~/.cache/blr
+///   blr generate --model smollm2 --chat --prompt "What is the capital of France?"
+///   blr generate --model model.gguf --prompt "Once upon a time" -n 128 --temperature 0.8 --top-p 0.95 --seed 7
+///   blr generate --model compressed.safetensors --tokenizer model.gguf --prompt "Hello"
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// The model: `smollm2` (the cached SmolLM2-135M-Instruct), a Llama GGUF file, a blr
+    /// checkpoint (.safetensors with a recorded Llama config; needs --tokenizer), or
+    /// random:NAME[:LAYERS] (random weights; prints token ids).
+    #[arg(long)]
+    pub model: String,
+    /// A GGUF file to take the tokenizer from, when the model file has none.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// The prompt text. Special tokens written in it (e.g. <|im_start|>) are recognised.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the ChatML template (<|im_start|>user ... <|im_start|>assistant) that
+    /// SmolLM2-Instruct was tuned on.
+    #[arg(long)]
+    pub chat: bool,
+    /// Maximum number of new tokens (stops earlier at end-of-sequence).
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 means greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens until their probability reaches this.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Seed of the sampling generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to run: cpu (f32 reference) or cuda (bf16).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+    /// Print one JSON object (text, token ids, timings) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    token_ids: Vec<u32>,
+    text: Option<String>,
+    stopped_at_eos: bool,
+    prefill_seconds: f64,
+    prefill_tokens_per_second: f64,
+    decode_seconds: f64,
+    decode_tokens_per_second: f64,
+    load_seconds: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.device == "cuda" {
+        bail!(
+            "--device cuda: the CUDA model backend is not available in this build yet; use --device cpu"
+        );
+    }
+    let t_load = std::time::Instant::now();
+    let loaded = loader::load_llama(&args.model)
+        .with_context(|| format!("loading model '{}'", args.model))?;
+    let tokenizer = match (&args.tokenizer, loaded.tokenizer) {
+        (Some(path), _) => {
+            let p = loader::resolve_path(path)?;
+            Some(
+                loader::tokenizer_from_gguf(&p)
+                    .with_context(|| format!("reading the tokenizer from {}", p.display()))?,
+            )
+        }
+        (None, t) => t,
+    };
+    let model = Llama::load(Cpu, loaded.cfg, loaded.weights)?;
+    let load_seconds = t_load.elapsed().as_secs_f64();
+
+    let prompt_text = if args.chat {
+        format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            args.prompt
+        )
+    } else {
+        args.prompt.clone()
+    };
+    let (ids, stop) = match &tokenizer {
+        Some(t) => {
+            let mut stop: Vec<u32> = t.eos.into_iter().collect();
+            // ChatML ends a turn with <|im_end|>, which is not always the file's EOS.
+            if let Some(id) = t.token_id("<|im_end|>") {
+                if t.is_special(id) && !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+            (t.encode(&prompt_text, true)?, stop)
+        }
+        None => {
+            // Random weights have no vocabulary: the prompt's bytes stand in as token ids.
+            let v = model.cfg.vocab_size;
+            let ids = prompt_text
+                .bytes()
+                .map(|b| u32::from(b) % v as u32)
+                .collect();
+            (ids, Vec::new())
+        }
+    };
+    let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed)?;
+
+    let mut out = std::io::stdout().lock();
+    let mut decoder = StreamDecoder::new();
+    let streaming = !args.json;
+    if streaming {
+        write!(out, "{prompt_text}")?;
+        out.flush()?;
+    }
+    let stats = generate(&model, &ids, args.max_tokens, &mut sampler, &stop, |id| {
+        if streaming {
+            let piece = match &tokenizer {
+                Some(t) => decoder.push(t, id),
+                None => format!(" {id}"),
+            };
+            // A closed pipe (e.g. `| head`) ends generation quietly.
+            if write!(out, "{piece}").and_then(|()| out.flush()).is_err() {
+                return Err(blr_models::Error::input("stdout", "closed"));
+            }
+        }
+        Ok(())
+    });
+    let stats = match stats {
+        Ok(s) => s,
+        Err(blr_models::Error::Input { what, .. }) if what == "stdout" => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let text = tokenizer.as_ref().map(|t| t.decode(&stats.generated, true));
+    let report = Report {
+        model: loaded.source,
+        device: model.backend().name(),
+        prompt_tokens: stats.prompt_tokens,
+        generated_tokens: stats.generated.len(),
+        token_ids: stats.generated.clone(),
+        text,
+        stopped_at_eos: stats.hit_eos,
+        prefill_seconds: stats.prefill_seconds,
+        prefill_tokens_per_second: stats.prompt_tokens as f64 / stats.prefill_seconds.max(1e-9),
+        decode_seconds: stats.decode_seconds,
+        decode_tokens_per_second: stats.decode_tokens_per_second(),
+        load_seconds,
+    };
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        if tokenizer.is_some() {
+            write!(out, "{}", decoder.finish())?;
+        }
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "[{}] prompt {} tokens: prefill {:.3} s ({:.1} tokens/s); generated {} tokens: {:.1} tokens/s{} (load {:.2} s)",
+            report.device,
+            report.prompt_tokens,
+            report.prefill_seconds,
+            report.prefill_tokens_per_second,
+            report.generated_tokens,
+            report.decode_tokens_per_second,
+            if report.stopped_at_eos { ", stopped at end-of-sequence" } else { "" },
+            load_seconds
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Resolving a `--model` argument to weights, config and tokenizer.
+//!
+//! Accepted forms:
+//! - `smollm2`: SmolLM2-135M-Instruct from the cache (see [`crate::smollm2_path`]);
+//! - `FILE.gguf`: a Llama-architecture GGUF (weights dequantised, tokenizer from its metadata);
+//! - `FILE.safetensors`: a blr checkpoint whose metadata records `model.architecture` = llama
+//!   and `model.config` (as written by [`save_checkpoint`]); layers may be in any BLR format;
+//! - `random:NAME[:LAYERS]`: random weights of a named shape ([`crate::llama::NAMED`]), with only
+//!   the first LAYERS blocks if given (seed 0). No tokenizer.
+
+use crate::gguf::GgufFile;
+use crate::llama::{self, LlamaConfig};
+use crate::tokenizer::Tokenizer;
+use crate::{weights, Error, Result};
+use blr_core::checkpoint::Checkpoint;
+use std::path::{Path, PathBuf};
+
+/// Weights, config and (when the source has one) tokenizer of a Llama model.
+pub struct LoadedLlama {
+    pub cfg: LlamaConfig,
+    pub weights: Checkpoint,
+    pub tokenizer: Option<Tokenizer>,
+    /// What was loaded, for reports.
+    pub source: String,
+}
+
+/// Resolves `smollm2` to the cached file; other strings are paths.
+pub fn resolve_path(spec: &str) -> Result<PathBuf> {
+    if spec == "smollm2" {
+        return crate::smollm2_path();
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        return Err(Error::NotFound {
+            what: "model file".into(),
+            path: p,
+            hint: "pass a .gguf file, a blr checkpoint (.safetensors), `smollm2`, or random:NAME"
+                .into(),
+        });
+    }
+    Ok(p)
+}
+
+/// Loads a tokenizer from a GGUF file.
+pub fn tokenizer_from_gguf(path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_gguf(&GgufFile::open(path)?)
+}
+
+/// Loads a Llama model given as described in the module docs.
+pub fn load_llama(spec: &str) -> Result<LoadedLlama> {
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (name, layers) = match rest.split_once(':') {
+            Some((n, l)) => {
+                let l: usize = l.parse().map_err(|_| {
+                    Error::input("model", format!("'{l}' in '{spec}' is not a layer count"))
+                })?;
+                (n, Some(l))
+            }
+            None => (rest, None),
+        };
+        let cfg = LlamaConfig::named(name).ok_or_else(|| {
+            Error::input(
+                "model",
+                format!("unknown shape '{name}' (known: {})", llama::NAMED),
+            )
+        })?;
+        let (cfg, weights) = llama::random(&cfg, 0, layers)?;
+        return Ok(LoadedLlama {
+            cfg,
+            weights,
+            tokenizer: None,
+            source: spec.to_string(),
+        });
+    }
+    let path = resolve_path(spec)?;
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf {
+        let f = GgufFile::open(&path)?;
+        let (cfg, weights) = llama::from_gguf(&f)?;
+        let tokenizer = Some(Tokenizer::from_gguf(&f)?);
+        return Ok(LoadedLlama {
+            cfg,
+            weights,
+            tokenizer,
+            source: path.display().to_string(),
+        });
+    }
+    let ck = Checkpoint::load(&path)?;
+    match weights::architecture(&ck) {
+        Some("llama") => {}
+        other => {
+            return Err(Error::Metadata {
+                source_name: path.display().to_string(),
+                key: weights::KEY_ARCH.into(),
+                detail: format!(
+                    "is {other:?}; a Llama checkpoint records \"llama\" (written by blr from a GGUF or random model)"
+                ),
+            })
+        }
+    }
+    let cfg = llama::config_from_checkpoint(&ck)?;
+    Ok(LoadedLlama {
+        cfg,
+        weights: ck,
+        tokenizer: None,
+        source: path.display().to_string(),
+    })
+}
+
+/// Saves Llama weights (any mix of formats) as a blr checkpoint that [`load_llama`] reads back.
+pub fn save_checkpoint(
+    path: &Path,
+    cfg: &LlamaConfig,
+    ck: &Checkpoint,
+    dtype: blr_core::safetensors::Dtype,
+) -> Result<()> {
+    let mut ck = ck.clone();
+    ck.metadata.insert(weights::KEY_ARCH.into(), "llama".into());
+    let json = serde_json::to_string(cfg)
+        .map_err(|e| Error::config("llama", format!("config to JSON: {e}")))?;
+    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
+    ck.save(path, dtype)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Cpu;
+    use crate::llama::Llama;
+    use crate::lm::CausalLm;
+
+    #[test]
+    fn checkpoint_round_trip_and_random_specs() {
+        let cfg = LlamaConfig {
+            vocab_size: 19,
+            hidden: 8,
+            intermediate: 12,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rope_scaling: llama::RopeScaling::Linear { factor: 2.0 },
+            rms_eps: 1e-6,
+            tie_embeddings: true,
+            max_positions: 32,
+        };
+        let (cfg, ck) = llama::random(&cfg, 3, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("blr-models-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.safetensors");
+        save_checkpoint(&path, &cfg, &ck, blr_core::safetensors::Dtype::F32).unwrap();
+        let loaded = load_llama(path.to_str().unwrap()).unwrap();
+        assert_eq!(loaded.cfg, cfg);
+        let ids = [1u32, 5, 18, 0];
+        let run = |ck: Checkpoint| {
+            let m = Llama::load(Cpu, cfg.clone(), ck).unwrap();
+            let mut c = m.new_cache(4).unwrap();
+            m.forward(&ids, &mut c, true).unwrap()
+        };
+        assert_eq!(run(ck), run(loaded.weights));
+        std::fs::remove_dir_all(&dir).ok();
+
+        assert!(load_llama("random:nope").is_err());
+        assert!(load_llama("random:llama7b:x").is_err());
+        let e = load_llama("/no/such/file.gguf").err().unwrap().to_string();
+        assert!(e.contains("/no/such/file.gguf"), "{e}");
+    }
+}
