@@ -44,6 +44,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Measure a model's accuracy (`blr eval ppl`: sliding-window perplexity on a text file).
     Eval(cmd::eval::Args),
+    /// Factorize one matrix into low-rank, Monarch or BLAST form; report error, params, time.
+    Factorize(cmd::factorize::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Factorize(args) => cmd::factorize::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

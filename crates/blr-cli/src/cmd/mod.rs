@@ -2,6 +2,7 @@
 pub mod cost;
 pub mod doctor;
 pub mod eval;
+pub mod factorize;
 pub mod generate;
 pub mod info;
 pub mod init_layer;

@@ -1,0 +1,348 @@
+//! `blr factorize`: compress one dense matrix into low-rank, Monarch or BLAST form and report
+//! the error, the parameters and the time.
+
+use anyhow::{bail, Context, Result};
+use blr_compress::{
+    BlastInit, BlastMethod, BlastOptions, Calibration, Gram, MonarchOptions, Progress, Target,
+};
+use blr_core::checkpoint::Checkpoint;
+use blr_core::format::{FormatKind, Shape};
+use blr_core::rng::Rng;
+use blr_core::safetensors::{Dtype, SafeTensors};
+use blr_core::Linear;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const LONG_HELP: &str = "\
+The matrix comes from a safetensors file (--input FILE --tensor NAME, any float dtype, shape
+(out, in) as in PyTorch's nn.Linear.weight) or is generated (--synthetic gaussian for i.i.d.
+N(0,1) entries, the hardest case; --synthetic exact for a matrix that is exactly of the
+requested format and rank, which a correct factorization recovers).
+
+Algorithms (docs/compression.md has the math):
+  lowrank  truncated SVD, factors balanced by sqrt(sigma): optimal (Eckart-Young)
+  monarch  rank-R/b SVD of each block of the b x b grid: optimal; needs b | R
+  blast    preconditioned alternating descent (300 iterations, lr 1 -> 0, damping 0.1);
+           local minima exist, --restarts 4 probes four starts and keeps the best
+
+With --calib GRAM_FILE the factorization minimises ||(W - Ŵ) X||_F over the calibration
+activations X instead of ||W - Ŵ||_F. GRAM_FILE is a safetensors file with a tensor `gram`
+(n x n, the sum of x x^T over tokens) or `activations` (tokens x n).
+
+Examples:
+  blr factorize --synthetic gaussian --m 768 --n 3072 --format blast --blocks 6 --rank 192
+  blr factorize --synthetic exact --m 96 --n 120 --format blast --blocks-out 4 --blocks-in 3 \\
+      --rank 6 --restarts 4
+  blr factorize --input model.safetensors --tensor layers.0.mlp.up_proj.weight \\
+      --format monarch --blocks 16 --ratio 0.5 --calib up_proj.gram.safetensors \\
+      --out up.safetensors --json";
+
+/// Factorize one matrix into a block-low-rank format and report relative error, parameters and
+/// time.
+#[derive(clap::Args)]
+#[command(after_long_help = LONG_HELP)]
+pub struct Args {
+    /// safetensors file holding the matrix to factorize.
+    #[arg(long, requires = "tensor", conflicts_with = "synthetic")]
+    pub input: Option<PathBuf>,
+    /// Name of the 2-D tensor inside --input.
+    #[arg(long)]
+    pub tensor: Option<String>,
+    /// Generate the matrix instead: gaussian (i.i.d. N(0,1)) or exact (exactly of the requested
+    /// format, blocks and rank, from random factors).
+    #[arg(long, value_parser = ["gaussian", "exact"])]
+    pub synthetic: Option<String>,
+    /// Rows (output features) of the synthetic matrix.
+    #[arg(long)]
+    pub m: Option<usize>,
+    /// Columns (input features) of the synthetic matrix.
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Target format.
+    #[arg(long, value_parser = ["lowrank", "monarch", "blast"])]
+    pub format: String,
+    /// Blocks per side (monarch, blast); 1 for lowrank.
+    #[arg(long, short = 'b', default_value_t = 1)]
+    pub blocks: usize,
+    /// Output-side blocks for blast (overrides --blocks).
+    #[arg(long)]
+    pub blocks_out: Option<usize>,
+    /// Input-side blocks for blast (overrides --blocks).
+    #[arg(long)]
+    pub blocks_in: Option<usize>,
+    /// Rank: r for lowrank and blast, the total rank R for monarch (a multiple of --blocks).
+    #[arg(long, short = 'r', conflicts_with = "ratio")]
+    pub rank: Option<usize>,
+    /// Instead of --rank: the largest rank whose parameters stay within RATIO * m * n.
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// Calibration Gram file: minimise the output error over those activations.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Ridge added to the unit-mean-eigenvalue calibration Gram.
+    #[arg(long, default_value_t = Calibration::DEFAULT_DAMPING)]
+    pub calib_damping: f64,
+    /// BLAST iterations.
+    #[arg(long, default_value_t = 300)]
+    pub iterations: usize,
+    /// BLAST initial learning rate (decays linearly to 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub lr: f64,
+    /// BLAST damping: eps = DAMPING * ||W - Ŵ||_F in each preconditioner.
+    #[arg(long, default_value_t = 0.1)]
+    pub damping: f64,
+    /// BLAST starts to probe; the best after a tenth of the iterations is continued.
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// BLAST start: random (published) or lowrank (truncated SVD written as BLAST).
+    #[arg(long, default_value = "random", value_parser = ["random", "lowrank"])]
+    pub init: String,
+    /// BLAST update rule: preconditioned (published) or gd (plain gradient descent, a baseline).
+    #[arg(long, default_value = "preconditioned", value_parser = ["preconditioned", "gd"])]
+    pub method: String,
+    /// Calibrated Monarch: Gauss-Seidel sweeps of exact block updates.
+    #[arg(long, default_value_t = 3)]
+    pub sweeps: usize,
+    /// Seed for the synthetic matrix and the BLAST initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the factorized layer as a blr checkpoint.
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+    /// Layer name inside --out (default: the tensor name, or "layer").
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Factor storage type in --out: f32 or bf16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// Print one JSON object: {"format","m","n","blocks","rank","params","rel_error","seconds"}
+    /// (plus "blocks_in" and, with --calib, "calib_rel_error").
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Drives an indicatif bar from the library's progress events.
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn begin(&self, stage: &str, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(0);
+        self.0.set_prefix(stage.to_string());
+    }
+    fn advance(&self, done: usize, rel_error: Option<f64>) {
+        self.0.set_position(done as u64);
+        if let Some(e) = rel_error {
+            self.0.set_message(format!("rel. error {e:.4e}"));
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let format: FormatKind = args.format.parse()?;
+    let (b_out, b_in) = match format {
+        FormatKind::Blast => (
+            args.blocks_out.unwrap_or(args.blocks),
+            args.blocks_in.unwrap_or(args.blocks),
+        ),
+        FormatKind::Monarch => {
+            if args.blocks_out.is_some() || args.blocks_in.is_some() {
+                bail!("Monarch uses one block count on both sides: use --blocks");
+            }
+            (args.blocks, args.blocks)
+        }
+        _ => (1, 1),
+    };
+    let (name, m, n, weight) = load_matrix(&args, format, b_out, b_in)?;
+    let shape = layer_shape(&args, format, m, n, b_out, b_in)?;
+    let target = Target::new(&name, m, n, &weight)?;
+    let gram = match &args.calib {
+        Some(path) => Some(
+            Gram::load(path).with_context(|| format!("reading calibration {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let calib = gram.as_ref().map(|g| Calibration {
+        gram: g,
+        damping: args.calib_damping,
+    });
+
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    };
+    let progress = Bar(bar);
+    let start = Instant::now();
+    let layer = match format {
+        FormatKind::LowRank => blr_compress::lowrank(&target, shape.rank, calib.as_ref())?,
+        FormatKind::Monarch => {
+            let opts = MonarchOptions {
+                sweeps: args.sweeps,
+                ..MonarchOptions::new(b_out, shape.rank)
+            };
+            blr_compress::monarch(&target, &opts, calib.as_ref(), &progress)?
+        }
+        FormatKind::Blast => {
+            let opts = BlastOptions {
+                b_out,
+                b_in,
+                rank: shape.rank,
+                iterations: args.iterations,
+                lr: args.lr,
+                damping: args.damping,
+                seed: args.seed,
+                method: if args.method == "gd" {
+                    BlastMethod::GradientDescent
+                } else {
+                    BlastMethod::Preconditioned
+                },
+                init: if args.init == "lowrank" {
+                    BlastInit::LowRank
+                } else {
+                    BlastInit::Random
+                },
+                restarts: args.restarts,
+            };
+            blr_compress::blast(&target, &opts, calib.as_ref(), &progress)?
+        }
+        FormatKind::Dense => bail!("dense is not a factorization target"),
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    progress.0.finish_and_clear();
+    let rel_error = blr_compress::relative_error(&target, &layer, None)?;
+    let calib_error = match &gram {
+        Some(g) => Some(blr_compress::relative_error(&target, &layer, Some(g))?),
+        None => None,
+    };
+    let params = layer.params();
+
+    if let Some(out) = &args.out {
+        let dtype = if args.dtype == "bf16" {
+            Dtype::BF16
+        } else {
+            Dtype::F32
+        };
+        let ck = Checkpoint {
+            layers: vec![(args.name.clone().unwrap_or_else(|| name.clone()), layer)],
+            ..Default::default()
+        };
+        ck.save(out, dtype)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+
+    if args.json {
+        let mut obj = serde_json::json!({
+            "format": format.name(),
+            "m": m,
+            "n": n,
+            "blocks": b_out,
+            "blocks_in": b_in,
+            "rank": shape.rank,
+            "params": params,
+            "rel_error": rel_error,
+            "seconds": seconds,
+        });
+        if let (Some(e), Some(map)) = (calib_error, obj.as_object_mut()) {
+            map.insert("calib_rel_error".into(), serde_json::json!(e));
+        }
+        println!("{obj}");
+    } else {
+        let blocks = if b_out == b_in {
+            format!("b={b_out}")
+        } else {
+            format!("b={b_out}x{b_in}")
+        };
+        println!(
+            "{name}: {m}x{n} -> {format} {blocks} rank={}: {params} params ({:.1}% of dense)",
+            shape.rank,
+            100.0 * params as f64 / (m * n) as f64
+        );
+        println!("  relative error ||W - Ŵ||_F / ||W||_F = {rel_error:.6e}");
+        if let Some(e) = calib_error {
+            println!("  calibrated error ||(W - Ŵ) X||_F / ||W X||_F = {e:.6e}");
+        }
+        println!("  time {seconds:.3} s");
+        if let Some(out) = &args.out {
+            println!("  wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// The matrix to factorize: (name, m, n, row-major values).
+fn load_matrix(
+    args: &Args,
+    format: FormatKind,
+    b_out: usize,
+    b_in: usize,
+) -> Result<(String, usize, usize, Vec<f32>)> {
+    if let Some(path) = &args.input {
+        let Some(tensor) = &args.tensor else {
+            bail!("--input needs --tensor NAME");
+        };
+        let st = SafeTensors::open(path)?;
+        let Some(info) = st.info(tensor) else {
+            let names: Vec<&str> = st.names().take(8).collect();
+            bail!(
+                "{}: no tensor '{tensor}' (the file has {} tensors, e.g. {})",
+                path.display(),
+                st.names().count(),
+                names.join(", ")
+            );
+        };
+        let [m, n] = info.shape[..] else {
+            bail!(
+                "{}: tensor '{tensor}' has shape {:?}; factorize needs a 2-D (out, in) matrix",
+                path.display(),
+                info.shape
+            );
+        };
+        return Ok((tensor.clone(), m, n, st.read_f32(tensor)?));
+    }
+    let Some(kind) = &args.synthetic else {
+        bail!("give the matrix: --input FILE --tensor NAME, or --synthetic gaussian|exact --m M --n N");
+    };
+    let (Some(m), Some(n)) = (args.m, args.n) else {
+        bail!("--synthetic needs the shape: --m OUT --n IN");
+    };
+    let name = format!("synthetic-{kind}");
+    if kind == "gaussian" {
+        return Ok((name, m, n, Rng::new(args.seed).normal_vec(m * n, 1.0)));
+    }
+    let shape = layer_shape(args, format, m, n, b_out, b_in)?;
+    // A different seed from the BLAST init, which would otherwise start at the answer.
+    let layer = Linear::random(&shape, args.seed ^ 0x005e_ed0f_ea57)?;
+    Ok((name, m, n, layer.to_dense()?.weight))
+}
+
+fn layer_shape(
+    args: &Args,
+    format: FormatKind,
+    m: usize,
+    n: usize,
+    b_out: usize,
+    b_in: usize,
+) -> Result<Shape> {
+    let shape = match (args.rank, args.ratio) {
+        (Some(rank), _) => Shape {
+            format,
+            m,
+            n,
+            b_out,
+            b_in,
+            rank,
+        },
+        (None, Some(ratio)) => blr_compress::shape_for_ratio(format, m, n, b_out, b_in, ratio)?,
+        (None, None) => bail!("give --rank R or --ratio FRACTION_OF_DENSE_PARAMS"),
+    };
+    shape.validate()?;
+    Ok(shape)
+}
