@@ -46,12 +46,18 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Factorize one matrix into low-rank, Monarch or BLAST form; report error, params, time.
     Factorize(cmd::factorize::Args),
+    /// Benchmark BLR layers on the GPU (`blr bench layer`) against dense cuBLAS and the roofline.
+    Bench(cmd::bench::Args),
+    /// Draw the GPU's measured roofline with the layer benchmark points (SVG).
+    Roofline(cmd::roofline::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(args) => cmd::quickstart::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
+        Command::Roofline(args) => cmd::roofline::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Cost(args) => cmd::cost::run(args),
         Command::InitLayer(args) => cmd::init_layer::run(args),

@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod bench;
 pub mod cost;
 pub mod doctor;
 pub mod eval;
@@ -8,3 +9,4 @@ pub mod info;
 pub mod init_layer;
 pub mod layer_args;
 pub mod quickstart;
+pub mod roofline;

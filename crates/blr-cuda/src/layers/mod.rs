@@ -818,5 +818,7 @@ fn decode(
     Ok(())
 }
 
+pub mod timing;
+
 #[cfg(test)]
 mod tests;

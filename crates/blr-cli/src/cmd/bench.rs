@@ -1,0 +1,366 @@
+//! `blr bench layer`: time every format and strategy of the reference layer configs on the GPU,
+//! next to dense cuBLAS and the roofline measured in the same run.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use blr_core::cost::{reference_config, ReferenceConfig, REFERENCE_CONFIGS};
+use blr_core::{FormatKind, Linear};
+use blr_cuda::layers::timing::{bench, ReadFlusher};
+use blr_cuda::layers::{auto_strategy, check_strategy, GpuLinear, LayerKernels, Strategy};
+use blr_cuda::{bf16, Gpu};
+
+use super::doctor::GpuArgs;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Benchmark BLR layers on the GPU against dense cuBLAS and the roofline",
+    long_about = "Benchmarks the GPU kernels.\n\n\
+`blr bench layer` times one linear layer y = x W^T (bf16, fp32 accumulation) for every format \
+(dense, lowrank, monarch, blast) and every strategy that applies:\n  \
+unfused  cuBLAS GEMMs per block stage + simple kernels, every intermediate in memory (the \
+PyTorch reference)\n  \
+partial  BLAST: stage 1 writes Z transposed, tensor-core mixing writes W in the layout stage 3 \
+reads; lowrank: blr's own tensor-core GEMMs\n  \
+decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byte loads\n\
+Each row shows the median time (CUDA events, L2 flushed by reads before every run, CUDA graphs \
+for T <= 16), the roofline floor max(bytes/BW, FLOPs/peak) with BW and peak measured in the same \
+run, the fraction of the floor reached, the speedup over dense cuBLAS at the same T, and the \
+relative error of the first tokens against the CPU reference. '*' marks the strategy blr picks \
+by default.\n\n\
+Examples:\n  blr bench layer\n  blr bench layer --config all --tokens 1,16,128,native\n  \
+blr bench layer --config llama7b-qkvo --formats blast --tokens 1024 --json > blast.json"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// One linear layer: every format x strategy x token count of the chosen configs.
+    Layer(LayerArgs),
+}
+
+/// Arguments of `blr bench layer` (also used by `blr roofline`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LayerArgs {
+    /// Reference config(s), comma separated, or `all`: llama7b-qkvo, llama7b-gate-up,
+    /// llama7b-down, llama3.2-1b-qo/gate/up/down, gpt2s-attn/fc/proj, vit-b16-qkv/fc1/fc2,
+    /// dit-xl2-qkv/fc1 (shapes and ranks of BRIEF section 3).
+    #[arg(long, default_value = "llama7b-qkvo")]
+    pub config: String,
+    /// Token counts, comma separated; `native` is the config's own sequence length.
+    #[arg(long, default_value = "1,16,128,native")]
+    pub tokens: String,
+    /// Formats, comma separated.
+    #[arg(long, default_value = "dense,lowrank,monarch,blast")]
+    pub formats: String,
+    /// `all` (every strategy that applies), `auto` (only blr's default choice), or a list.
+    #[arg(long, default_value = "all")]
+    pub strategy: String,
+    /// Timed repetitions per row (median reported).
+    #[arg(long, default_value_t = 30)]
+    pub reps: usize,
+    /// Print the records as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON records to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+}
+
+/// One benchmark row (the JSON record of issue 5, plus the ceilings and spread).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub device: String,
+    pub config: String,
+    pub m: usize,
+    pub n: usize,
+    pub tokens: usize,
+    pub format: String,
+    pub strategy: String,
+    pub params: usize,
+    pub ms: f64,
+    pub floor_ms: f64,
+    pub roofline_frac: f64,
+    pub speedup_vs_dense: f64,
+    pub rel_error: f64,
+    /// Whether this is the strategy blr picks by default for this layer and T.
+    pub auto: bool,
+    pub graph: bool,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    pub flops: f64,
+    /// Minimum bytes: 2 * (params + T * (m + n)).
+    pub bytes: f64,
+    /// Measured ceilings of this run.
+    pub bw_gbs: f64,
+    pub peak_tflops: f64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.what {
+        What::Layer(a) => {
+            let records = collect(&a)?;
+            emit(&a, &records)
+        }
+    }
+}
+
+fn emit(a: &LayerArgs, records: &[Record]) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(records).context("serialising the records")?;
+    if let Some(path) = &a.out {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} records to {}", records.len(), path.display());
+    }
+    if a.json {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn parse_list<T>(
+    text: &str,
+    what: &str,
+    parse: impl Fn(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<T>> {
+    let items: Vec<T> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).with_context(|| format!("in --{what} '{text}'")))
+        .collect::<anyhow::Result<_>>()?;
+    if items.is_empty() {
+        bail!("--{what} is empty");
+    }
+    Ok(items)
+}
+
+fn configs(text: &str) -> anyhow::Result<Vec<&'static ReferenceConfig>> {
+    if text.trim() == "all" {
+        return Ok(REFERENCE_CONFIGS.iter().collect());
+    }
+    parse_list(text, "config", |s| Ok(reference_config(s)?))
+}
+
+fn token_counts(text: &str, cfg: &ReferenceConfig) -> anyhow::Result<Vec<usize>> {
+    let mut t = parse_list(text, "tokens", |s| {
+        if s == "native" {
+            Ok(cfg.native_tokens)
+        } else {
+            let v: usize = s
+                .parse()
+                .with_context(|| format!("'{s}' is not a token count"))?;
+            if v == 0 {
+                bail!("token counts must be >= 1");
+            }
+            Ok(v)
+        }
+    })?;
+    t.sort_unstable();
+    t.dedup();
+    Ok(t)
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (f64::from(g) - f64::from(w)).powi(2);
+        den += f64::from(w).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Rounds every factor to bf16 so the CPU reference sees exactly the GPU's weights.
+fn bf16_rounded(layer: &Linear) -> anyhow::Result<Linear> {
+    let factors = layer
+        .factors()
+        .into_iter()
+        .map(|(_, _, v)| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+        .collect();
+    Ok(Linear::from_factors(&layer.shape(), factors)?)
+}
+
+/// Runs the benchmark and prints the table to stderr; returns the records.
+pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
+    let cfgs = configs(&a.config)?;
+    let formats = parse_list(&a.formats, "formats", |s| Ok(s.parse::<FormatKind>()?))?;
+    let fixed: Option<Vec<Strategy>> = match a.strategy.trim() {
+        "all" | "auto" => None,
+        s => Some(parse_list(s, "strategy", |x| Ok(x.parse::<Strategy>()?))?),
+    };
+    let only_auto = a.strategy.trim() == "auto";
+
+    let gpu = Gpu::new(a.gpu.options()).context("opening the GPU")?;
+    let kernels = LayerKernels::load(&gpu).context("compiling the layer kernels")?;
+    let mut flusher = ReadFlusher::new(&gpu)?;
+    let ceil = blr_cuda::ceilings::measure_default(&gpu, 10).context("measuring the ceilings")?;
+    let (bw, peak) = (ceil.copy_gbs * 1e9, ceil.gemm_tflops * 1e12);
+    let info = gpu.info().clone();
+    eprintln!(
+        "device {} ({}, {} SMs, L2 {}) | measured: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s",
+        info.name, info.arch, info.sm_count, info.l2_cache, ceil.copy_gbs, ceil.gemm_tflops
+    );
+    eprintln!(
+        "{:<18} {:>5} {:<8} {:<9} {:>9} {:>9} {:>6} {:>8} {:>9}",
+        "config", "T", "format", "strategy", "ms", "floor_ms", "frac", "vs_dense", "rel_err"
+    );
+
+    let mut records = Vec::new();
+    let mut seed = a.seed;
+    for cfg in cfgs {
+        let tokens = token_counts(&a.tokens, cfg)?;
+        let t_max = tokens.iter().copied().max().unwrap_or(1);
+        let (m, n) = (cfg.m, cfg.n);
+        seed += 1;
+        let x_host: Vec<f32> = blr_core::rng::Rng::new(seed)
+            .normal_vec(t_max * n, 1.0)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect();
+        let xd = gpu.upload_bf16(&x_host, "benchmark input")?;
+        let mut yd = gpu.alloc::<bf16>(t_max * m, "benchmark output")?;
+        // The first `check_t` tokens are compared against the CPU reference.
+        let check_t = t_max.min(8);
+        let mut dense_ms = vec![f64::NAN; tokens.len()];
+        for &format in &formats {
+            let shape = cfg.shape(format);
+            seed += 1;
+            let layer = bf16_rounded(
+                &Linear::random(&shape, seed).with_context(|| format!("{} {format}", cfg.name))?,
+            )?;
+            let want = layer.forward(&x_host[..check_t * n], check_t)?;
+            let dev = GpuLinear::upload(&gpu, &layer)?;
+            let mut ws = dev.workspace(&gpu, t_max)?;
+            let params = shape.params();
+            for (ti, &t) in tokens.iter().enumerate() {
+                let auto = auto_strategy(&shape, t);
+                let list: Vec<Strategy> = match (&fixed, only_auto) {
+                    (_, true) => vec![auto],
+                    (Some(l), _) => l.clone(),
+                    (None, _) => Strategy::ALL.to_vec(),
+                };
+                for st in list {
+                    if check_strategy(&shape, st, t).is_err() {
+                        continue;
+                    }
+                    gpu.memset_bytes(&mut yd, 0xFF)?;
+                    dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
+                        .with_context(|| format!("{} {format} {st} T={t}", cfg.name))?;
+                    let got = gpu.download_f32(&yd)?;
+                    let rows = t.min(check_t);
+                    let err = rel_error(&got[..rows * m], &want[..rows * m]);
+                    let timed = bench(&gpu, &mut flusher, a.reps, t <= 16, || {
+                        dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
+                    })?;
+                    let ms = timed.stats.median_ms;
+                    let flops = blr_core::cost::flops(&shape, t);
+                    let bytes = 2.0 * (params as f64 + (t * (m + n)) as f64);
+                    let floor_ms = (bytes / bw).max(flops / peak) * 1e3;
+                    let strategy = if format == FormatKind::Dense {
+                        "cublas".to_string()
+                    } else {
+                        st.name().to_string()
+                    };
+                    if format == FormatKind::Dense {
+                        dense_ms[ti] = ms;
+                    }
+                    let rec = Record {
+                        device: info.name.clone(),
+                        config: cfg.name.to_string(),
+                        m,
+                        n,
+                        tokens: t,
+                        format: format.name().to_string(),
+                        strategy,
+                        params,
+                        ms,
+                        floor_ms,
+                        roofline_frac: floor_ms / ms,
+                        speedup_vs_dense: dense_ms[ti] / ms,
+                        rel_error: err,
+                        auto: st == auto,
+                        graph: timed.graph,
+                        p10_ms: timed.stats.p10_ms,
+                        p90_ms: timed.stats.p90_ms,
+                        flops,
+                        bytes,
+                        bw_gbs: ceil.copy_gbs,
+                        peak_tflops: ceil.gemm_tflops,
+                    };
+                    eprintln!(
+                        "{:<18} {:>5} {:<8} {:<9} {:>9.4} {:>9.4} {:>6.2} {:>7.2}x {:>9.2e}{}{}",
+                        rec.config,
+                        t,
+                        rec.format,
+                        rec.strategy,
+                        ms,
+                        floor_ms,
+                        rec.roofline_frac,
+                        rec.speedup_vs_dense,
+                        err,
+                        if rec.auto { " *" } else { "" },
+                        if err > 2e-2 {
+                            "  <-- ERROR ABOVE BF16 NORMS"
+                        } else {
+                            ""
+                        }
+                    );
+                    records.push(rec);
+                }
+            }
+        }
+    }
+    let bad: Vec<String> = records
+        .iter()
+        .filter(|r| r.rel_error.is_nan() || r.rel_error > 2e-2)
+        .map(|r| format!("{} {} {} T={}", r.config, r.format, r.strategy, r.tokens))
+        .collect();
+    if !bad.is_empty() {
+        emit(a, &records)?;
+        bail!(
+            "relative error above 2e-2 (bf16 norms) in: {}",
+            bad.join(", ")
+        );
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lists_resolve_native_and_reject_zero() {
+        let cfg = reference_config("llama7b-qkvo").expect("known config");
+        let t = token_counts("16,1,native,16", cfg).expect("valid list");
+        assert_eq!(t, vec![1, 16, cfg.native_tokens]);
+        assert!(token_counts("0", cfg).is_err());
+        assert!(token_counts("x", cfg).is_err());
+        assert!(token_counts("", cfg).is_err());
+    }
+
+    #[test]
+    fn config_lists() {
+        assert_eq!(configs("all").expect("all").len(), REFERENCE_CONFIGS.len());
+        assert_eq!(configs("llama7b-qkvo, llama7b-down").expect("two").len(), 2);
+        assert!(configs("llama7b-qkvo,nope").is_err());
+    }
+
+    #[test]
+    fn rel_error_flags_nan_and_measures_difference() {
+        assert_eq!(rel_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!(rel_error(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+        let e = rel_error(&[1.1, 2.0], &[1.0, 2.0]);
+        assert!((e - 0.1 / 5f64.sqrt()).abs() < 1e-6);
+    }
+}
