@@ -53,6 +53,8 @@ pub trait Backend {
     fn dims(&self, x: &Self::Tensor) -> (usize, usize);
     /// Rows `start..end` as a new tensor.
     fn slice_rows(&self, x: &Self::Tensor, start: usize, end: usize) -> Result<Self::Tensor>;
+    /// Columns `start..end` as a new tensor (splitting a fused QKV or adaLN projection).
+    fn slice_cols(&self, x: &Self::Tensor, start: usize, end: usize) -> Result<Self::Tensor>;
 
     /// Moves a layer to the device (the CPU backend keeps it as is).
     fn load_linear(&self, layer: blr_core::Linear) -> Result<Self::Linear>;
@@ -77,6 +79,15 @@ pub trait Backend {
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// `x[r, :] += row[0, :]` for every row (biases, position embeddings of one row).
     fn add_row(&self, x: &mut Self::Tensor, row: &Self::Tensor) -> Result<()>;
+    /// `x = x * (1 + scale) + shift`, with `shift`, `scale` `(1, cols)` (DiT's adaLN modulate).
+    fn modulate(
+        &self,
+        x: &mut Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+    ) -> Result<()>;
+    /// `x += gate * y`, with `gate` `(1, cols)` (DiT's gated residual).
+    fn add_gated(&self, x: &mut Self::Tensor, y: &Self::Tensor, gate: &Self::Tensor) -> Result<()>;
     /// `silu(gate) * up` (SwiGLU).
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// GELU, tanh approximation (GPT-2, DiT) or exact erf form (ViT).

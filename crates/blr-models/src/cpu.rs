@@ -312,6 +312,20 @@ impl Backend for Cpu {
         )
     }
 
+    fn slice_cols(&self, x: &CpuTensor, start: usize, end: usize) -> Result<CpuTensor> {
+        if start > end || end > x.cols {
+            return Err(Error::input(
+                "slice_cols",
+                format!("columns {start}..{end} of a {}-column tensor", x.cols),
+            ));
+        }
+        let mut out = Vec::with_capacity(x.rows * (end - start));
+        for row in x.data.chunks(x.cols.max(1)) {
+            out.extend_from_slice(&row[start..end]);
+        }
+        CpuTensor::new(out, x.rows, end - start)
+    }
+
     fn load_linear(&self, layer: blr_core::Linear) -> Result<blr_core::Linear> {
         Ok(layer)
     }
@@ -393,6 +407,34 @@ impl Backend for Cpu {
                 *a += b;
             }
         });
+        Ok(())
+    }
+
+    fn modulate(&self, x: &mut CpuTensor, shift: &CpuTensor, scale: &CpuTensor) -> Result<()> {
+        row_vector("modulate shift", x, shift)?;
+        row_vector("modulate scale", x, scale)?;
+        let (sh, sc) = (&shift.data, &scale.data);
+        for_rows(&mut x.data, x.cols, |row| {
+            for ((v, &a), &b) in row.iter_mut().zip(sh).zip(sc) {
+                *v = *v * (1.0 + b) + a;
+            }
+        });
+        Ok(())
+    }
+
+    fn add_gated(&self, x: &mut CpuTensor, y: &CpuTensor, gate: &CpuTensor) -> Result<()> {
+        same_dims("add_gated", x, y)?;
+        row_vector("add_gated gate", x, gate)?;
+        let cols = x.cols;
+        for (xr, yr) in x
+            .data
+            .chunks_mut(cols.max(1))
+            .zip(y.data.chunks(cols.max(1)))
+        {
+            for ((a, &b), &g) in xr.iter_mut().zip(yr).zip(&gate.data) {
+                *a += g * b;
+            }
+        }
         Ok(())
     }
 

@@ -3,14 +3,17 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod dit;
 pub mod error;
 pub mod gguf;
+pub mod gpt2;
 pub mod llama;
 pub mod lm;
 pub mod loader;
 pub mod math;
 pub mod quant;
 pub mod tokenizer;
+pub mod vit;
 pub mod weights;
 
 pub use error::{Error, Result};
