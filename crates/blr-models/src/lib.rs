@@ -12,6 +12,7 @@ pub mod lm;
 pub mod loader;
 pub mod math;
 pub mod quant;
+pub mod testing;
 pub mod tokenizer;
 pub mod vit;
 pub mod weights;

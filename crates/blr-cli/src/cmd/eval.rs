@@ -168,3 +168,49 @@ fn ppl(args: PplArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perplexity_of_a_tiny_gguf_on_a_text_file() {
+        let dir = std::env::temp_dir().join(format!("blr-cli-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("tiny.gguf");
+        std::fs::write(
+            &model,
+            blr_models::testing::tiny_llama_gguf(4, &["t h", "th e", "Ġ the"]).unwrap(),
+        )
+        .unwrap();
+        let data = dir.join("text.txt");
+        std::fs::write(
+            &data,
+            " = Heading = \n The cat sat on the mat . The dog 's 42 bones @-@ gone .\n".repeat(4),
+        )
+        .unwrap();
+        let a = |tokens, ctx, stride, json| PplArgs {
+            model: model.display().to_string(),
+            tokenizer: None,
+            data: data.clone(),
+            tokens,
+            ctx,
+            stride,
+            device: "cpu".into(),
+            json,
+        };
+        run(Args {
+            what: What::Ppl(a(100, 32, 16, true)),
+        })
+        .unwrap();
+        run(Args {
+            what: What::Ppl(a(0, 64, 64, false)),
+        })
+        .unwrap();
+        assert!(run(Args {
+            what: What::Ppl(a(100, 32, 33, true))
+        })
+        .is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

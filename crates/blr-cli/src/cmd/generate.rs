@@ -190,3 +190,53 @@ pub fn run(args: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_model_file(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("blr-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        let bytes = blr_models::testing::tiny_llama_gguf(3, &["h e", "l l", "Ġ w"]).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn args(model: String) -> Args {
+        Args {
+            model,
+            tokenizer: None,
+            prompt: "hello world".into(),
+            chat: true,
+            max_tokens: 6,
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 5,
+            device: "cpu".into(),
+            json: true,
+        }
+    }
+
+    #[test]
+    fn generates_from_a_gguf_and_refuses_bad_input() {
+        let path = tiny_model_file("generate");
+        run(args(path.display().to_string())).unwrap();
+        let mut a = args(path.display().to_string());
+        a.json = false;
+        a.temperature = 0.0;
+        run(a).unwrap();
+        let mut a = args(path.display().to_string());
+        a.top_p = 1.5;
+        assert!(run(a).is_err());
+        let mut a = args(path.display().to_string());
+        a.max_tokens = 1000; // past the tiny model's 256 positions
+        assert!(format!("{:#}", run(a).unwrap_err()).contains("positions"));
+        let mut a = args(path.display().to_string());
+        a.device = "cuda".into();
+        assert!(format!("{:#}", run(a).unwrap_err()).contains("cuda"));
+        assert!(run(args("/no/such.gguf".into())).is_err());
+        std::fs::remove_dir_all(path.parent().unwrap()).ok();
+    }
+}
