@@ -398,6 +398,62 @@ fn c_chars_to_string(raw: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// One kernel's resources as ptxas reports them (compile with `--ptxas-options=-v`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PtxasKernel {
+    pub name: String,
+    pub arch: String,
+    pub registers: u32,
+    /// Static shared memory, bytes.
+    pub smem: u32,
+    pub stack_frame: u32,
+    /// Non-zero spills mean registers ran out (or a run-time-indexed array went to local memory).
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Parses ptxas' `-v` lines out of an NVRTC log.
+pub fn parse_ptxas_report(log: &str) -> Vec<PtxasKernel> {
+    // "<n> <unit...>" pairs in a comma-separated ptxas line.
+    fn number_before(line: &str, unit: &str) -> Option<u32> {
+        line.split(',').find_map(|part| {
+            let part = part
+                .trim()
+                .trim_start_matches("ptxas")
+                .trim_start_matches(" info")
+                .trim();
+            let part = part.trim_start_matches(':').trim_start_matches('.').trim();
+            let part = part.strip_prefix("Used ").unwrap_or(part);
+            let (num, rest) = part.split_once(' ')?;
+            (rest.trim() == unit).then(|| num.parse().ok()).flatten()
+        })
+    }
+    let mut out: Vec<PtxasKernel> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let mut parts = rest.split('\'');
+            let name = parts.next().unwrap_or_default().to_string();
+            let arch = parts.nth(1).unwrap_or_default().to_string();
+            out.push(PtxasKernel {
+                name,
+                arch,
+                ..PtxasKernel::default()
+            });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            k.stack_frame = number_before(line, "bytes stack frame").unwrap_or(0);
+            k.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+            k.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+        } else if line.contains(" registers") {
+            k.registers = number_before(line, "registers").unwrap_or(0);
+            k.smem = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
 const CACHE_MAGIC: &[u8] = b"BLRCUBIN";
 
 fn read_cached(path: &Path, key: &str) -> Option<Vec<u8>> {
@@ -452,6 +508,43 @@ mod tests {
             fnv1a_128(b"__global__ void k(){ }")
         );
         assert_eq!(fnv1a_128(b""), 0x6c62272e07bb014262b821756295c58d);
+    }
+
+    #[test]
+    fn parses_ptxas_verbose_log() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'k_a' for 'sm_90a'\n\
+ptxas info    : Function properties for k_a\n\
+ptxas         .     8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n\
+ptxas info    : Used 168 registers, used 1 barriers, 49152 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'k_b' for 'sm_80'\n\
+ptxas info    : Function properties for k_b\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 12 registers, used 0 barriers\n";
+        let r = parse_ptxas_report(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (
+                r[0].name.as_str(),
+                r[0].arch.as_str(),
+                r[0].registers,
+                r[0].smem
+            ),
+            ("k_a", "sm_90a", 168, 49152)
+        );
+        assert_eq!(
+            (r[0].stack_frame, r[0].spill_stores, r[0].spill_loads),
+            (8, 12, 16)
+        );
+        assert_eq!(
+            (
+                r[1].name.as_str(),
+                r[1].registers,
+                r[1].smem,
+                r[1].spill_loads
+            ),
+            ("k_b", 12, 0, 0)
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use blr_cuda::compile::{compile_uncached, nvrtc_version, Arch, CompileOptions, KernelCache};
+use blr_cuda::compile::{
+    compile_uncached, nvrtc_version, parse_ptxas_report, Arch, CompileOptions, KernelCache,
+};
 use blr_cuda::{libs, KernelSource, SUPPORTED_ARCHS};
 
 fn in_ci() -> bool {
@@ -73,6 +75,7 @@ fn every_kernel_compiles_for_every_supported_arch() {
     );
     let mut failures = Vec::new();
     let mut compiled = 0usize;
+    let mut resources = Vec::new();
     for file in &files {
         let rel = file
             .strip_prefix(&src_dir)
@@ -90,7 +93,12 @@ fn every_kernel_compiles_for_every_supported_arch() {
         // Local headers (`#include "common.cuh"`) resolve from the file's own directory, as
         // they do at run time from the headers embedded with `kernel_source!`.
         let dir = file.parent().unwrap_or(&src_dir);
-        let opts = CompileOptions::new([format!("--include-path={}", dir.display())]);
+        // `-v` makes ptxas report registers / shared memory / spills per kernel: printed below,
+        // so a register-pressure regression shows in CI without a GPU.
+        let opts = CompileOptions::new([
+            format!("--include-path={}", dir.display()),
+            "--ptxas-options=-v".to_string(),
+        ]);
         for arch in SUPPORTED_ARCHS {
             match compile_uncached(&rel, &code, arch, &opts) {
                 Ok(cubin) if !cubin.image.is_empty() => {
@@ -100,6 +108,11 @@ fn every_kernel_compiles_for_every_supported_arch() {
                         arch.sm_name(),
                         cubin.image.len()
                     ));
+                    resources.extend(
+                        parse_ptxas_report(&cubin.log)
+                            .into_iter()
+                            .map(|k| (rel.clone(), k)),
+                    );
                 }
                 Ok(_) => failures.push(format!("{rel} for {arch}: empty cubin")),
                 Err(e) => {
@@ -109,6 +122,22 @@ fn every_kernel_compiles_for_every_supported_arch() {
             }
         }
         println!("{row}");
+    }
+    println!("ptxas resources on sm_90a (registers, static smem, stack, spill stores/loads):");
+    for (file, k) in resources.iter().filter(|(_, k)| k.arch == "sm_90a") {
+        println!(
+            "  {:<22} {:<34} {:>4} regs {:>7} B smem {:>5} B stack {:>5}/{:<5} B spill",
+            file, k.name, k.registers, k.smem, k.stack_frame, k.spill_stores, k.spill_loads
+        );
+    }
+    for (file, k) in resources
+        .iter()
+        .filter(|(_, k)| k.spill_stores + k.spill_loads > 0)
+    {
+        println!(
+            "  WARNING spills: {file} {} on {}: {} B stores, {} B loads",
+            k.name, k.arch, k.spill_stores, k.spill_loads
+        );
     }
     let archs: Vec<String> = SUPPORTED_ARCHS.iter().map(Arch::sm_name).collect();
     println!(
