@@ -517,11 +517,7 @@ impl<'a> Problem<'a> {
                     continue;
                 };
                 let (sa, sb) = (&s[self.s_of(i, j)], &s[self.s_of(i, j2)]);
-                for l in 0..r {
-                    for k in 0..r {
-                        pm[(k, l)] += sa[k] * sb[l] * blk[(k, l)];
-                    }
-                }
+                linalg::add_scaled_hadamard(&mut pm, blk, sa, sb);
             }
         }
         pm
@@ -626,11 +622,7 @@ impl<'a> Problem<'a> {
                 let mut qm = Mat::<f64>::zeros(r, r);
                 for (i, ji) in j_mats.iter().enumerate() {
                     let (sa, sb) = (&st.s[self.s_of(i, j)], &st.s[self.s_of(i, j2)]);
-                    for l in 0..r {
-                        for k in 0..r {
-                            qm[(k, l)] += sa[k] * sb[l] * ji[(k, l)];
-                        }
-                    }
+                    linalg::add_scaled_hadamard(&mut qm, ji, sa, sb);
                 }
                 Some(qm)
             })
@@ -767,14 +759,7 @@ impl<'a> Problem<'a> {
                 let Some(blk) = vgv.get(b_in, j, j2) else {
                     continue;
                 };
-                let s2 = &s[self.s_of(i, j2)];
-                let ji = &j_mats[i];
-                for l in 0..r {
-                    let sl = s2[l];
-                    for (k, o) in out.iter_mut().enumerate() {
-                        *o += ji[(k, l)] * blk[(k, l)] * sl;
-                    }
-                }
+                linalg::add_hadamard_matvec(&mut out, &j_mats[i], blk, &s[self.s_of(i, j2)]);
             }
             out
         };
@@ -807,8 +792,7 @@ impl<'a> Problem<'a> {
                 let blk = vgv.get(b_in, j, j).ok_or_else(|| {
                     CompressError::numerical(self.name, "BLAST S step", "missing VGV block")
                 })?;
-                let ji = &j_mats[i];
-                let h = Mat::from_fn(r, r, |k, l| ji[(k, l)] * blk[(k, l)]);
+                let h = linalg::hadamard(&j_mats[i], blk);
                 let dir = match ctx.method {
                     BlastMethod::Preconditioned => {
                         let rhs = Mat::from_fn(r, 1, |k, _| grad[k]);

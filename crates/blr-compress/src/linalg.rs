@@ -228,3 +228,38 @@ pub(crate) fn weighted_truncated_svd(
         right: right_t.transpose().to_owned(),
     })
 }
+
+/// `dst[k, l] += sa[k] * sb[l] * a[k, l]`: one `(s s'^T) ⊙ A` term of the BLAST Gauss-Newton
+/// matrices. Column slices keep the inner loop contiguous and vectorised; at r = 1024 with
+/// b = 16 these terms are ~3e8 multiply-adds per step, indexed access made them dominate.
+pub(crate) fn add_scaled_hadamard(dst: &mut Mat<f64>, a: &Mat<f64>, sa: &[f64], sb: &[f64]) {
+    for (l, &sl) in sb.iter().enumerate().take(a.ncols()) {
+        let src = a.col_as_slice(l);
+        let out = dst.col_as_slice_mut(l);
+        for ((o, &x), &sk) in out.iter_mut().zip(src).zip(sa) {
+            *o += sk * sl * x;
+        }
+    }
+}
+
+/// `out[k] += sum_l a[k, l] b[k, l] s[l]`, i.e. `out += (A ⊙ B) s` without forming `A ⊙ B`.
+pub(crate) fn add_hadamard_matvec(out: &mut [f64], a: &Mat<f64>, b: &Mat<f64>, s: &[f64]) {
+    for (l, &sl) in s.iter().enumerate().take(a.ncols()) {
+        let (ac, bc) = (a.col_as_slice(l), b.col_as_slice(l));
+        for ((o, &x), &y) in out.iter_mut().zip(ac).zip(bc) {
+            *o += x * y * sl;
+        }
+    }
+}
+
+/// `A ⊙ B`.
+pub(crate) fn hadamard(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(a.nrows(), a.ncols());
+    for l in 0..a.ncols() {
+        let (ac, bc) = (a.col_as_slice(l), b.col_as_slice(l));
+        for ((o, &x), &y) in out.col_as_slice_mut(l).iter_mut().zip(ac).zip(bc) {
+            *o = x * y;
+        }
+    }
+    out
+}
