@@ -382,7 +382,7 @@ static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const b
         CK(cudaFuncSetAttribute(blr_decode2, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
     }
     int tasks2 = nb2 * ((p2 + 15) / 16);
-    size_t zs_bytes = (size_t)std::max(nb1 * 128, 256) * 4;
+    size_t zs_bytes = (size_t)std::max(nb1 * 128, 1024) * 4;
     size_t task_bytes = (size_t)16 * (r2 + 8) * 2;
     int grid = g_sms;
     int want = (tasks2 + grid - 1) / grid;
@@ -491,6 +491,12 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             mix_tc2();
             cublas_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
         });
+        run_row(c, T, "blast", "partial-cublas-v3", bparams, bflops, y, ref, [&] {
+            cublas_nt(Vt, q, (long)r * q, x, n, q, Zb, ldz, (long)r * ldz, r, T, q, bi);
+            dim3 grid((T + 31) / 32, (r + 31) / 32);
+            blr_blast_mix_tc3<<<grid, 256, Mix2Cfg<32>::SMEM_BYTES>>>(Zb, Sd, Wb, T, ldz, r, bi, bo);
+            cublas_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
+        });
         run_row(c, T, "blast", "partial-own", bparams, bflops, y, ref, [&] {
             own_nt(Vt, q, (long)r * q, x, n, q, Zb, ldz, (long)r * ldz, r, T, q, bi);
             mix_tc2();
@@ -581,6 +587,7 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(blr_blast_mix_tc, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             blr_mix::JP * blr_mix::PLANE * 2));
     CK(cudaFuncSetAttribute(blr_blast_mix_tc2, cudaFuncAttributeMaxDynamicSharedMemorySize, blr_mix2::SMEM_BYTES));
+    CK(cudaFuncSetAttribute(blr_blast_mix_tc3, cudaFuncAttributeMaxDynamicSharedMemorySize, Mix2Cfg<32>::SMEM_BYTES));
     CK(cudaMalloc(&g_flush, FLUSH_BYTES));
     CK(cudaMemset(g_flush, 0, FLUSH_BYTES));
     if (!g_check_only) measure_ceilings();

@@ -136,28 +136,39 @@ extern "C" __global__ void blr_blast_mix_naive(const bf16* __restrict__ Z, const
 // scattered 16-byte pieces per warp instruction.
 // Staging layout Ws[i][t][k]: 40-element (80 B) rows, 16 B pad per i-plane: the 16-byte stores
 // of one phase (lanes with i = 2c, t = g) then fall in 8 distinct bank groups.
+template <int BT>
+struct Mix2Cfg {
+    static constexpr int BKR = 32;
+    static constexpr int JP = 16;
+    static constexpr int PLANE = BKR * BT + 8;
+    static constexpr int WROW = BKR + 8;
+    static constexpr int WPLANE = BT * WROW + 8;
+    static constexpr int Z_BYTES = JP * PLANE * 2;
+    static constexpr int W_BYTES = 16 * WPLANE * 2;
+    static constexpr int ZW_BYTES = Z_BYTES > W_BYTES ? Z_BYTES : W_BYTES;
+    static constexpr int S_BYTES = BKR * 256 * 2;
+    static constexpr int SMEM_BYTES = ZW_BYTES + S_BYTES;
+    static constexpr int NT16 = BT / 16;        // token tiles of 16
+    static constexpr int KGROUPS = 8 / NT16;    // warps along the ranks
+    static constexpr int KBW = BKR / 8 / KGROUPS;  // 8-rank blocks per warp
+};
+
+// Kept for the harness and the Rust launcher: the BT = 64 configuration.
 namespace blr_mix2 {
 constexpr int BT = 64;
 constexpr int BKR = 32;
-constexpr int JP = 16;
-constexpr int PLANE = BKR * BT + 8;
-constexpr int WROW = BKR + 8;
-constexpr int WPLANE = BT * WROW + 8;
-constexpr int Z_BYTES = JP * PLANE * 2;
-constexpr int W_BYTES = 16 * WPLANE * 2;
-constexpr int ZW_BYTES = Z_BYTES > W_BYTES ? Z_BYTES : W_BYTES;
-constexpr int S_BYTES = BKR * 256 * 2;
-constexpr int SMEM_BYTES = ZW_BYTES + S_BYTES;
+constexpr int SMEM_BYTES = Mix2Cfg<64>::SMEM_BYTES;
 }  // namespace blr_mix2
 
-extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* __restrict__ Zt,
-                                                                    const bf16* __restrict__ S,
-                                                                    bf16* __restrict__ W, int T, int ldz,
-                                                                    int r, int b_in, int b_out) {
-    using namespace blr_mix2;
+template <int BT>
+static __device__ __forceinline__ void blast_mix_tc2_block(const bf16* __restrict__ Zt, const bf16* __restrict__ S,
+                                                           bf16* __restrict__ W, int T, int ldz, int r, int b_in,
+                                                           int b_out) {
+    using C = Mix2Cfg<BT>;
+    constexpr int BKR = C::BKR, JP = C::JP, PLANE = C::PLANE, WROW = C::WROW, WPLANE = C::WPLANE;
     extern __shared__ __align__(128) unsigned char blr_mix2_smem[];
     bf16* zs = reinterpret_cast<bf16*>(blr_mix2_smem);
-    bf16* ss = reinterpret_cast<bf16*>(blr_mix2_smem + ZW_BYTES);
+    bf16* ss = reinterpret_cast<bf16*>(blr_mix2_smem + C::ZW_BYTES);
 
     const int t0 = blockIdx.x * BT;
     const int k0 = blockIdx.y * BKR;
@@ -184,14 +195,14 @@ extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* 
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int c = lane & 3;
-    const int tw = (warp & 3) * 16;
-    const int kh = (warp >> 2) * 16;
+    const int tw = (warp % C::NT16) * 16;
+    const int kh = (warp / C::NT16) * (C::KBW * 8);
     const int lj = (lane & 7) + ((lane >> 4) << 3);
     const int lt = tw + (((lane >> 3) & 1) << 3);
 
-    blr_u32 res[2][2][4][4];
+    blr_u32 res[C::KBW][2][4][4];
 #pragma unroll
-    for (int kbi = 0; kbi < 2; ++kbi) {
+    for (int kbi = 0; kbi < C::KBW; ++kbi) {
         float out[2][4][8];
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
@@ -219,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* 
     __syncthreads();  // every warp is done reading zs: reuse it as the W staging tile
     bf16* ws = zs;
 #pragma unroll
-    for (int kbi = 0; kbi < 2; ++kbi)
+    for (int kbi = 0; kbi < C::KBW; ++kbi)
 #pragma unroll
         for (int it = 0; it < 2; ++it)
 #pragma unroll
@@ -230,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* 
                 *reinterpret_cast<uint4*>(ws + i * WPLANE + t * WROW + kh + kbi * 8) = v;
             }
     __syncthreads();
-    // 16 i x 64 t rows of 4 chunks (16 B): consecutive threads take consecutive chunks.
+    // 16 i x BT t rows of 4 chunks (16 B): consecutive threads take consecutive chunks.
     for (int idx = threadIdx.x; idx < 16 * BT * 4; idx += 256) {
         int ch = idx & 3;
         int t = (idx >> 2) % BT;
@@ -241,4 +252,21 @@ extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* 
             *reinterpret_cast<uint4*>(W + ((long)i * T + gt) * r + gk) =
                 *reinterpret_cast<const uint4*>(ws + i * WPLANE + t * WROW + ch * 8);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc2(const bf16* __restrict__ Zt,
+                                                                    const bf16* __restrict__ S,
+                                                                    bf16* __restrict__ W, int T, int ldz,
+                                                                    int r, int b_in, int b_out) {
+    blast_mix_tc2_block<64>(Zt, S, W, T, ldz, r, b_in, b_out);
+}
+
+// v3: 32-token tiles, 57 KB of shared memory -> 3-4 blocks per SM instead of 2, so one block's
+// loads overlap another's math and stores (v2 ran one load->compute->store wave per block at
+// 12% occupancy).
+extern "C" __global__ void __launch_bounds__(256) blr_blast_mix_tc3(const bf16* __restrict__ Zt,
+                                                                    const bf16* __restrict__ S,
+                                                                    bf16* __restrict__ W, int T, int ldz,
+                                                                    int r, int b_in, int b_out) {
+    blast_mix_tc2_block<32>(Zt, S, W, T, ldz, r, b_in, b_out);
 }

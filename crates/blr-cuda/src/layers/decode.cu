@@ -291,13 +291,13 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
 //  * 16 warps x 8 items in flight: a phase-1 task (8 ranks x all j) is one round trip for
 //    q <= 256 and b_in <= 16.
 //  * One fence per block in the grid barrier (v1 fenced in every thread).
-// Dynamic shared memory: max(nb1*128, 256)*4 + smem_tasks * 16 * (r2 + 8) * 2 bytes.
+// Dynamic shared memory: max(nb1*128, 1024)*4 + smem_tasks * 16 * (r2 + 8) * 2 bytes.
 // ---------------------------------------------------------------------------------------------
 namespace blr_dec2 {
 constexpr int THREADS = 512;
 constexpr int WARPS = THREADS / 32;
 constexpr int U1 = 8;
-constexpr int U2 = 2;
+constexpr int U2 = 4;
 }  // namespace blr_dec2
 
 static __device__ __forceinline__ void blr_grid_barrier2(unsigned* bar, unsigned nblocks) {
@@ -327,7 +327,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
     using namespace blr_dec2;
     extern __shared__ __align__(16) unsigned char blr_dec2_smem[];
     float* zs = reinterpret_cast<float*>(blr_dec2_smem);
-    const int zs_floats = max(nb1 * 128, 256);
+    const int zs_floats = max(nb1 * 128, 1024);  // phase 2 uses 4 x 256
     bf16* us = reinterpret_cast<bf16*>(blr_dec2_smem + zs_floats * 4);
     const int urow = r2 + 8;  // padded row, elements
     const int tid = threadIdx.x;
@@ -485,62 +485,78 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
     BLR_DEC_MARK(2, false);
 
     // ---------------- phase 2 ----------------
+    // The block's tasks run P at a time (P = 1, 2 or 4 groups of 16/P warps), so a block with
+    // several tasks pays one load round trip per P tasks instead of one per task.
     const int nk2 = (r2 + 31) >> 5;
-    float* ys = zs;
-    int slot = 0;
-    for (int task = blockIdx.x; task < tasks2; task += gridDim.x, ++slot) {
-        const int blk = task / otiles;
-        const int o0 = (task - blk * otiles) * 16;
-        if (tid < 256) ys[tid] = 0.f;
+    const int max_slots = (tasks2 + gridDim.x - 1) / gridDim.x;
+    const int P = max_slots >= 4 ? 4 : (max_slots >= 2 ? 2 : 1);
+    const int WG = WARPS / P;
+    const int group = warp / WG;
+    const int wig = warp - group * WG;
+    const int gtid = tid - group * WG * 32;
+    const int gthreads = WG * 32;
+    float* ys = zs + group * 256;
+    const int rounds = (max_slots + P - 1) / P;
+    for (int round = 0; round < rounds; ++round) {
+        const int slot = round * P + group;
+        const int task = blockIdx.x + slot * gridDim.x;
+        const bool valid = task < tasks2;
+        const int blk = valid ? task / otiles : 0;
+        const int o0 = valid ? (task - blk * otiles) * 16 : 0;
+        for (int i = gtid; i < 256; i += gthreads) ys[i] = 0.f;
         __syncthreads();
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        const int rowA = o0 + g;
-        const int rowB = o0 + 8 + g;
-        const bool okA = rowA < p2;
-        const bool okB = rowB < p2;
-        const bool in_smem = slot < smem_tasks;
-        const bf16* wa = in_smem ? us + ((long)slot * 16 + g) * urow : w2 + ((long)blk * p2 + rowA) * r2;
-        const bf16* wb = in_smem ? us + ((long)slot * 16 + 8 + g) * urow : w2 + ((long)blk * p2 + rowB) * r2;
-        const bf16* za = wbuf + ((long)blk * 16 + g) * r2;
-        const bf16* zb = wbuf + ((long)blk * 16 + g + 8) * r2;
-        for (int ks0 = warp; ks0 < nk2; ks0 += WARPS * U2) {
-            uint4 ba[U2], bb[U2], xa[U2], xb[U2];
+        if (valid) {
+            float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+            const int rowA = o0 + g;
+            const int rowB = o0 + 8 + g;
+            const bool okA = rowA < p2;
+            const bool okB = rowB < p2;
+            const bool in_smem = slot < smem_tasks;
+            const bf16* wa = in_smem ? us + ((long)slot * 16 + g) * urow : w2 + ((long)blk * p2 + rowA) * r2;
+            const bf16* wb = in_smem ? us + ((long)slot * 16 + 8 + g) * urow : w2 + ((long)blk * p2 + rowB) * r2;
+            const bf16* za = wbuf + ((long)blk * 16 + g) * r2;
+            const bf16* zb = wbuf + ((long)blk * 16 + g + 8) * r2;
+            for (int ks0 = wig; ks0 < nk2; ks0 += WG * U2) {
+                uint4 ba[U2], bb[U2], xa[U2], xb[U2];
 #pragma unroll
-            for (int u = 0; u < U2; ++u) {
-                const int ks = ks0 + u * WARPS;
-                const int kof = ks * 32 + 8 * c;
-                const bool ok = (ks < nk2) && (kof < r2);
-                if (in_smem) {
-                    // Rows past p2 were zero-filled by cp.async.
-                    ba[u] = ok ? *reinterpret_cast<const uint4*>(wa + kof) : zero4;
-                    bb[u] = ok ? *reinterpret_cast<const uint4*>(wb + kof) : zero4;
-                } else {
-                    ba[u] = (ok && okA) ? ld_stream16(wa + kof) : zero4;
-                    bb[u] = (ok && okB) ? ld_stream16(wb + kof) : zero4;
+                for (int u = 0; u < U2; ++u) {
+                    const int ks = ks0 + u * WG;
+                    const int kof = ks * 32 + 8 * c;
+                    const bool ok = (ks < nk2) && (kof < r2);
+                    if (in_smem) {
+                        // Rows past p2 were zero-filled by cp.async.
+                        ba[u] = ok ? *reinterpret_cast<const uint4*>(wa + kof) : zero4;
+                        bb[u] = ok ? *reinterpret_cast<const uint4*>(wb + kof) : zero4;
+                    } else {
+                        ba[u] = (ok && okA) ? ld_stream16(wa + kof) : zero4;
+                        bb[u] = (ok && okB) ? ld_stream16(wb + kof) : zero4;
+                    }
+                    xa[u] = (ok && tg_ok) ? ld_cg16(za + kof) : zero4;
+                    xb[u] = (ok && tg8_ok) ? ld_cg16(zb + kof) : zero4;
                 }
-                xa[u] = (ok && tg_ok) ? ld_cg16(za + kof) : zero4;
-                xb[u] = (ok && tg8_ok) ? ld_cg16(zb + kof) : zero4;
+#pragma unroll
+                for (int u = 0; u < U2; ++u) {
+                    mma_bf16(acc[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, ba[u].x, ba[u].y);
+                    mma_bf16(acc[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, ba[u].z, ba[u].w);
+                    mma_bf16(acc[1], xa[u].x, xb[u].x, xa[u].y, xb[u].y, bb[u].x, bb[u].y);
+                    mma_bf16(acc[1], xa[u].z, xb[u].z, xa[u].w, xb[u].w, bb[u].z, bb[u].w);
+                }
             }
 #pragma unroll
-            for (int u = 0; u < U2; ++u) {
-                mma_bf16(acc[0], xa[u].x, xb[u].x, xa[u].y, xb[u].y, ba[u].x, ba[u].y);
-                mma_bf16(acc[0], xa[u].z, xb[u].z, xa[u].w, xb[u].w, ba[u].z, ba[u].w);
-                mma_bf16(acc[1], xa[u].x, xb[u].x, xa[u].y, xb[u].y, bb[u].x, bb[u].y);
-                mma_bf16(acc[1], xa[u].z, xb[u].z, xa[u].w, xb[u].w, bb[u].z, bb[u].w);
-            }
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    atomicAdd(ys + (g + ((e >> 1) << 3)) * 16 + nt * 8 + 2 * c + (e & 1), acc[nt][e]);
         }
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                atomicAdd(ys + (g + ((e >> 1) << 3)) * 16 + nt * 8 + 2 * c + (e & 1), acc[nt][e]);
         __syncthreads();
-        if (tid < 256) {
-            const int t = tid >> 4;
-            const int o = o0 + (tid & 15);
-            if (t < T && o < p2) {
-                const long col = mode == 2 ? (long)o * nb2 + blk : (long)blk * p2 + o;
-                y[(long)t * m + col] = __float2bfloat16(ys[tid]);
+        if (valid) {
+            for (int i = gtid; i < 256; i += gthreads) {
+                const int t = i >> 4;
+                const int o = o0 + (i & 15);
+                if (t < T && o < p2) {
+                    const long col = mode == 2 ? (long)o * nb2 + blk : (long)blk * p2 + o;
+                    y[(long)t * m + col] = __float2bfloat16(ys[i]);
+                }
             }
         }
         __syncthreads();
