@@ -42,6 +42,19 @@ pub struct Ceilings {
     /// Dense cuBLASLt linear layers at BRIEF §4's shape (4096 -> 4096), L2 flushed before each
     /// run: the "speedup vs dense" baselines, next to their roofline floor.
     pub dense_reference: Vec<DenseReference>,
+    /// Host-side cost of queuing work, in microseconds per call (what CUDA graphs remove).
+    pub host_overhead: HostOverhead,
+}
+
+/// Host time to queue one operation: the CPU cost a graph replay replaces.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostOverhead {
+    /// First GEMM of a new shape: builds descriptors and asks the heuristic.
+    pub gemm_plan_build_us: f64,
+    /// Each later GEMM of that shape: one cublasLtMatmul with the cached plan.
+    pub gemm_cached_us: f64,
+    /// One launch of a small kernel through [`crate::Launch`].
+    pub kernel_launch_us: f64,
 }
 
 /// One dense-layer baseline.
@@ -157,12 +170,49 @@ pub fn measure(
     let best = |v: &[Timing]| v.iter().map(|t| t.rate).fold(0.0, f64::max);
     let (copy_gbs, gemm_tflops) = (best(&copies), best(&gemms));
     let dense_reference = dense_reference(gpu, &util, copy_gbs, gemm_tflops, reps)?;
+    let host_overhead = host_overhead(gpu, &util)?;
     Ok(Ceilings {
         copy_gbs,
         gemm_tflops,
         copies,
         gemms,
         dense_reference,
+        host_overhead,
+    })
+}
+
+fn host_overhead(gpu: &Gpu, util: &UtilKernels) -> Result<HostOverhead> {
+    // A shape no other measurement uses, so its first call builds a plan.
+    let shape = GemmShape::linear(3, 72, 56);
+    let x = gpu.alloc_zeros::<bf16>(3 * 56, "overhead X")?;
+    let w = gpu.alloc_zeros::<bf16>(72 * 56, "overhead W")?;
+    let mut y = gpu.alloc::<bf16>(3 * 72, "overhead Y")?;
+    let mut acc = gpu.alloc_zeros::<f32>(1024, "overhead acc")?;
+    let small = gpu.alloc_zeros::<f32>(1024, "overhead x")?;
+    gpu.synchronize()?;
+    let start = std::time::Instant::now();
+    gpu.gemm(&shape, &x, &w, &mut y)?;
+    let gemm_plan_build_us = start.elapsed().as_secs_f64() * 1e6;
+    gpu.synchronize()?;
+    let calls = 200;
+    let start = std::time::Instant::now();
+    for _ in 0..calls {
+        gpu.gemm(&shape, &x, &w, &mut y)?;
+    }
+    let gemm_cached_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+    gpu.synchronize()?;
+    util.axpy(gpu, &mut acc, &small, 1.0)?;
+    gpu.synchronize()?;
+    let start = std::time::Instant::now();
+    for _ in 0..calls {
+        util.axpy(gpu, &mut acc, &small, 1.0)?;
+    }
+    let kernel_launch_us = start.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+    gpu.synchronize()?;
+    Ok(HostOverhead {
+        gemm_plan_build_us,
+        gemm_cached_us,
+        kernel_launch_us,
     })
 }
 

@@ -195,6 +195,11 @@ fn print_text(r: &DoctorReport) {
                 t.what, t.median_ms, t.min_ms, t.max_ms, t.rate
             );
         }
+        let h = &c.host_overhead;
+        println!(
+            "  host cost per call      GEMM first call {:.0} us (plan), cached {:.1} us; kernel launch {:.1} us",
+            h.gemm_plan_build_us, h.gemm_cached_us, h.kernel_launch_us
+        );
         println!("\nDense baselines (cuBLASLt, weights from HBM: L2 flushed before each run)");
         println!(
             "  {:<44} {:>9} {:>9} {:>9} {:>9} {:>9}",
