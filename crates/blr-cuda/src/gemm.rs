@@ -26,7 +26,7 @@
 //! # Plans
 //! cudarc's safe wrapper builds the layouts, asks the heuristic and destroys everything on
 //! every call (~10-30 us of host time, as long as the GEMM itself at decode sizes). Here a
-//! [`GemmShape`] + output type + operand alignment is the key of a [`Plan`] holding the matmul
+//! [`GemmShape`] + output type + operand alignment is the key of a cached plan holding the matmul
 //! descriptor, the three layouts and the algorithm the heuristic picked; a call with a known
 //! key is one `cublasLtMatmul`.
 //!

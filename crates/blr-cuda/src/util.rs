@@ -21,6 +21,9 @@ const BLOCK: u32 = 256;
 /// The loaded `util.cu` kernels.
 #[derive(Debug, Clone)]
 pub struct UtilKernels {
+    /// Blocks of `BLOCK` threads resident at once on the device (same for every util kernel
+    /// at its register count; read once at load so a launch costs no occupancy query).
+    resident: u32,
     fill_bf16: Kernel,
     fill_f32: Kernel,
     copy: Kernel,
@@ -32,19 +35,23 @@ impl UtilKernels {
     /// Compiles (or loads from cache) `util.cu` for this device.
     pub fn load(gpu: &Gpu) -> Result<Self> {
         let module = gpu.load_module(&UTIL_CU, &CompileOptions::default())?;
+        let copy = module.function("copy_vec16")?;
+        // copy_vec16 uses the most registers of the grid-stride kernels: its residency bounds
+        // the others'.
+        let resident = gpu.persistent_grid(&copy, BLOCK, 0)?;
         Ok(Self {
+            resident,
             fill_bf16: module.function("fill_uniform_bf16")?,
             fill_f32: module.function("fill_uniform_f32")?,
-            copy: module.function("copy_vec16")?,
+            copy,
             axpy: module.function("axpy_f32")?,
             coop: module.function("coop_neighbour")?,
         })
     }
 
-    fn grid(gpu: &Gpu, kernel: &Kernel, n: usize) -> Result<LaunchConfig> {
-        let persistent = gpu.persistent_grid(kernel, BLOCK, 0)?;
+    fn grid(&self, n: usize) -> Result<LaunchConfig> {
         Ok(LaunchConfig {
-            grid_dim: (persistent.min(Gpu::grid_1d(n, BLOCK)), 1, 1),
+            grid_dim: (self.resident.min(Gpu::grid_1d(n, BLOCK)), 1, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         })
@@ -63,7 +70,7 @@ impl UtilKernels {
             return Ok(());
         }
         let n = buf.len() as u64;
-        let cfg = Self::grid(gpu, &self.fill_bf16, buf.len())?;
+        let cfg = self.grid(buf.len())?;
         // SAFETY: fill_uniform_bf16(bf16* out, u64 n, u64 seed, float scale) writes out[0..n),
         // and `buf` holds n elements.
         unsafe {
@@ -88,7 +95,7 @@ impl UtilKernels {
             return Ok(());
         }
         let n = buf.len() as u64;
-        let cfg = Self::grid(gpu, &self.fill_f32, buf.len())?;
+        let cfg = self.grid(buf.len())?;
         // SAFETY: fill_uniform_f32(float* out, u64 n, u64 seed, float scale) writes out[0..n).
         unsafe {
             gpu.launch(&self.fill_f32)
@@ -119,7 +126,7 @@ impl UtilKernels {
             return Ok(());
         }
         let n16 = (bytes / 16) as u64;
-        let cfg = Self::grid(gpu, &self.copy, bytes / 16)?;
+        let cfg = self.grid(bytes / 16)?;
         // SAFETY: copy_vec16(const uint4* src, uint4* dst, u64 n16) touches n16 16-byte vectors
         // of each; both buffers hold exactly that many bytes (checked above).
         unsafe {
@@ -150,7 +157,7 @@ impl UtilKernels {
             return Ok(());
         }
         let n = y.len() as u64;
-        let cfg = Self::grid(gpu, &self.axpy, y.len())?;
+        let cfg = self.grid(y.len())?;
         // SAFETY: axpy_f32(float* y, const float* x, float alpha, u64 n) touches [0, n) of
         // both; both hold n elements (checked above).
         unsafe {
