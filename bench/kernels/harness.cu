@@ -373,6 +373,10 @@ static void decode_phase_report(const char* what, const std::function<void()>& f
 #endif
 }
 
+// Experiment only: g_plain_launch launches blr_decode2 with cudaLaunchKernel instead of the
+// cooperative launch, to measure what the cooperative launch costs. Co-residency then rests on
+// one block per SM and an otherwise idle GPU: never do this in the product.
+static bool g_plain_launch = false;
 static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y, bf16* wbuf,
                            unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2, int p2,
                            int r2) {
@@ -398,8 +402,11 @@ static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const b
     void* args[] = {(void*)&x,  (void*)&w1, (void*)&s,    (void*)&w2,  (void*)&y,  (void*)&wbuf,
                     (void*)&bar, (void*)&T, (void*)&n,    (void*)&m,   (void*)&mode, (void*)&nb1,
                     (void*)&r1, (void*)&q1, (void*)&nb2,  (void*)&p2,  (void*)&r2, (void*)&smem_tasks};
-    cudaError_t e = cudaLaunchCooperativeKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args, smem,
-                                                cudaStreamPerThread);
+    cudaError_t e = g_plain_launch
+                        ? cudaLaunchKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args, smem,
+                                           cudaStreamPerThread)
+                        : cudaLaunchCooperativeKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args,
+                                                      smem, cudaStreamPerThread);
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(cudaStreamPerThread, &cs);
     if (e != cudaSuccess && cs != cudaStreamCaptureStatusNone) {
@@ -509,6 +516,9 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             auto f2 = [&] { launch_decode2(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
             run_row(c, T, "blast", "decode2", bparams, bflops, y, ref, f2);
             decode_phase_report("blast v2", f2);
+            g_plain_launch = true;
+            run_row(c, T, "blast", "decode2-plain", bparams, bflops, y, ref, f2);
+            g_plain_launch = false;
         }
 
         // LR
