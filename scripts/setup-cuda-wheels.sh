@@ -6,8 +6,10 @@
 #   scripts/setup-cuda-wheels.sh            # creates/updates .venv-cuda in the repo root
 #   BLR_CUDA_VENV=/some/dir scripts/setup-cuda-wheels.sh
 #
-# Idempotent: a second run only verifies. Prints the lib and include dirs, and on its last two
-# lines `export` statements that the caller can eval:
+# Idempotent: once the libraries and headers are in place, a second run installs nothing.
+# Without the `venv` module (Debian's python3-venv missing) it falls back to
+# `pip install --target <dir>/lib/python3/site-packages`, a layout blr-cuda also searches.
+# Prints the lib and include dirs, and `export` lines the caller can eval:
 #
 #   eval "$(scripts/setup-cuda-wheels.sh | grep '^export ')"
 #
@@ -23,29 +25,34 @@ python="${PYTHON:-python3}"
 # newer NVRTC can use features this driver rejects.
 wheels=('nvidia-cuda-nvrtc==13.0.*' 'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*')
 
-if [[ ! -x "$venv/bin/python" ]]; then
-    echo "setup-cuda-wheels: creating venv $venv" >&2
-    "$python" -m venv "$venv"
-fi
+installed() {
+    [[ -n "$(ls "$1"/nvidia/cu13/lib/libnvrtc.so.13* 2>/dev/null | head -n1)" ]] &&
+        [[ -f "$1/nvidia/cu13/include/cuda_bf16.h" ]]
+}
+
+mkdir -p "$venv"
 # The venv must never be committed nor sent along to the GPU machine.
 [[ -f "$venv/.gitignore" ]] || echo '*' >"$venv/.gitignore"
 
-if ! "$venv/bin/python" -m pip show -q nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cuda-cccl >/dev/null 2>&1; then
-    echo "setup-cuda-wheels: installing ${wheels[*]}" >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${wheels[@]}" >&2
+site=""
+if [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv" >/dev/null 2>&1; then
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    if ! installed "$site"; then
+        echo "setup-cuda-wheels: installing ${wheels[*]} into $venv" >&2
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "${wheels[@]}" >&2
+    fi
+else
+    site="$venv/lib/python3/site-packages"
+    if ! installed "$site"; then
+        echo "setup-cuda-wheels: no venv module; pip install --target $site" >&2
+        "$python" -m pip install -q --disable-pip-version-check --target "$site" "${wheels[@]}" >&2
+    fi
 fi
 
-site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 lib_dir="$site/nvidia/cu13/lib"
 include_dir="$site/nvidia/cu13/include"
-
-nvrtc_lib="$(ls "$lib_dir"/libnvrtc.so.13* 2>/dev/null | head -n1 || true)"
-if [[ -z "$nvrtc_lib" ]]; then
-    echo "setup-cuda-wheels: libnvrtc.so.13 not found under $lib_dir" >&2
-    exit 1
-fi
-if [[ ! -f "$include_dir/cuda_bf16.h" ]]; then
-    echo "setup-cuda-wheels: cuda_bf16.h not found under $include_dir" >&2
+if ! installed "$site"; then
+    echo "setup-cuda-wheels: libnvrtc.so.13 or cuda_bf16.h missing under $site/nvidia/cu13" >&2
     exit 1
 fi
 
