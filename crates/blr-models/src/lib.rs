@@ -11,6 +11,7 @@ pub mod llama;
 pub mod lm;
 pub mod loader;
 pub mod math;
+pub mod parity;
 pub mod quant;
 pub mod testing;
 pub mod tokenizer;
