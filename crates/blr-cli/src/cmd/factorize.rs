@@ -346,3 +346,70 @@ fn layer_shape(
     shape.validate()?;
     Ok(shape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(format: &str, blocks: usize, rank: usize, out: PathBuf) -> Args {
+        Args {
+            input: None,
+            tensor: None,
+            synthetic: Some("exact".into()),
+            m: Some(24),
+            n: Some(36),
+            format: format.into(),
+            blocks,
+            blocks_out: None,
+            blocks_in: None,
+            rank: Some(rank),
+            ratio: None,
+            calib: None,
+            calib_damping: Calibration::DEFAULT_DAMPING,
+            iterations: 300,
+            lr: 1.0,
+            damping: 0.1,
+            restarts: 4,
+            init: "random".into(),
+            method: "preconditioned".into(),
+            sweeps: 3,
+            seed: 5,
+            out: Some(out),
+            name: Some("layer0".into()),
+            dtype: "f32".into(),
+            json: true,
+        }
+    }
+
+    #[test]
+    fn exact_synthetic_matrices_round_trip_through_the_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("blr-factorize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (format, blocks, rank) in [("lowrank", 1, 4), ("monarch", 3, 6), ("blast", 3, 2)] {
+            let out = dir.join(format!("{format}.safetensors"));
+            let a = args(format, blocks, rank, out.clone());
+            let (_, m, n, w) = load_matrix(&a, format.parse().unwrap(), blocks, blocks).unwrap();
+            run(a).unwrap();
+            let ck = Checkpoint::load(&out).unwrap();
+            let layer = ck.layer("layer0").unwrap();
+            assert_eq!(layer.kind().name(), format);
+            let t = Target::new("w", m, n, &w).unwrap();
+            let e = blr_compress::relative_error(&t, layer, None).unwrap();
+            assert!(e < 1e-3, "{format}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_requests_explain_themselves() {
+        let out = std::env::temp_dir().join("blr-factorize-unused.safetensors");
+        let err = run(args("monarch", 4, 6, out.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("divide") || err.contains("multiple"), "{err}");
+        let mut a = args("blast", 3, 2, out);
+        a.rank = None;
+        let err = run(a).unwrap_err().to_string();
+        assert!(err.contains("--rank"), "{err}");
+    }
+}
