@@ -159,8 +159,13 @@ impl GemmShape {
     }
 
     /// Elements of a buffer an operand spans from its offset: last batch, last row, full width.
+    /// Saturates instead of overflowing: an absurd shape then fails the bounds check.
     fn extent(batch: usize, stride: usize, rows: usize, ld: usize, width: usize) -> usize {
-        (batch - 1) * stride + (rows - 1) * ld + width
+        batch
+            .saturating_sub(1)
+            .saturating_mul(stride)
+            .saturating_add(rows.saturating_sub(1).saturating_mul(ld))
+            .saturating_add(width)
     }
 }
 
@@ -497,10 +502,19 @@ impl Blas {
         let out_size = std::mem::size_of::<O>() as u64;
         let y_ptr = y.buf.device_ptr() + y.offset as u64 * out_size;
         // Batch strides shift each matrix's start, so they bound the alignment too.
+        // Only the low bits matter here, so wrapping products are exact enough.
+        let bytes = |elems: usize, size: u64| (elems as u64).wrapping_mul(size);
+        let stride_bits = |stride: usize, size: u64| {
+            if s.batch > 1 {
+                bytes(stride, size)
+            } else {
+                0
+            }
+        };
         let align = [
-            alignment_of(w_ptr | (s.stride_w as u64 * 2) | (s.ld_w as u64 * 2)),
-            alignment_of(x_ptr | (s.stride_x as u64 * 2) | (s.ld_x as u64 * 2)),
-            alignment_of(y_ptr | (s.stride_y as u64 * out_size) | (s.ld_y as u64 * out_size)),
+            alignment_of(w_ptr | stride_bits(s.stride_w, 2) | bytes(s.ld_w, 2)),
+            alignment_of(x_ptr | stride_bits(s.stride_x, 2) | bytes(s.ld_x, 2)),
+            alignment_of(y_ptr | stride_bits(s.stride_y, out_size) | bytes(s.ld_y, out_size)),
         ];
         Ok(Prepared {
             key: PlanKey {
@@ -857,6 +871,17 @@ mod tests {
         let mut y2 = [1.0; 4];
         gemm_reference(&GemmShape::matmul(2, 2, 3), &x, &wt, &mut y2, 2.0, 1.0).ok();
         assert_eq!(y2, [-3.0, 9.0, -3.0, 27.0]);
+    }
+
+    #[test]
+    fn absurd_extents_saturate_instead_of_overflowing() {
+        assert_eq!(GemmShape::extent(3, usize::MAX, 2, 5, 5), usize::MAX);
+        assert_eq!(GemmShape::extent(1, usize::MAX, 2, 5, 5), 10);
+        let s = GemmShape::linear(2, 3, 4).batched(2, usize::MAX / 2, 12, 6);
+        let x = vec![0.0f32; 64];
+        let w = vec![0.0f32; 64];
+        let mut y = vec![0.0f32; 64];
+        assert!(gemm_reference(&s, &x, &w, &mut y, 1.0, 0.0).is_err());
     }
 
     #[test]
