@@ -250,6 +250,17 @@ fn blast_error_falls_with_rank_and_beats_gradient_descent() {
     let e_blast = rel(&t, &blast(&t, &opts, None, &Silent).unwrap());
     let e_svd = rel(&t, &lowrank(&t, 8, None).unwrap());
     assert!(e_blast < e_svd + 1e-3, "b=1 BLAST {e_blast} vs SVD {e_svd}");
+    // Started from the truncated SVD, BLAST with blocks only improves on it at the same r.
+    let opts = BlastOptions {
+        iterations: 30,
+        init: BlastInit::LowRank,
+        ..blast_opts(4, 3, 8)
+    };
+    let e_from_lr = rel(&t, &blast(&t, &opts, None, &Silent).unwrap());
+    assert!(
+        e_from_lr < e_svd - 1e-3,
+        "BLAST from low rank {e_from_lr} vs SVD {e_svd}"
+    );
 }
 
 #[test]
