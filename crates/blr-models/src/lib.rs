@@ -7,6 +7,7 @@ pub mod dit;
 pub mod error;
 pub mod gguf;
 pub mod gpt2;
+pub mod hf;
 pub mod llama;
 pub mod lm;
 pub mod loader;

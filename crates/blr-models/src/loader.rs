@@ -5,6 +5,8 @@
 //! - `FILE.gguf`: a Llama-architecture GGUF (weights dequantised, tokenizer from its metadata);
 //! - `FILE.safetensors`: a blr checkpoint whose metadata records `model.architecture` = llama
 //!   and `model.config` (as written by [`save_checkpoint`]); layers may be in any BLR format;
+//! - `DIR`: a Hugging Face model directory (`config.json` with `model_type` llama, and
+//!   `model.safetensors`); no tokenizer (HF's tokenizer.json is not read: pass a GGUF);
 //! - `random:NAME[:LAYERS]`: random weights of a named shape ([`crate::llama::NAMED`]), with only
 //!   the first LAYERS blocks if given (seed 0). No tokenizer.
 
@@ -73,6 +75,28 @@ pub fn load_llama(spec: &str) -> Result<LoadedLlama> {
         });
     }
     let path = resolve_path(spec)?;
+    if path.is_dir() {
+        let cfg = match crate::hf::read_config(&path)? {
+            crate::hf::HfConfig::Llama(cfg) => cfg,
+            other => {
+                return Err(Error::input(
+                    "model",
+                    format!(
+                        "{} holds {other:?}; generation and perplexity take Llama models",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        let st = blr_core::safetensors::SafeTensors::open(path.join("model.safetensors"))?;
+        let weights = llama::from_safetensors(&st, &cfg)?;
+        return Ok(LoadedLlama {
+            cfg,
+            weights,
+            tokenizer: None,
+            source: path.display().to_string(),
+        });
+    }
     let is_gguf = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
@@ -161,7 +185,31 @@ mod tests {
             let mut c = m.new_cache(4).unwrap();
             m.forward(&ids, &mut c, true).unwrap()
         };
-        assert_eq!(run(ck), run(loaded.weights));
+        assert_eq!(run(ck.clone()), run(loaded.weights));
+
+        // The same weights as an HF directory: config.json + model.safetensors with HF names
+        // (a dense blr checkpoint already uses them: `<layer>.weight`).
+        let hf = dir.join("hf");
+        std::fs::create_dir_all(&hf).unwrap();
+        let mut plain = ck.clone();
+        plain.metadata.clear();
+        plain
+            .save(
+                &hf.join("model.safetensors"),
+                blr_core::safetensors::Dtype::F32,
+            )
+            .unwrap();
+        std::fs::write(
+            hf.join("config.json"),
+            r#"{"model_type": "llama", "vocab_size": 19, "hidden_size": 8, "intermediate_size": 12,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "max_position_embeddings": 32}"#,
+        )
+        .unwrap();
+        let from_hf = load_llama(hf.to_str().unwrap()).unwrap();
+        assert_eq!(from_hf.cfg, cfg);
+        assert_eq!(run(from_hf.weights), run(ck.clone()));
         std::fs::remove_dir_all(&dir).ok();
 
         assert!(load_llama("random:nope").is_err());

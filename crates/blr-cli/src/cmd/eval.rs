@@ -38,7 +38,8 @@ pub enum What {
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct PplArgs {
-    /// The model: `smollm2`, a Llama GGUF, or a blr checkpoint (then pass --tokenizer).
+    /// The model: `smollm2`, a Llama GGUF, a blr checkpoint or a Hugging Face directory
+    /// (config.json + model.safetensors); the last two need --tokenizer.
     #[arg(long)]
     pub model: String,
     /// A GGUF file to take the tokenizer from, when the model file has none.

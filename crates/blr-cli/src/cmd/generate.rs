@@ -25,8 +25,10 @@ use std::io::Write;
 #[command(verbatim_doc_comment)]
 pub struct Args {
     /// The model: `smollm2` (the cached SmolLM2-135M-Instruct), a Llama GGUF file, a blr
-    /// checkpoint (.safetensors with a recorded Llama config; needs --tokenizer), or
-    /// random:NAME[:LAYERS] (random weights; prints token ids).
+    /// checkpoint (.safetensors with a recorded Llama config), a Hugging Face directory
+    /// (config.json + model.safetensors), or random:NAME[:LAYERS] with NAME one of llama7b,
+    /// llama3.2-1b, smollm2-135m (random weights; prints token ids). Checkpoints and HF
+    /// directories need --tokenizer.
     #[arg(long)]
     pub model: String,
     /// A GGUF file to take the tokenizer from, when the model file has none.
