@@ -152,6 +152,12 @@ pub fn blast_report(
             format!("BLAST lr must be > 0, got {}", opts.lr),
         ));
     }
+    if opts.iterations == 0 {
+        return Err(CompressError::input(
+            name,
+            "BLAST needs at least 1 iteration (300 is the published default)",
+        ));
+    }
     if !(opts.damping >= 0.0 && opts.damping.is_finite()) {
         return Err(CompressError::input(
             name,

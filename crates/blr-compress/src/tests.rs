@@ -288,6 +288,14 @@ fn blast_reports_progress_and_rejects_bad_options() {
         .unwrap_err()
         .to_string()
         .contains("lr"));
+    let bad = BlastOptions {
+        iterations: 0,
+        ..opts
+    };
+    assert!(blast(&t, &bad, None, &Silent)
+        .unwrap_err()
+        .to_string()
+        .contains("iteration"));
     let bad = blast_opts(5, 3, 2);
     assert!(blast(&t, &bad, None, &Silent)
         .unwrap_err()
@@ -646,4 +654,33 @@ fn allocator_spends_where_error_falls_fastest_and_validates() {
         .unwrap_err()
         .to_string()
         .contains("nan"));
+}
+
+#[test]
+fn calibrated_blast_recovers_exact_matrices_under_anisotropic_weighting() {
+    // The Gram-weighted gradients and preconditioners must drive the weighted loss of an
+    // exactly-BLAST matrix to (near) zero: a wrong gradient term would stall far above.
+    let mut rng = Rng::new(31);
+    let (m, n, b, r) = (32, 48, 4, 3);
+    let mix = rng.normal_vec(n * n, 1.0 / (n as f32).sqrt());
+    let x = activations(&mut rng, &mix, n, 300);
+    let mut gram = Gram::new(n);
+    gram.accumulate(&x, 300).unwrap();
+    let calib = Calibration::new(&gram);
+    let mut best = Vec::new();
+    for _ in 0..3 {
+        let w = exact(FormatKind::Blast, m, n, b, b, r, rng.next_u64());
+        let t = Target::new("exact", m, n, &w).unwrap();
+        let opts = BlastOptions {
+            seed: rng.next_u64(),
+            restarts: 4,
+            ..blast_opts(b, b, r)
+        };
+        let rep = blast_report(&t, &opts, Some(&calib), &Silent).unwrap();
+        let direct = relative_error(&t, &rep.layer, Some(&gram)).unwrap();
+        assert!((direct - rep.rel_error).abs() < 1e-9);
+        best.push(direct);
+    }
+    best.sort_by(f64::total_cmp);
+    assert!(best[1] < 1e-2, "weighted errors {best:?}");
 }
