@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use blr_core::cost::{reference_config, ReferenceConfig, REFERENCE_CONFIGS};
 use blr_core::{FormatKind, Linear};
+use blr_cuda::layers::autotune::AutotuneCache;
 use blr_cuda::layers::timing::{bench, ReadFlusher};
 use blr_cuda::layers::{auto_strategy, check_strategy, GpuLinear, LayerKernels, Strategy};
 use blr_cuda::{bf16, Gpu};
@@ -26,8 +27,9 @@ decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byt
 Each row shows the median time (CUDA events, L2 flushed by reads before every run, CUDA graphs \
 for T <= 16), the roofline floor max(bytes/BW, FLOPs/peak) with BW and peak measured in the same \
 run, the fraction of the floor reached, the speedup over dense cuBLAS at the same T, and the \
-relative error of the first tokens against the CPU reference. '*' marks the strategy blr picks \
-by default.\n\n\
+relative error of the first tokens against the CPU reference. '*' marks the strategy blr's \
+heuristic picks. The fastest strategy of each (format, shape, T) is recorded in the autotune cache \
+(--autotune, default ~/.cache/blr/autotune.tsv), which blr then uses instead of the heuristic.\n\n\
 Examples:\n  blr bench layer\n  blr bench layer --config all --tokens 1,16,128,native\n  \
 blr bench layer --config llama7b-qkvo --formats blast --tokens 1024 --json > blast.json"
 )]
@@ -71,6 +73,13 @@ pub struct LayerArgs {
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Autotune cache to record the fastest strategy per (device, shape, T) in (merged with
+    /// what it holds). Default: $BLR_AUTOTUNE, else ~/.cache/blr/autotune.tsv.
+    #[arg(long, value_name = "FILE")]
+    pub autotune: Option<PathBuf>,
+    /// Do not write the autotune cache.
+    #[arg(long)]
+    pub no_autotune: bool,
     #[command(flatten)]
     pub gpu: GpuArgs,
 }
@@ -91,8 +100,12 @@ pub struct Record {
     pub roofline_frac: f64,
     pub speedup_vs_dense: f64,
     pub rel_error: f64,
-    /// Whether this is the strategy blr picks by default for this layer and T.
+    /// Whether this is the strategy blr's heuristic picks for this layer and T (no cache).
     pub auto: bool,
+    /// Whether this was the fastest strategy of its format for this layer and T in this run
+    /// (what the autotune cache records).
+    #[serde(default)]
+    pub best: bool,
     pub graph: bool,
     pub p10_ms: f64,
     pub p90_ms: f64,
@@ -215,7 +228,8 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
         "config", "T", "format", "strategy", "ms", "floor_ms", "frac", "vs_dense", "rel_err"
     );
 
-    let mut records = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    let mut tuned = AutotuneCache::default();
     let mut seed = a.seed;
     for cfg in cfgs {
         let tokens = token_counts(&a.tokens, cfg)?;
@@ -243,6 +257,7 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
             let mut ws = dev.workspace(&gpu, t_max)?;
             let params = shape.params();
             for (ti, &t) in tokens.iter().enumerate() {
+                let group_start = records.len();
                 let auto = auto_strategy(&shape, t);
                 let list: Vec<Strategy> = match (&fixed, only_auto) {
                     (_, true) => vec![auto],
@@ -289,6 +304,7 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                         speedup_vs_dense: dense_ms[ti] / ms,
                         rel_error: err,
                         auto: st == auto,
+                        best: false,
                         graph: timed.graph,
                         p10_ms: timed.stats.p10_ms,
                         p90_ms: timed.stats.p90_ms,
@@ -317,7 +333,37 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                     );
                     records.push(rec);
                 }
+                let group = &mut records[group_start..];
+                if let Some(bi) = group
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| a.1.ms.total_cmp(&b.1.ms))
+                    .map(|(i, _)| i)
+                {
+                    group[bi].best = true;
+                    if format != FormatKind::Dense {
+                        if let Ok(st) = group[bi].strategy.parse::<Strategy>() {
+                            tuned.insert(&info.name, &shape, t, st);
+                        }
+                    }
+                }
             }
+        }
+    }
+    if !a.no_autotune {
+        match a.autotune.clone().or_else(AutotuneCache::default_path) {
+            Some(path) => {
+                let mut cache = AutotuneCache::load(&path)?;
+                let added = tuned.entries.len();
+                cache.entries.extend(tuned.entries);
+                cache.save(&path)?;
+                eprintln!(
+                    "autotune: {added} measured choices recorded in {} ({} entries)",
+                    path.display(),
+                    cache.entries.len()
+                );
+            }
+            None => eprintln!("autotune: no cache location (set BLR_AUTOTUNE or HOME); not saved"),
         }
     }
     let bad: Vec<String> = records

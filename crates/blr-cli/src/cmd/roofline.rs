@@ -67,6 +67,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             json: false,
             out: None,
             seed: 7,
+            autotune: None,
+            no_autotune: false,
             gpu: args.gpu.clone(),
         })?,
     };
@@ -316,6 +318,7 @@ mod tests {
             speedup_vs_dense: 1.0,
             rel_error: 1e-3,
             auto: true,
+            best: true,
             graph: false,
             p10_ms: ms,
             p90_ms: ms,

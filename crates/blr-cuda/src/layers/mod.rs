@@ -70,7 +70,7 @@ const MIX2_SMEM: u32 = 16 * (64 * 40 + 8) * 2 + 32 * 256 * 2;
 const DECODE_THREADS: u32 = 512;
 
 /// How a layer is run on the GPU (see module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     Unfused,
@@ -818,6 +818,7 @@ fn decode(
     Ok(())
 }
 
+pub mod autotune;
 pub mod timing;
 
 #[cfg(test)]
