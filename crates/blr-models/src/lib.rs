@@ -14,6 +14,7 @@ pub mod loader;
 pub mod math;
 pub mod parity;
 pub mod quant;
+pub mod reference;
 pub mod testing;
 pub mod tokenizer;
 pub mod vit;

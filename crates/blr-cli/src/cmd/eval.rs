@@ -20,6 +20,48 @@ pub struct Args {
 pub enum What {
     /// Perplexity of a causal LM on a text file, with sliding windows.
     Ppl(PplArgs),
+    /// Write a reference bundle (random weights + input + our CPU output) for the PyTorch check.
+    Reference(ReferenceArgs),
+}
+
+/// Write one safetensors file with random weights under the PyTorch model's own tensor names
+/// (transformers Llama / GPT-2, timm ViT, the DiT reference code), a random input, and this
+/// engine's CPU output for it. On a machine with PyTorch:
+///
+///   python crates/blr-models/tools/torch_reference.py FILE ...
+///
+/// builds the PyTorch model from the recorded config, loads the weights, runs the input and
+/// prints the relative error of our output against PyTorch's (f32 CPU vs f32 PyTorch: ~1e-6).
+///
+/// Examples:
+///   blr eval reference --arch llama --shape tiny --out llama-tiny.safetensors
+///   blr eval reference --arch llama --shape llama3.2-1b --layers 2 --tokens 64 --out l1b.safetensors
+///   blr eval reference --arch dit --shape dit-xl2 --layers 2 --out dit.safetensors
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct ReferenceArgs {
+    /// llama, gpt2, vit or dit.
+    #[arg(long)]
+    pub arch: String,
+    /// `tiny` (odd small shapes) or a named shape: llama7b, llama3.2-1b, smollm2-135m, gpt2s,
+    /// gpt2m, vit-b16, dit-xl2.
+    #[arg(long, default_value = "tiny")]
+    pub shape: String,
+    /// Keep only the first N blocks (real widths, fewer layers: llama7b in full is 27 GB of f32).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Tokens in the input sequence (language models).
+    #[arg(long, default_value_t = 16)]
+    pub tokens: usize,
+    /// Seed for the weights and the input.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print a JSON summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Perplexity = exp(mean negative log-likelihood of each token given the ones before it).
@@ -84,7 +126,47 @@ struct Report {
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Ppl(a) => ppl(a),
+        What::Reference(a) => reference(a),
     }
+}
+
+fn reference(args: ReferenceArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let b = blr_models::reference::bundle(
+        &args.arch,
+        &args.shape,
+        args.layers,
+        args.seed,
+        args.tokens.max(1),
+    )?;
+    let bytes = b.to_bytes()?;
+    blr_core::safetensors::write_atomic(&args.out, &bytes)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let summary = serde_json::json!({
+        "file": args.out.display().to_string(),
+        "arch": args.arch,
+        "shape": args.shape,
+        "tensors": b.tensors.len(),
+        "bytes": bytes.len(),
+        "config": serde_json::from_str::<serde_json::Value>(
+            b.metadata.get("blr.reference.config").map_or("null", String::as_str)
+        )?,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "wrote {} ({} tensors, {:.1} MB): {} {} with input and CPU output; check it with\n  python crates/blr-models/tools/torch_reference.py {}",
+            args.out.display(),
+            b.tensors.len(),
+            bytes.len() as f64 / 1e6,
+            args.arch,
+            args.shape,
+            args.out.display()
+        );
+    }
+    Ok(())
 }
 
 fn ppl(args: PplArgs) -> Result<()> {
