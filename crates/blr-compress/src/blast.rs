@@ -554,9 +554,10 @@ impl<'a> Problem<'a> {
                 let mut rhs = Mat::<f64>::zeros(p, r);
                 for (j, tvj) in tv.iter().enumerate() {
                     let sij = &st.s[self.s_of(i, j)];
-                    for k in 0..r {
-                        for a in 0..p {
-                            rhs[(a, k)] += tvj[(i * p + a, k)] as f64 * sij[k];
+                    for (k, &sk) in sij.iter().enumerate() {
+                        let src = &tvj.col_as_slice(k)[i * p..(i + 1) * p];
+                        for (o, &t) in rhs.col_as_slice_mut(k).iter_mut().zip(src) {
+                            *o += t as f64 * sk;
                         }
                     }
                 }
@@ -637,19 +638,8 @@ impl<'a> Problem<'a> {
         // Loss as a function of V given U, S: cross = sum_ij s_ij . diag(U_i^T T_ij V_j),
         // quad = sum_jj' <Q_jj', VGV_jj'>.
         let loss_of = |v: &[Mat<f32>], vgv: &Vgv| -> f64 {
-            let mut cross = 0.0;
-            for (i, uti) in ut.iter().enumerate() {
-                for (j, vj) in v.iter().enumerate() {
-                    let sij = &st.s[self.s_of(i, j)];
-                    for k in 0..r {
-                        let mut d = 0.0f64;
-                        for c in 0..q {
-                            d += uti[(k, j * q + c)] as f64 * vj[(c, k)] as f64;
-                        }
-                        cross += sij[k] * d;
-                    }
-                }
-            }
+            let d = diag_products(&ut, v, r);
+            let cross: f64 = d.iter().zip(&st.s).map(|(a, b)| a * b).sum();
             let mut quad = 0.0;
             for j in 0..b_in {
                 for j2 in 0..b_in {
@@ -682,8 +672,10 @@ impl<'a> Problem<'a> {
                 for (i, uti) in ut.iter().enumerate() {
                     let sij = &st.s[self.s_of(i, j)];
                     for c in 0..q {
-                        for k in 0..r {
-                            grad[(k, c)] -= sij[k] * uti[(k, j * q + c)] as f64;
+                        let src = uti.col_as_slice(j * q + c);
+                        let dst = grad.col_as_slice_mut(c);
+                        for ((g, &u), &sk) in dst.iter_mut().zip(src).zip(sij) {
+                            *g -= sk * u as f64;
                         }
                     }
                 }
@@ -742,22 +734,11 @@ impl<'a> Problem<'a> {
 
     /// One S step; returns the loss after it.
     fn step_s(&self, st: &mut State, ut: &[Mat<f32>], ctx: &Step) -> Result<f64> {
-        let (q, r, b_in) = (self.q, self.r, self.b_in);
+        let (r, b_in) = (self.r, self.b_in);
         let vgv = self.vgv(&st.v);
         let j_mats = self.u_gram(&st.u);
         // d_ij = diag(U_i^T T_ij V_j).
-        let d: Vec<f64> = (0..self.b_out * b_in)
-            .into_par_iter()
-            .flat_map_iter(|ij| {
-                let (i, j) = (ij / b_in, ij % b_in);
-                let (uti, vj) = (&ut[i], &st.v[j]);
-                (0..r).map(move |k| {
-                    (0..q)
-                        .map(|c| uti[(k, j * q + c)] as f64 * vj[(c, k)] as f64)
-                        .sum::<f64>()
-                })
-            })
-            .collect();
+        let d = diag_products(ut, &st.v, r);
         // H s for the current s: (J_i ⊙ VGV_jj') s_ij' summed over j'.
         let h_times = |s: &[f64], i: usize, j: usize| -> Vec<f64> {
             let mut out = vec![0.0f64; r];
@@ -844,6 +825,30 @@ impl<'a> Problem<'a> {
         }
         Ok(loss)
     }
+}
+
+/// `d[(i * b_in + j) * r + k] = (U_i^T T_ij V_j)_kk` from `ut[i] = U_i^T T_i.` (r, n) and
+/// `V_j` (q, r): the S-gradient's data term and, dotted with `s`, the cross term `<T, Â>`.
+/// `V_j` is transposed once so both operands are read down contiguous columns.
+fn diag_products(ut: &[Mat<f32>], v: &[Mat<f32>], r: usize) -> Vec<f64> {
+    let b_in = v.len();
+    let vts: Vec<Mat<f32>> = v.iter().map(|vj| vj.transpose().to_owned()).collect();
+    (0..ut.len() * b_in)
+        .into_par_iter()
+        .flat_map_iter(|ij| {
+            let (i, j) = (ij / b_in, ij % b_in);
+            let (uti, vtj) = (&ut[i], &vts[j]);
+            let q = vtj.ncols();
+            let mut d = vec![0.0f64; r];
+            for c in 0..q {
+                let (u_col, v_col) = (uti.col_as_slice(j * q + c), vtj.col_as_slice(c));
+                for ((dk, &a), &b) in d.iter_mut().zip(u_col).zip(v_col) {
+                    *dk += a as f64 * b as f64;
+                }
+            }
+            d
+        })
+        .collect()
 }
 
 /// Exact line search on a quadratic: with `L(a) = L0 - a g.d + a^2 c / 2` and one measured

@@ -73,7 +73,21 @@ pub(crate) fn to_f64(data: &[f32], rows: usize, cols: usize) -> Mat<f64> {
 }
 
 pub(crate) fn mat_to_f64(a: MatRef<'_, f32>) -> Mat<f64> {
-    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f64)
+    let mut out = Mat::<f64>::zeros(a.nrows(), a.ncols());
+    for j in 0..a.ncols() {
+        let dst = out.col_as_slice_mut(j);
+        match a.col(j).try_as_col_major() {
+            Some(src) => dst
+                .iter_mut()
+                .zip(src.as_slice())
+                .for_each(|(d, &v)| *d = v as f64),
+            None => dst
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, d)| *d = a[(i, j)] as f64),
+        }
+    }
+    out
 }
 
 pub(crate) fn mat_to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
