@@ -356,7 +356,7 @@ static void launch_decode(const bf16* x, const bf16* w1, const bf16* s, const bf
 // Phase timing of one decode launch after an L2 flush (builds with -DBLR_DEC_TIMING only).
 static void decode_phase_report(const char* what, const std::function<void()>& fn) {
 #ifdef BLR_DEC_TIMING
-    unsigned long long init[4] = {~0ull, 0, 0, 0}, t[4];
+    unsigned long long init[8] = {~0ull, 0, 0, 0, 0, 0, 0, 0}, t[8];
     for (int rep = 0; rep < 2; ++rep) {
         CK(cudaMemcpyToSymbol(blr_dec_times, init, sizeof(init)));
         k_flush_read<<<1024, 512>>>(reinterpret_cast<const uint4*>(g_flush), FLUSH_BYTES / 16,
@@ -365,8 +365,10 @@ static void decode_phase_report(const char* what, const std::function<void()>& f
         CK(cudaDeviceSynchronize());
         CK(cudaMemcpyFromSymbol(t, blr_dec_times, sizeof(t)));
     }
-    printf("  phases %-22s phase1 %6.2f us | barrier %6.2f us | phase2 %6.2f us | total %6.2f us\n", what,
+    printf("  phases %-22s phase1 %6.2f us | barrier %6.2f us | phase2 %6.2f us | total %6.2f us", what,
            (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3, (t[3] - t[0]) * 1e-3);
+    if (t[4]) printf(" | p1 loads+mma %6.2f us", (t[4] - t[0]) * 1e-3);
+    printf("\n");
 #else
     (void)what;
     (void)fn;
@@ -386,7 +388,7 @@ static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const b
         CK(cudaFuncSetAttribute(blr_decode2, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
     }
     int tasks2 = nb2 * ((p2 + 15) / 16);
-    size_t zs_bytes = (size_t)std::max(nb1 * 128, 1024) * 4;
+    size_t zs_bytes = (size_t)std::max(nb1 * 128, 1024) * 4 + blr_dec2::S_TASKS * 4096;
     size_t task_bytes = (size_t)16 * (r2 + 8) * 2;
     int grid = g_sms;
     int want = (tasks2 + grid - 1) / grid;

@@ -31,8 +31,9 @@
 #endif
 #ifdef BLR_DEC_TIMING
 // Development only: phase boundaries (globaltimer ns): [0] first block start (min), [1] last
-// block done with phase 1, [2] last block past the barrier, [3] last block done.
-__device__ unsigned long long blr_dec_times[4];
+// block done with phase 1, [2] last block past the barrier, [3] last block done; blr_decode2
+// also: [4] last block with its phase-1 loads+MMAs done, [5] last block done with the mixing.
+__device__ unsigned long long blr_dec_times[8];
 static __device__ __forceinline__ void blr_dec_mark(int which, bool is_min) {
     if (threadIdx.x == 0) {
         unsigned long long t;
@@ -291,13 +292,14 @@ extern "C" __global__ void __launch_bounds__(blr_dec::THREADS)
 //  * 16 warps x 8 items in flight: a phase-1 task (8 ranks x all j) is one round trip for
 //    q <= 256 and b_in <= 16.
 //  * One fence per block in the grid barrier (v1 fenced in every thread).
-// Dynamic shared memory: max(nb1*128, 1024)*4 + smem_tasks * 16 * (r2 + 8) * 2 bytes.
+// Dynamic shared memory: max(nb1*128, 1024)*4 + 16384 (staged S) + smem_tasks * 16 * (r2 + 8) * 2 bytes.
 // ---------------------------------------------------------------------------------------------
 namespace blr_dec2 {
 constexpr int THREADS = 512;
 constexpr int WARPS = THREADS / 32;
 constexpr int U1 = 8;
 constexpr int U2 = 4;
+constexpr int S_TASKS = 4;  // phase-1 tasks per block whose S rows are staged in smem
 }  // namespace blr_dec2
 
 static __device__ __forceinline__ void blr_grid_barrier2(unsigned* bar, unsigned nblocks) {
@@ -328,7 +330,10 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
     extern __shared__ __align__(16) unsigned char blr_dec2_smem[];
     float* zs = reinterpret_cast<float*>(blr_dec2_smem);
     const int zs_floats = max(nb1 * 128, 1024);  // phase 2 uses 4 x 256
-    bf16* us = reinterpret_cast<bf16*>(blr_dec2_smem + zs_floats * 4);
+    // BLAST: S rows (8 ranks x 16 x 16 bf16 = 4 KB) of up to S_TASKS phase-1 tasks, copied in at
+    // entry so the mixing epilogue does not wait on a DRAM round trip.
+    bf16* ss = reinterpret_cast<bf16*>(blr_dec2_smem + zs_floats * 4);
+    bf16* us = reinterpret_cast<bf16*>(blr_dec2_smem + zs_floats * 4 + S_TASKS * 4096);
     const int urow = r2 + 8;  // padded row, elements
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
@@ -342,7 +347,20 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
 
     const int otiles = (p2 + 15) >> 4;
     const int tasks2 = nb2 * otiles;
-    // ---- issue the phase-2 weight copies for the first smem_tasks tasks of this block
+    // ---- cp.async group 1: BLAST's S rows for this block's phase-1 tasks (small, needed first)
+    if (mode == 0) {
+        int sslot = 0;
+        for (int task = blockIdx.x; task < (r1 + 7) / 8 && sslot < S_TASKS; task += gridDim.x, ++sslot) {
+            for (int idx = tid; idx < 8 * 32; idx += THREADS) {
+                const int k = task * 8 + (idx >> 5);
+                const bool ok = k < r1;
+                const bf16* src = ok ? s + (long)k * 256 + (idx & 31) * 8 : s;
+                cp_async16(smem_addr(ss + sslot * 2048 + idx * 8), src, ok);
+            }
+        }
+    }
+    cp_async_commit();
+    // ---- cp.async group 2: the phase-2 weights of the first smem_tasks tasks of this block
     {
         const int chunks_per_row = r2 >> 3;
         const int per_task = 16 * chunks_per_row;
@@ -368,7 +386,8 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
     const int per = (items + WARPS - 1) / WARPS;
     const int it_begin = warp * per;
     const int it_end = min(items, it_begin + per);
-    for (int task = blockIdx.x; task < tasks1; task += gridDim.x) {
+    int p1slot = 0;
+    for (int task = blockIdx.x; task < tasks1; task += gridDim.x, ++p1slot) {
         const int rank0 = task * 8;
         for (int i = tid; i < nb1 * 128; i += THREADS) zs[i] = 0.f;
         __syncthreads();
@@ -415,6 +434,9 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
             atomicAdd(zj + (g + 8) * 8 + 2 * c, acc[2]);
             atomicAdd(zj + (g + 8) * 8 + 2 * c + 1, acc[3]);
         }
+        BLR_DEC_MARK(4, false);
+        // The staged S (group 1) must have landed; the phase-2 weights (group 2) may still fly.
+        if (mode == 0 && p1slot < S_TASKS) cp_async_wait<1>();
         __syncthreads();
         if (mode == 0) {
             for (int pidx = tid; pidx < nb2 * 8; pidx += THREADS) {
@@ -422,9 +444,17 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
                 const int kk = pidx & 7;
                 const int k = rank0 + kk;
                 if (k < r1) {
-                    const bf16* sp = s + ((long)k * 16 + i) * 16;
-                    uint4 s0 = ld_ro16(sp);
-                    uint4 s1 = ld_ro16(sp + 8);
+                    uint4 s0, s1;
+                    if (p1slot < S_TASKS) {
+                        // The S copies were committed with the first cp.async group.
+                        const bf16* sp = ss + p1slot * 2048 + (kk * 16 + i) * 16;
+                        s0 = *reinterpret_cast<const uint4*>(sp);
+                        s1 = *reinterpret_cast<const uint4*>(sp + 8);
+                    } else {
+                        const bf16* sp = s + ((long)k * 16 + i) * 16;
+                        s0 = ld_ro16(sp);
+                        s1 = ld_ro16(sp + 8);
+                    }
                     float sv[16] = {bf16_lo(s0.x), bf16_hi(s0.x), bf16_lo(s0.y), bf16_hi(s0.y),
                                     bf16_lo(s0.z), bf16_hi(s0.z), bf16_lo(s0.w), bf16_hi(s0.w),
                                     bf16_lo(s1.x), bf16_hi(s1.x), bf16_lo(s1.y), bf16_hi(s1.y),
@@ -461,6 +491,7 @@ extern "C" __global__ void __launch_bounds__(blr_dec2::THREADS, 1)
         __syncthreads();
     }
     BLR_DEC_MARK(1, false);
+    BLR_DEC_MARK(5, false);
 
     // L2 prefetch for the phase-2 tasks that do not fit in shared memory.
     const int lines_per_row = (int)(((long)r2 * 2 + 127) / 128);

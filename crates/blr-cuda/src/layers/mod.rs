@@ -751,7 +751,8 @@ fn decode(
     let info = gpu.info();
     let grid = info.sm_count.max(1);
     let tasks2 = d.nb2 * d.p2.div_ceil(16);
-    let zs_bytes = (d.nb1 * 128).max(1024) * 4;
+    // zs (phase-1 partial sums / phase-2 reductions) + 4 phase-1 tasks of staged S (decode.cu).
+    let zs_bytes = (d.nb1 * 128).max(1024) * 4 + 4 * 4096;
     let task_bytes = 16 * (d.r2 + 8) * 2;
     let optin = usize::try_from(info.max_smem_per_block_optin.0).unwrap_or(usize::MAX);
     if zs_bytes > optin {
