@@ -14,7 +14,26 @@
 //! | monarch | per-block SVD (optimal)         | block-whitened SVD + exact block Gauss-Seidel       |
 //! | blast   | preconditioned alternating GD   | same, Gram-weighted loss and preconditioners        |
 //!
-//! The library never prints: progress goes through [`Progress`].
+//! The library never prints: progress goes through [`Progress`]. The math, the calibrated
+//! Monarch "best blockwise" scheme and measured behaviour are in docs/compression.md.
+//!
+//! ```
+//! use blr_compress::{blast, shape_for_ratio, BlastOptions, Calibration, Gram, Silent, Target};
+//! use blr_core::{rng::Rng, FormatKind};
+//!
+//! let (m, n) = (32, 48);
+//! let w = Rng::new(0).normal_vec(m * n, 1.0);
+//! let target = Target::new("layers.0.mlp.up_proj", m, n, &w)?;
+//! // Calibration: stream the layer's input activations (tokens, n) into a Gram.
+//! let mut gram = Gram::new(n);
+//! gram.accumulate(&Rng::new(1).normal_vec(64 * n, 1.0), 64)?;
+//! // Half the dense parameters with 4 x 4 blocks.
+//! let shape = shape_for_ratio(FormatKind::Blast, m, n, 4, 4, 0.5)?;
+//! let opts = BlastOptions { iterations: 20, ..BlastOptions::new(4, shape.rank) };
+//! let layer = blast(&target, &opts, Some(&Calibration::new(&gram)), &Silent)?;
+//! assert!(layer.params() <= m * n / 2);
+//! # Ok::<(), blr_compress::CompressError>(())
+//! ```
 
 mod blast;
 mod error;
