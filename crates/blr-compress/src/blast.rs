@@ -217,9 +217,10 @@ pub fn blast_report(
     let prob = Problem::new(name, a, weight.as_ref(), b_out, b_in, r)?;
 
     // Local minima are real for this CP-like problem: from the published random start,
-    // exactly-BLAST test matrices are recovered from roughly half to most seeds, the others
-    // stall at 5-15% error. Restarts run a short probe (a tenth of the iterations, on the same
-    // lr schedule) from several starts and continue the best one.
+    // exactly-BLAST test matrices are recovered from half to all of the seeds depending on the
+    // shape, the others stall at 2-15% error (docs/compression.md has the table). Restarts run
+    // a short probe (a tenth of the iterations, on the same lr schedule) from several starts
+    // and continue the best one.
     let restarts = opts.restarts.max(1);
     let probe = if restarts > 1 {
         (opts.iterations / 10).clamp(1, opts.iterations.max(1))
