@@ -1,11 +1,11 @@
 //! The on-disk autotune cache: the fastest measured [`Strategy`] per (device, layer shape, T).
 //!
-//! Why: on an H100 the heuristic of [`auto_strategy`] is often wrong: at T <= 16 two or three
-//! cuBLASLt launches beat blr's decode kernel for every low-rank and Monarch layer of BRIEF
-//! section 3, and for small layers (GPT-2, ViT, DiT) the fixed ~13 us of the decode kernel loses
-//! to cuBLAS's ~9 us (docs/perf/layers-h100.md). `blr bench layer` measures every strategy and
-//! records the winner here; [`AutotuneCache::choose`] then answers from measurement and falls back
-//! to the heuristic for shapes it has not seen.
+//! Why: which strategy wins depends on the device and the shape more than a heuristic can say
+//! (on the H100, docs/perf/layers-h100.md: two or three cuBLASLt launches beat blr's decode
+//! kernel for every low-rank and Monarch layer at T <= 16, while BLAST's decode kernel wins for
+//! llama7b q/k/v/o at T=1). `blr bench layer` measures every strategy and records the winner
+//! here; [`AutotuneCache::choose`] then answers from measurement and falls back to
+//! [`auto_strategy`] for shapes it has not seen.
 //!
 //! Format: plain text, one `<key><TAB><strategy>` line per entry (`#` starts a comment), key =
 //! `device|format|m x n|b_out x b_in|rank|T`: easy to read, diff and edit by hand. Default
@@ -141,12 +141,12 @@ mod tests {
     #[test]
     fn choose_prefers_measurement_then_heuristic() {
         let mut c = AutotuneCache::default();
-        assert_eq!(c.choose("H100", &blast(), 1), Strategy::Decode);
-        c.insert("H100", &blast(), 1, Strategy::Partial);
         assert_eq!(c.choose("H100", &blast(), 1), Strategy::Partial);
+        c.insert("H100", &blast(), 1, Strategy::Decode);
+        assert_eq!(c.choose("H100", &blast(), 1), Strategy::Decode);
         // Another device or T falls back to the heuristic.
-        assert_eq!(c.choose("A100", &blast(), 1), Strategy::Decode);
-        assert_eq!(c.choose("H100", &blast(), 2), Strategy::Decode);
+        assert_eq!(c.choose("A100", &blast(), 1), Strategy::Partial);
+        assert_eq!(c.choose("H100", &blast(), 2), Strategy::Partial);
         // A cached strategy that no longer applies (decode at T > 16) is ignored.
         c.insert("H100", &blast(), 64, Strategy::Decode);
         assert_eq!(c.choose("H100", &blast(), 64), Strategy::Partial);

@@ -17,7 +17,11 @@
 //! - [`Strategy::Decode`]: `T <= 16`. One cooperative persistent kernel (decode.cu,
 //!   `blr_decode2`) streams every weight once with 16-byte loads: phase 1 (stage 1 + mixing or
 //!   permutation), a grid barrier, phase 2, with the phase-2 weights copied into shared memory
-//!   while phase 1 runs. One launch per layer, graph-capturable.
+//!   while phase 1 runs. One launch per layer, graph-capturable. On the H100 it is not yet
+//!   faster than cuBLAS (see [`auto_strategy`]).
+//!
+//! Which strategy runs by default: the fastest one measured on this device for this shape and
+//! T if `blr bench layer` recorded it ([`autotune::AutotuneCache`]), else [`auto_strategy`].
 //! - Fully fused BLAST (all three stages in one kernel) is not implemented yet; see
 //!   docs/perf/kernel-notes.md for the measurements that shape it.
 //!
@@ -193,16 +197,16 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
     }
 }
 
-/// The strategy used when none is named: decode for `T <= 16` where supported, BLAST's
-/// partial path for prefill, otherwise unfused (cuBLASLt). Chosen from the measurements in
-/// docs/perf/layers-h100.md (low-rank prefill: two cuBLASLt GEMMs beat blr's own mma.sync GEMM;
-/// Monarch prefill has no partial path yet); a per-(device, shape, T) autotune cache is still
-/// to come.
+/// The strategy used when none is named and the autotune cache has no entry: BLAST's partial
+/// path where it applies, otherwise unfused (cuBLASLt), at every token count.
+///
+/// Why not decode for small T: on the H100 (docs/perf/layers-h100.md, all 15 reference configs)
+/// the decode kernel won only 2 of 60 (config, T <= 16) BLAST rows, by <= 6%, and never for
+/// low-rank or Monarch: its ~12 us fixed cost (cold DRAM/TLB round trips in both phases plus a
+/// grid barrier) loses to two or three cuBLAS GEMV launches. It stays selectable, and
+/// [`autotune::AutotuneCache`] picks it wherever a device measures it faster.
 pub fn auto_strategy(s: &Shape, tokens: usize) -> Strategy {
-    if tokens <= DECODE_MAX_TOKENS && check_strategy(s, Strategy::Decode, tokens).is_ok() {
-        Strategy::Decode
-    } else if s.format == FormatKind::Blast && check_strategy(s, Strategy::Partial, tokens).is_ok()
-    {
+    if s.format == FormatKind::Blast && check_strategy(s, Strategy::Partial, tokens).is_ok() {
         Strategy::Partial
     } else {
         Strategy::Unfused

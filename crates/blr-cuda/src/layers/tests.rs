@@ -83,11 +83,16 @@ fn strategy_checks_name_the_failing_dimension() {
 }
 
 #[test]
-fn auto_strategy_follows_token_count_and_format() {
+fn auto_strategy_follows_format_and_applicability() {
     let blast = shape(FormatKind::Blast, 4096, 4096, 16, 16, 1024);
-    assert_eq!(auto_strategy(&blast, 1), Strategy::Decode);
-    assert_eq!(auto_strategy(&blast, 16), Strategy::Decode);
-    assert_eq!(auto_strategy(&blast, 17), Strategy::Partial);
+    assert_eq!(auto_strategy(&blast, 1), Strategy::Partial);
+    assert_eq!(auto_strategy(&blast, 16), Strategy::Partial);
+    assert_eq!(auto_strategy(&blast, 1024), Strategy::Partial);
+    // q = 26: the tensor-core paths do not apply.
+    let odd_blast = shape(FormatKind::Blast, 64, 104, 4, 4, 16);
+    assert_eq!(auto_strategy(&odd_blast, 1), Strategy::Unfused);
+    let mon = shape(FormatKind::Monarch, 4096, 4096, 16, 16, 1024);
+    assert_eq!(auto_strategy(&mon, 1), Strategy::Unfused);
     let lr = shape(FormatKind::LowRank, 4096, 4096, 1, 1, 1024);
     assert_eq!(auto_strategy(&lr, 1024), Strategy::Unfused);
     let odd = shape(FormatKind::LowRank, 100, 100, 1, 1, 10);
