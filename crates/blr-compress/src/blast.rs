@@ -231,6 +231,10 @@ pub fn blast_report(
     let done = std::cell::Cell::new(0usize);
     let run =
         |st: &mut State, iters: std::ops::Range<usize>, history: &mut Vec<f64>| -> Result<()> {
+            let mut cache = Cache {
+                j: prob.u_gram(&st.u),
+                vgv: prob.vgv(&st.v),
+            };
             for it in iters {
                 let lr = opts.lr * (1.0 - it as f64 / opts.iterations as f64);
                 // The published updates descend on ||E||_F^2, whose gradient is twice that of our
@@ -246,9 +250,9 @@ pub fn blast_report(
                     damping: opts.damping,
                     method: opts.method,
                 };
-                prob.step_u(st, &ctx)?;
-                let ut = prob.step_v(st, &ctx)?;
-                let loss = prob.step_s(st, &ut, &ctx)?;
+                prob.step_u(st, &ctx, &mut cache)?;
+                let ut = prob.step_v(st, &ctx, &mut cache)?;
+                let loss = prob.step_s(st, &ut, &ctx, &cache)?;
                 let rel = prob.relative(loss);
                 if !rel.is_finite() {
                     return Err(CompressError::numerical(
@@ -367,6 +371,14 @@ impl State {
             s: (0..b_out * b_in * r).map(|_| rng.normal()).collect(),
         }
     }
+}
+
+/// `U_i^T U_i` and the `V^T G V` blocks of the current factors. Each changes only when its
+/// factor does, so one iteration computes each once (after the U and V steps) instead of in
+/// every sub-step: at 4096 x 4096, b = 16, r = 1024 that saves ~5e10 flops per iteration.
+struct Cache {
+    j: Vec<Mat<f64>>,
+    vgv: Vgv,
 }
 
 /// The calibrated weight split the way the updates use it.
@@ -537,7 +549,7 @@ impl<'a> Problem<'a> {
     }
 
     /// One U step; exact Gauss-Newton per block row (separable in both variants).
-    fn step_u(&self, st: &mut State, ctx: &Step) -> Result<()> {
+    fn step_u(&self, st: &mut State, ctx: &Step, cache: &mut Cache) -> Result<()> {
         let (m, p, q, r) = (self.target.nrows(), self.p, self.q, self.r);
         let tv: Vec<Mat<f32>> = (0..self.b_in)
             .map(|j| {
@@ -547,8 +559,7 @@ impl<'a> Problem<'a> {
                 )
             })
             .collect();
-        let vgv = self.vgv(&st.v);
-        let j_mats = self.u_gram(&st.u);
+        let (vgv, j_mats) = (&cache.vgv, &cache.j);
         let per_row: Vec<(Mat<f64>, Mat<f64>)> = (0..self.b_out)
             .into_par_iter()
             .map(|i| {
@@ -562,7 +573,7 @@ impl<'a> Problem<'a> {
                         }
                     }
                 }
-                (rhs, self.p_matrix(&st.s, i, &vgv))
+                (rhs, self.p_matrix(&st.s, i, vgv))
             })
             .collect();
         let mut cross = 0.0;
@@ -603,11 +614,12 @@ impl<'a> Problem<'a> {
             })
             .collect::<Result<_>>()?;
         st.u = updates;
+        cache.j = self.u_gram(&st.u);
         Ok(())
     }
 
     /// One V step. Returns `U_i^T T_i` (r, n) per block row, reused by the S step.
-    fn step_v(&self, st: &mut State, ctx: &Step) -> Result<Vec<Mat<f32>>> {
+    fn step_v(&self, st: &mut State, ctx: &Step, cache: &mut Cache) -> Result<Vec<Mat<f32>>> {
         let (n, p, q, r, b_in) = (self.target.ncols(), self.p, self.q, self.r, self.b_in);
         let ut: Vec<Mat<f32>> = (0..self.b_out)
             .map(|i| {
@@ -617,7 +629,7 @@ impl<'a> Problem<'a> {
                 )
             })
             .collect();
-        let j_mats = self.u_gram(&st.u);
+        let j_mats = &cache.j;
         let calibrated = self.weight.is_some();
         // Q_jj' = sum_i (s_ij s_ij'^T) ⊙ J_i; only j == j' data-free.
         let q_mats: Vec<Option<Mat<f64>>> = (0..b_in * b_in)
@@ -651,8 +663,8 @@ impl<'a> Problem<'a> {
             }
             0.5 * (self.norm_sq - 2.0 * cross + quad)
         };
-        let vgv = self.vgv(&st.v);
-        let loss0 = loss_of(&st.v, &vgv);
+        let vgv = &cache.vgv;
+        let loss0 = loss_of(&st.v, vgv);
         let eps = self.eps(loss0, ctx);
         let steps: Vec<(Mat<f64>, Mat<f64>)> = (0..b_in)
             .into_par_iter()
@@ -723,21 +735,22 @@ impl<'a> Problem<'a> {
                 .collect()
         };
         st.v = apply(ctx.step);
+        let mut new_vgv = self.vgv(&st.v);
         if calibrated {
-            let trial = self.vgv(&st.v);
-            let alpha = line_search(loss0, loss_of(&st.v, &trial), gd, ctx.step);
+            let alpha = line_search(loss0, loss_of(&st.v, &new_vgv), gd, ctx.step);
             if alpha != ctx.step {
                 st.v = apply(alpha);
+                new_vgv = self.vgv(&st.v);
             }
         }
+        cache.vgv = new_vgv;
         Ok(ut)
     }
 
     /// One S step; returns the loss after it.
-    fn step_s(&self, st: &mut State, ut: &[Mat<f32>], ctx: &Step) -> Result<f64> {
+    fn step_s(&self, st: &mut State, ut: &[Mat<f32>], ctx: &Step, cache: &Cache) -> Result<f64> {
         let (r, b_in) = (self.r, self.b_in);
-        let vgv = self.vgv(&st.v);
-        let j_mats = self.u_gram(&st.u);
+        let (vgv, j_mats) = (&cache.vgv, &cache.j);
         // d_ij = diag(U_i^T T_ij V_j).
         let d = diag_products(ut, &st.v, r);
         // H s for the current s: (J_i ⊙ VGV_jj') s_ij' summed over j'.
