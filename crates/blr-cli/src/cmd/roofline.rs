@@ -17,7 +17,8 @@ use super::doctor::GpuArgs;
 minimum traffic, 2*(params + T*(m+n)) bytes), y = achieved TFLOP/s, both logarithmic. The two \
 ceilings (copy bandwidth and bf16 GEMM rate) are the ones measured in the benchmark run. Each \
 point is one (config, format, strategy, T) row of `blr bench layer`: colour = format, marker = \
-strategy; its distance below the roof is the fraction of the roofline it reaches.\n\n\
+strategy; its distance below the roof is the fraction of the roofline it reaches. The fastest \
+strategy of each (config, format, T) is drawn large and labelled, the others small.\n\n\
 Either reads records written by `blr bench layer --out FILE.json` (--from), or runs that \
 benchmark itself with the flags below.\n\n\
 Examples:\n  blr roofline --out roofline.svg\n  \
@@ -30,7 +31,8 @@ pub struct Args {
     /// Records of an earlier `blr bench layer --out FILE.json`; without it the benchmark runs.
     #[arg(long, value_name = "FILE.json")]
     from: Option<PathBuf>,
-    /// Reference config(s) to benchmark when --from is not given (see `blr bench layer --help`).
+    /// Reference config(s) to benchmark when --from is not given (see `blr bench layer --help`);
+    /// with --from, the configs of the file to plot (`all` keeps every record).
     #[arg(long, default_value = "llama7b-qkvo")]
     config: String,
     /// Token counts to benchmark when --from is not given.
@@ -72,8 +74,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             gpu: args.gpu.clone(),
         })?,
     };
+    let records: Vec<Record> = if args.config.trim() == "all" {
+        records
+    } else {
+        let keep: Vec<&str> = args.config.split(',').map(str::trim).collect();
+        records
+            .into_iter()
+            .filter(|r| keep.contains(&r.config.as_str()))
+            .collect()
+    };
     if records.is_empty() {
-        bail!("no benchmark records to plot");
+        bail!(
+            "no benchmark records to plot for --config {} (use --config all for every record)",
+            args.config
+        );
     }
     let svg = render(&records)?;
     std::fs::write(&args.out, svg).with_context(|| format!("writing {}", args.out.display()))?;
@@ -81,10 +95,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-const W: f64 = 1100.0;
-const H: f64 = 760.0;
+const W: f64 = 1280.0;
+const H: f64 = 820.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 330.0;
+const RIGHT: f64 = 280.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
@@ -230,26 +244,71 @@ fn render(records: &[Record]) -> anyhow::Result<String> {
         py(bw * xmin) - 8.0,
         bw / 1e9
     );
-    // Points, labelled.
+    // The fastest strategy per (config, format, T) is labelled; the others are drawn small.
+    let mut fastest: std::collections::HashMap<(&str, &str, usize), f64> =
+        std::collections::HashMap::new();
+    for r in records {
+        let e = fastest
+            .entry((r.config.as_str(), r.format.as_str(), r.tokens))
+            .or_insert(f64::INFINITY);
+        *e = e.min(r.ms);
+    }
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
     for (x, y, r) in &pts {
         let (sx, sy) = (px(*x), py(*y));
         let c = color(&r.format);
+        let is_best = fastest
+            .get(&(r.config.as_str(), r.format.as_str(), r.tokens))
+            .is_some_and(|&b| r.ms <= b);
+        if !is_best {
+            let _ = writeln!(
+                s,
+                r#"<g opacity="0.45" transform="translate({sx:.1},{sy:.1}) scale(0.6) translate({:.1},{:.1})">{}</g>"#,
+                -sx,
+                -sy,
+                marker(&r.strategy, sx, sy, c)
+            );
+            continue;
+        }
         let _ = writeln!(s, "{}", marker(&r.strategy, sx, sy, c));
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" font-size="9" fill="{c}">{} {}/{} T={} ({:.0}%)</text>"#,
-            sx + 7.0,
-            sy + 3.0,
+        let text = format!(
+            "{} {}/{} T={} ({:.0}%)",
             esc(&r.config),
             esc(&r.format),
             esc(&r.strategy),
             r.tokens,
             r.roofline_frac * 100.0
         );
+        // Greedy de-overlap: move a label down 11 px at a time until it clears the labels
+        // already placed (boxes estimated at 5 px per character), with a leader line if moved.
+        let width = 5.0 * text.len() as f64;
+        let (lx, mut ly) = (sx + 7.0, sy + 3.0);
+        for _ in 0..40 {
+            let clash = placed
+                .iter()
+                .any(|&(x0, x1, y)| (ly - y).abs() < 10.0 && lx < x1 && x0 < lx + width);
+            if !clash {
+                break;
+            }
+            ly += 11.0;
+        }
+        placed.push((lx, lx + width, ly));
+        if ly - (sy + 3.0) > 1.0 {
+            let _ = writeln!(
+                s,
+                r#"<line x1="{sx:.1}" y1="{sy:.1}" x2="{lx:.1}" y2="{:.1}" stroke="{c}" stroke-width="0.5"/>"#,
+                ly - 3.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{lx:.1}" y="{ly:.1}" font-size="9" fill="{c}">{text}</text>"#
+        );
     }
     // Legend.
-    let lx = W - RIGHT + 20.0;
-    let mut ly = TOP + 10.0;
+    // The region above the bandwidth slope at low intensity is always empty: legend goes there.
+    let lx = LEFT + 20.0;
+    let mut ly = TOP + 16.0;
     let _ = writeln!(
         s,
         r#"<text x="{lx}" y="{ly}" font-weight="bold">format (colour)</text>"#
@@ -340,10 +399,23 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("<polyline"), "no roof");
-        assert_eq!(svg.matches("T=").count(), 3, "one label per point");
+        assert_eq!(svg.matches("T=").count(), 3, "one label per fastest point");
         assert!(svg.contains("Test &lt;GPU&gt;"));
         assert!(svg.contains("800 TFLOP/s"));
         assert!(!svg.contains("NaN"));
+    }
+
+    #[test]
+    fn only_the_fastest_strategy_of_a_group_is_labelled() {
+        let records = vec![
+            rec("blast", "partial", 16, 0.02),
+            rec("blast", "decode", 16, 0.03),
+            rec("blast", "unfused", 16, 0.05),
+        ];
+        let svg = render(&records).expect("renders");
+        assert_eq!(svg.matches("T=16").count(), 1);
+        assert!(svg.contains("blast/partial T=16"));
+        assert_eq!(svg.matches("opacity=\"0.45\"").count(), 2);
     }
 
     #[test]
