@@ -120,49 +120,7 @@ pub fn bundle(
             let ids: Vec<u32> = (0..tokens)
                 .map(|_| rng.below(cfg.vocab_size) as u32)
                 .collect();
-            let model = llama::Llama::load(Cpu, cfg.clone(), ck.clone())?;
-            let mut cache = model.new_cache(tokens)?;
-            let logits = model.forward(&ids, &mut cache, true)?;
-            let mut t = weights(&ck, str::to_string)?;
-            t.push(Owned {
-                name: "blr.reference.input_ids".into(),
-                shape: vec![tokens],
-                data: ids.iter().map(|&i| i as f32).collect(),
-            });
-            t.push(Owned {
-                name: "blr.reference.output".into(),
-                shape: vec![tokens, cfg.vocab_size],
-                data: logits,
-            });
-            let rope_scaling = match &cfg.rope_scaling {
-                llama::RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_positions,
-                } => {
-                    json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                            "high_freq_factor": high_freq_factor,
-                            "original_max_position_embeddings": original_max_positions})
-                }
-                llama::RopeScaling::Linear { factor } => {
-                    json!({"rope_type": "linear", "factor": factor})
-                }
-                _ => serde_json::Value::Null,
-            };
-            let config = json!({
-                "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
-                "intermediate_size": cfg.intermediate, "num_hidden_layers": cfg.layers,
-                "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
-                "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
-                "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "max_position_embeddings": cfg.max_positions, "hidden_act": "silu",
-                "attention_bias": false, "mlp_bias": false
-            });
-            Ok(Bundle {
-                tensors: t,
-                metadata: meta("llama", config),
-            })
+            llama_bundle(&cfg, &ck, &ids)
         }
         "gpt2" => {
             let cfg = if shape == "tiny" {
@@ -333,6 +291,55 @@ pub fn bundle(
             format!("unknown architecture '{other}' (known: {ARCHS})"),
         )),
     }
+}
+
+/// A Llama bundle from given weights (random, or a real model's, e.g. SmolLM2 dequantised from
+/// its GGUF, which checks the GGUF Q/K un-permutation against transformers) and token ids.
+pub fn llama_bundle(cfg: &llama::LlamaConfig, ck: &Checkpoint, ids: &[u32]) -> Result<Bundle> {
+    let tokens = ids.len();
+    let model = llama::Llama::load(Cpu, cfg.clone(), ck.clone())?;
+    let mut cache = model.new_cache(tokens)?;
+    let logits = model.forward(ids, &mut cache, true)?;
+    let mut t = weights(ck, str::to_string)?;
+    t.push(Owned {
+        name: "blr.reference.input_ids".into(),
+        shape: vec![tokens],
+        data: ids.iter().map(|&i| i as f32).collect(),
+    });
+    t.push(Owned {
+        name: "blr.reference.output".into(),
+        shape: vec![tokens, cfg.vocab_size],
+        data: logits,
+    });
+    let rope_scaling = match &cfg.rope_scaling {
+        llama::RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_positions,
+        } => {
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_positions})
+        }
+        llama::RopeScaling::Linear { factor } => {
+            json!({"rope_type": "linear", "factor": factor})
+        }
+        _ => serde_json::Value::Null,
+    };
+    let config = json!({
+        "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate, "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_positions, "hidden_act": "silu",
+        "attention_bias": false, "mlp_bias": false
+    });
+    Ok(Bundle {
+        tensors: t,
+        metadata: meta("llama", config),
+    })
 }
 
 #[cfg(test)]

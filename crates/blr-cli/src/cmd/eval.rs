@@ -7,6 +7,7 @@ use blr_models::llama::Llama;
 use blr_models::lm::perplexity;
 use blr_models::loader;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::PathBuf;
 
 /// Measure a model's accuracy.
@@ -56,6 +57,11 @@ pub struct ReferenceArgs {
     /// Seed for the weights and the input.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Use this Llama model's weights instead of random ones (`smollm2`, a GGUF, a blr
+    /// checkpoint, an HF directory): checks GGUF loading (dequantisation, Q/K un-permutation)
+    /// against transformers. BLR layers are exported densified.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Output file (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
@@ -132,13 +138,28 @@ pub fn run(args: Args) -> Result<()> {
 
 fn reference(args: ReferenceArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let b = blr_models::reference::bundle(
-        &args.arch,
-        &args.shape,
-        args.layers,
-        args.seed,
-        args.tokens.max(1),
-    )?;
+    let b = match &args.model {
+        None => blr_models::reference::bundle(
+            &args.arch,
+            &args.shape,
+            args.layers,
+            args.seed,
+            args.tokens.max(1),
+        )?,
+        Some(spec) => {
+            if args.arch != "llama" {
+                bail!("--model takes Llama models; use --arch llama");
+            }
+            let loaded =
+                loader::load_llama(spec).with_context(|| format!("loading model '{spec}'"))?;
+            let v = loaded.cfg.vocab_size;
+            let mut rng = blr_core::rng::Rng::new(args.seed);
+            let ids: Vec<u32> = (0..args.tokens.max(1))
+                .map(|_| rng.below(v) as u32)
+                .collect();
+            blr_models::reference::llama_bundle(&loaded.cfg, &loaded.weights, &ids)?
+        }
+    };
     let bytes = b.to_bytes()?;
     blr_core::safetensors::write_atomic(&args.out, &bytes)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -153,18 +174,20 @@ fn reference(args: ReferenceArgs) -> Result<()> {
         )?,
         "seconds": t0.elapsed().as_secs_f64(),
     });
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "wrote {} ({} tensors, {:.1} MB): {} {} with input and CPU output; check it with\n  python crates/blr-models/tools/torch_reference.py {}",
             args.out.display(),
             b.tensors.len(),
             bytes.len() as f64 / 1e6,
             args.arch,
-            args.shape,
+            args.model.as_deref().unwrap_or(&args.shape),
             args.out.display()
-        );
+        )?;
     }
     Ok(())
 }
@@ -232,10 +255,12 @@ fn ppl(args: PplArgs) -> Result<()> {
         seconds,
         tokens_per_second: (r.windows * r.ctx.min(ids.len())) as f64 / seconds.max(1e-9),
     };
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "perplexity {:.4} (nll {:.4} nats/token) over {} scored of {} tokens; ctx {}, stride {}, {} windows; {:.1} s on {} ({:.0} tokens/s processed)",
             report.perplexity,
             report.nll_per_token,
@@ -247,7 +272,7 @@ fn ppl(args: PplArgs) -> Result<()> {
             report.seconds,
             report.device,
             report.tokens_per_second
-        );
+        )?;
     }
     Ok(())
 }
