@@ -14,9 +14,15 @@ use blr_cuda::{bf16, Gpu};
 use super::doctor::GpuArgs;
 
 #[derive(clap::Args, Debug)]
-#[command(
-    about = "Benchmark BLR layers on the GPU against dense cuBLAS and the roofline",
-    long_about = "Benchmarks the GPU kernels.\n\n\
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// One linear layer: every format x strategy x token count of the chosen configs.
+    #[command(long_about = "Benchmarks the GPU kernels.\n\n\
 `blr bench layer` times one linear layer y = x W^T (bf16, fp32 accumulation) for every format \
 (dense, lowrank, monarch, blast) and every strategy that applies:\n  \
 unfused  cuBLAS GEMMs per block stage + simple kernels, every intermediate in memory (the \
@@ -31,16 +37,7 @@ relative error of the first tokens against the CPU reference. '*' marks the stra
 heuristic picks. The fastest strategy of each (format, shape, T) is recorded in the autotune cache \
 (--autotune, default ~/.cache/blr/autotune.tsv), which blr then uses instead of the heuristic.\n\n\
 Examples:\n  blr bench layer\n  blr bench layer --config all --tokens 1,16,128,native\n  \
-blr bench layer --config llama7b-qkvo --formats blast --tokens 1024 --json > blast.json"
-)]
-pub struct Args {
-    #[command(subcommand)]
-    what: What,
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum What {
-    /// One linear layer: every format x strategy x token count of the chosen configs.
+blr bench layer --config llama7b-qkvo --formats blast --tokens 1024 --json > blast.json")]
     Layer(LayerArgs),
 }
 
