@@ -558,6 +558,14 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             cublas_nt(MP, (long)mb * R, R, M2, R, (long)mbk * R, MO2, m, mbk, T, mbk, R, mb);
             blr_monarch_perm_out<<<nblk((long)T * m), 256>>>(MO2, y, T, mb, mbk);
         });
+        run_row(c, T, "monarch", "unfused-tiled", mparams, mflops, y, ref, [&] {
+            cublas_nt(x, n, nbk, M1, nbk, (long)R * nbk, MO1, (long)mb * R, R, T, R, nbk, mb);
+            dim3 g1((mb + 31) / 32, (R + 31) / 32, std::min(T, 65535));
+            blr_batched_transpose<<<g1, dim3(32, 8)>>>(MO1, MP, T, R, mb);
+            cublas_nt(MP, (long)mb * R, R, M2, R, (long)mbk * R, MO2, m, mbk, T, mbk, R, mb);
+            dim3 g2((mbk + 31) / 32, (mb + 31) / 32, std::min(T, 65535));
+            blr_batched_transpose<<<g2, dim3(32, 8)>>>(MO2, y, T, mb, mbk);
+        });
         if (T <= 16) {
             run_row(c, T, "monarch", "decode", mparams, mflops, y, ref, [&] {
                 launch_decode(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R);

@@ -29,3 +29,34 @@ extern "C" __global__ void blr_monarch_perm_out(const bf16* __restrict__ out2, b
     long t = rest / b;
     y[t * b * mb + (long)s * b + l] = out2[idx];
 }
+
+// Tiled replacement for the two permutations above (v0 measured 69 + 48 us for llama7b qkvo at
+// T=1024: one thread per element, the gather side 2-byte reads strided by b or m/b).
+// Both permutations are a transpose per token: P[t] (b x R) = out1[t] (R x b)^T and
+// y[t] (m/b x b) = out2[t] (b x m/b)^T. 32x32 tiles through shared memory (34-element rows: the
+// column reads of the second half hit distinct banks), 32x8 threads, so both the reads and the
+// writes are row segments; grid z strides over tokens.
+extern "C" __global__ void __launch_bounds__(256) blr_batched_transpose(const bf16* __restrict__ in,
+                                                                        bf16* __restrict__ out, int T, int rows,
+                                                                        int cols) {
+    __shared__ bf16 tile[32][34];
+    const int c0 = blockIdx.x * 32;
+    const int r0 = blockIdx.y * 32;
+    const long mat = (long)rows * cols;
+    for (int t = blockIdx.z; t < T; t += gridDim.z) {
+        const bf16* src = in + (long)t * mat;
+        bf16* dst = out + (long)t * mat;
+        for (int i = threadIdx.y; i < 32; i += 8) {
+            const int r = r0 + i;
+            const int c = c0 + threadIdx.x;
+            if (r < rows && c < cols) tile[i][threadIdx.x] = src[(long)r * cols + c];
+        }
+        __syncthreads();
+        for (int i = threadIdx.y; i < 32; i += 8) {
+            const int c = c0 + i;
+            const int r = r0 + threadIdx.x;
+            if (c < cols && r < rows) dst[(long)c * rows + r] = tile[threadIdx.x][i];
+        }
+        __syncthreads();
+    }
+}
