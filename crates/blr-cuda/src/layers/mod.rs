@@ -54,7 +54,8 @@ pub const GEMM_CU: KernelSource = crate::kernel_source!("gemm.cu", headers: ["co
 pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["common.cuh"]);
 /// decode.cu: `blr_decode`, `blr_decode2`.
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
-/// monarch.cu: `blr_batched_transpose` (and the v0 permutation kernels the harness compares).
+/// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out` (and `blr_batched_transpose`,
+/// a tiled variant the harness compares; measured no faster, see docs/perf/kernel-notes.md).
 pub const MONARCH_CU: KernelSource = crate::kernel_source!("monarch.cu", headers: ["common.cuh"]);
 
 /// Largest token count the decode kernel handles: its MMAs have M = 16 token rows.
@@ -221,7 +222,8 @@ pub struct LayerKernels {
     mix_tc2: Kernel,
     mix_naive: Kernel,
     decode2: Kernel,
-    transpose: Kernel,
+    perm_mid: Kernel,
+    perm_out: Kernel,
 }
 
 impl LayerKernels {
@@ -237,7 +239,8 @@ impl LayerKernels {
             mix_tc2: blast.function("blr_blast_mix_tc2")?,
             mix_naive: blast.function("blr_blast_mix_naive")?,
             decode2: decode.function("blr_decode2")?,
-            transpose: monarch.function("blr_batched_transpose")?,
+            perm_mid: monarch.function("blr_monarch_perm_mid")?,
+            perm_out: monarch.function("blr_monarch_perm_out")?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
         k.gemm_128x256.set_max_dynamic_smem(GEMM_SMEM_128X256)?;
@@ -477,14 +480,35 @@ impl GpuLinear {
             .batched(b, nb, rr * nb, rr)
             .with_ld(s.n, nb, b * rr);
         gpu.gemm(&st1, x, w1, &mut ws.a)?;
-        // P[t] (b x R) = out1[t] (R x b)^T: the permutation of BRIEF section 2 as a transpose.
-        batched_transpose(gpu, k, &ws.a, &mut ws.b, t, rr, b)?;
+        let total = t * b * rr;
+        let (ti, bi, ri) = (i32_of(t, "T")?, i32_of(b, "b")?, i32_of(rr, "R")?);
+        // SAFETY: perm_mid(const bf16* flat, bf16* P, int T, int b, int R) reads and writes
+        // T*b*R elements; the workspace buffers hold at least that many for T <= max_tokens.
+        unsafe {
+            gpu.launch(&k.perm_mid)
+                .arg(&ws.a)
+                .arg(&mut ws.b)
+                .arg(&ti)
+                .arg(&bi)
+                .arg(&ri)
+                .launch(grid_1d(total))?;
+        }
         let st2 = GemmShape::linear(t, mb, rr)
             .batched(b, rr, mb * rr, mb)
             .with_ld(b * rr, rr, s.m);
         gpu.gemm(&st2, &ws.b, w2, &mut ws.c)?;
-        // y[t] (m/b x b) = out2[t] (b x m/b)^T: output index s*b + l.
-        batched_transpose(gpu, k, &ws.c, y, t, b, mb)
+        let mbi = i32_of(mb, "m/b")?;
+        // SAFETY: perm_out(const bf16* out2, bf16* y, int T, int b, int mb) touches T*b*mb = T*m
+        // elements of each; y was checked to hold T*m.
+        unsafe {
+            gpu.launch(&k.perm_out)
+                .arg(&ws.c)
+                .arg(y)
+                .arg(&ti)
+                .arg(&bi)
+                .arg(&mbi)
+                .launch(grid_1d(t * s.m))
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -568,51 +592,6 @@ impl GpuLinear {
             .batched(bo, t * r, p * r, p)
             .with_ld(r, r, s.m);
         gpu.gemm(&st3, &ws.b, u, y)
-    }
-}
-
-/// `out[t] (cols x rows) = in[t] (rows x cols)^T` for `t < tokens` (monarch.cu).
-fn batched_transpose(
-    gpu: &Gpu,
-    k: &LayerKernels,
-    input: &DeviceBuffer<bf16>,
-    out: &mut DeviceBuffer<bf16>,
-    tokens: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    let need = tokens * rows * cols;
-    if input.len() < need || out.len() < need {
-        return Err(Error::Shape(format!(
-            "transpose of {tokens} x ({rows} x {cols}) needs {need} elements, buffers hold {} and {}",
-            input.len(),
-            out.len()
-        )));
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(cols.div_ceil(32)).unwrap_or(u32::MAX),
-            u32::try_from(rows.div_ceil(32)).unwrap_or(u32::MAX),
-            u32::try_from(tokens.min(65535)).unwrap_or(65535),
-        ),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
-    let (ti, ri, ci) = (
-        i32_of(tokens, "T")?,
-        i32_of(rows, "rows")?,
-        i32_of(cols, "cols")?,
-    );
-    // SAFETY: blr_batched_transpose(const bf16* in, bf16* out, int T, int rows, int cols) touches
-    // T*rows*cols elements of each buffer, checked above; grid z strides over the tokens.
-    unsafe {
-        gpu.launch(&k.transpose)
-            .arg(input)
-            .arg(out)
-            .arg(&ti)
-            .arg(&ri)
-            .arg(&ci)
-            .launch(cfg)
     }
 }
 

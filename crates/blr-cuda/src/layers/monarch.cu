@@ -30,8 +30,11 @@ extern "C" __global__ void blr_monarch_perm_out(const bf16* __restrict__ out2, b
     y[t * b * mb + (long)s * b + l] = out2[idx];
 }
 
-// Tiled replacement for the two permutations above (v0 measured 69 + 48 us for llama7b qkvo at
-// T=1024: one thread per element, the gather side 2-byte reads strided by b or m/b).
+// Tiled variant of the two permutations above, kept for the harness comparison only: on the H100
+// it measured no faster than the per-element kernels for llama7b (b = 16: 32x16 half-empty
+// tiles, 32-byte row segments) and 2.7x slower for gpt2s-fc (b = 4: 32x4 tiles, ~24K mostly idle
+// blocks per launch). A version that keeps whole (R x b) token matrices in shared memory and
+// moves 16-byte vectors on both sides is what the permutation needs.
 // Both permutations are a transpose per token: P[t] (b x R) = out1[t] (R x b)^T and
 // y[t] (m/b x b) = out2[t] (b x m/b)^T. 32x32 tiles through shared memory (34-element rows: the
 // column reads of the second half hit distinct banks), 32x8 threads, so both the reads and the
