@@ -49,6 +49,9 @@ pub struct CpuKvCache {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
+/// Query rows per attention block: 64 rows x 1024 keys of scores is 256 KiB, cache-resident.
+const QUERY_BLOCK: usize = 64;
+
 /// Below this many elements an element-wise op runs on one thread: splitting costs more.
 const PAR_MIN: usize = 1 << 15;
 
@@ -135,8 +138,12 @@ fn softmax_rows(scores: &mut [f32], keys: usize, visible: impl Fn(usize) -> usiz
 
 impl Cpu {
     /// One head of attention: `q` rows `(T, head_dim)` at column offset `q_off` of a
-    /// `(T, q_stride)` matrix; keys/values `(L, head_dim)` contiguous. Query row `t` sees
-    /// `visible(t)` keys.
+    /// `(T, q_stride)` matrix; keys/values `(L, head_dim)` contiguous. Query row `t` sees the
+    /// first `visible(t)` keys, non-decreasing in `t` (causal masks and full attention both are).
+    ///
+    /// Query rows go in blocks of [`QUERY_BLOCK`]: each block multiplies only the keys its last
+    /// row can see, so a causal prefill skips the masked upper triangle (half the FLOPs of
+    /// `Q K^T` and `P V`), and the score buffer is `QUERY_BLOCK x L` instead of `T x L`.
     #[allow(clippy::too_many_arguments)]
     fn head(
         q: &[f32],
@@ -150,37 +157,45 @@ impl Cpu {
         scale: f32,
         visible: impl Fn(usize) -> usize,
     ) -> Result<Vec<f32>> {
-        let mut scores = vec![0.0f32; t * l];
-        let ql = Layout {
-            offset: q_off,
-            rows: t,
-            cols: d,
-            row_stride: q_stride,
-            col_stride: 1,
-        };
-        matmul(
-            &mut scores,
-            Layout::row_major(0, t, l),
-            q,
-            ql,
-            k,
-            Layout::row_major(0, l, d).t(),
-            false,
-        )?;
-        for s in scores.iter_mut() {
-            *s *= scale;
-        }
-        softmax_rows(&mut scores, l, visible);
         let mut out = vec![0.0f32; t * d];
-        matmul(
-            &mut out,
-            Layout::row_major(0, t, d),
-            &scores,
-            Layout::row_major(0, t, l),
-            v,
-            Layout::row_major(0, l, d),
-            false,
-        )?;
+        let mut scores = vec![0.0f32; QUERY_BLOCK.min(t) * l];
+        let mut r0 = 0;
+        while r0 < t {
+            let r1 = (r0 + QUERY_BLOCK).min(t);
+            let nb = r1 - r0;
+            let lk = visible(r1 - 1).min(l);
+            let sc = &mut scores[..nb * lk];
+            let ql = Layout {
+                offset: q_off + r0 * q_stride,
+                rows: nb,
+                cols: d,
+                row_stride: q_stride,
+                col_stride: 1,
+            };
+            matmul(
+                sc,
+                Layout::row_major(0, nb, lk),
+                q,
+                ql,
+                k,
+                Layout::row_major(0, lk, d).t(),
+                false,
+            )?;
+            for s in sc.iter_mut() {
+                *s *= scale;
+            }
+            softmax_rows(sc, lk, |i| visible(r0 + i));
+            matmul(
+                &mut out,
+                Layout::row_major(r0 * d, nb, d),
+                sc,
+                Layout::row_major(0, nb, lk),
+                v,
+                Layout::row_major(0, lk, d),
+                false,
+            )?;
+            r0 = r1;
+        }
         Ok(out)
     }
 
@@ -691,6 +706,8 @@ mod tests {
             (1, 1, 1, 2, true),
             (7, 6, 2, 6, true),
             (13, 9, 3, 10, false),
+            (150, 2, 1, 4, true),
+            (130, 3, 3, 5, false),
             (5, 4, 4, 8, true),
         ] {
             let spec = AttnSpec::new(heads, kv, d, causal);
@@ -741,6 +758,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("capacity"), "{e}");
+    }
+
+    #[test]
+    fn cached_prefill_longer_than_a_query_block_after_a_prefix() {
+        // 10 cached positions, then 150 new ones (3 query blocks, the last partial).
+        let mut rng = Rng::new(21);
+        let (heads, kv, d) = (4, 2, 6);
+        let spec = AttnSpec::new(heads, kv, d, true);
+        let q = rand(&mut rng, 160, heads * d);
+        let k = rand(&mut rng, 160, kv * d);
+        let v = rand(&mut rng, 160, kv * d);
+        let full = Cpu.attention(&q, &k, &v, spec).unwrap();
+        let mut cache = Cpu.new_kv_cache(kv, d, 160).unwrap();
+        let rows = |x: &CpuTensor, a: usize, b: usize| {
+            CpuTensor::new(x.data[a * x.cols..b * x.cols].to_vec(), b - a, x.cols).unwrap()
+        };
+        Cpu.attention_cached(
+            &rows(&q, 0, 10),
+            &rows(&k, 0, 10),
+            &rows(&v, 0, 10),
+            &mut cache,
+            spec,
+        )
+        .unwrap();
+        let out = Cpu
+            .attention_cached(
+                &rows(&q, 10, 160),
+                &rows(&k, 10, 160),
+                &rows(&v, 10, 160),
+                &mut cache,
+                spec,
+            )
+            .unwrap();
+        close(&out.data, &full.data[10 * q.cols..], 1e-5);
+        close(&full.data, &naive_attention(&q, &k, &v, spec, 0), 1e-4);
     }
 
     #[test]
