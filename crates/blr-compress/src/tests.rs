@@ -684,3 +684,40 @@ fn calibrated_blast_recovers_exact_matrices_under_anisotropic_weighting() {
     best.sort_by(f64::total_cmp);
     assert!(best[1] < 1e-2, "weighted errors {best:?}");
 }
+
+#[test]
+fn gram_files_that_are_not_grams_are_rejected_with_the_reason() {
+    use blr_core::safetensors::{write, Dtype, TensorToWrite};
+    let dir = std::env::temp_dir().join(format!("blr-gram-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("g.safetensors");
+    let data = vec![1.0f32; 12];
+    for (name, shape, want) in [
+        ("gram", vec![3, 4], "square"),
+        ("gram", vec![12], "(n, n)"),
+        ("weights", vec![3, 4], "neither"),
+        ("activations", vec![12], "(tokens, n)"),
+    ] {
+        let t = [TensorToWrite {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            data: &data,
+        }];
+        write(&path, &t, &Default::default()).unwrap();
+        let err = Gram::load(&path).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("g.safetensors"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    // No activation energy at all.
+    let g = Gram::new(5);
+    let w = vec![1.0f32; 10];
+    let t = Target::new("empty-calib", 2, 5, &w).unwrap();
+    let err = lowrank(&t, 1, Some(&Calibration::new(&g)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("trace") && err.contains("empty-calib"),
+        "{err}"
+    );
+}

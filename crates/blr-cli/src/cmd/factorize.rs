@@ -401,6 +401,58 @@ mod tests {
     }
 
     #[test]
+    fn reads_a_tensor_from_safetensors_and_names_what_is_wrong() {
+        use blr_core::safetensors::{write, TensorToWrite};
+        let dir = std::env::temp_dir().join(format!("blr-factorize-in-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("model.safetensors");
+        let w = Rng::new(3).normal_vec(20 * 30, 1.0);
+        let bias = vec![0.5f32; 20];
+        let tensors = [
+            TensorToWrite {
+                name: "proj.weight".into(),
+                dtype: Dtype::BF16,
+                shape: vec![20, 30],
+                data: &w,
+            },
+            TensorToWrite {
+                name: "proj.bias".into(),
+                dtype: Dtype::F32,
+                shape: vec![20],
+                data: &bias,
+            },
+        ];
+        write(&input, &tensors, &Default::default()).unwrap();
+        let mut a = args("lowrank", 1, 20, dir.join("out.safetensors"));
+        a.synthetic = None;
+        a.m = None;
+        a.n = None;
+        a.input = Some(input.clone());
+        a.tensor = Some("proj.weight".into());
+        a.name = None;
+        run(a).unwrap();
+        // Full rank: the factorization is exact up to f32 rounding, and the layer keeps the
+        // tensor's name.
+        let ck = Checkpoint::load(&dir.join("out.safetensors")).unwrap();
+        let layer = ck.layer("proj.weight").unwrap();
+        let dense = layer.to_dense().unwrap();
+        let st = SafeTensors::open(&input).unwrap();
+        let orig = st.read_f32("proj.weight").unwrap();
+        for (x, y) in dense.weight.iter().zip(&orig) {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+        for (tensor, want) in [("proj.bias", "2-D"), ("nope", "proj.weight")] {
+            let mut a = args("lowrank", 1, 4, dir.join("unused.safetensors"));
+            a.synthetic = None;
+            a.input = Some(input.clone());
+            a.tensor = Some(tensor.into());
+            let err = run(a).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_requests_explain_themselves() {
         let out = std::env::temp_dir().join("blr-factorize-unused.safetensors");
         let err = run(args("monarch", 4, 6, out.clone()))
