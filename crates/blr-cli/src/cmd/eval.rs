@@ -113,7 +113,7 @@ pub struct PplArgs {
     pub json: bool,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Debug, serde::Serialize)]
 struct Report {
     model: String,
     data: String,
@@ -193,6 +193,30 @@ fn reference(args: ReferenceArgs) -> Result<()> {
 }
 
 fn ppl(args: PplArgs) -> Result<()> {
+    let report = measure_ppl(&args)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "perplexity {:.4} (nll {:.4} nats/token) over {} scored of {} tokens; ctx {}, stride {}, {} windows; {:.1} s on {} ({:.0} tokens/s processed)",
+            report.perplexity,
+            report.nll_per_token,
+            report.scored_tokens,
+            report.tokens,
+            report.ctx,
+            report.stride,
+            report.windows,
+            report.seconds,
+            report.device,
+            report.tokens_per_second
+        )?;
+    }
+    Ok(())
+}
+
+fn measure_ppl(args: &PplArgs) -> Result<Report> {
     if args.device == "cuda" {
         bail!("--device cuda: the CUDA model backend is not available in this build yet; use --device cpu");
     }
@@ -255,26 +279,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         seconds,
         tokens_per_second: (r.windows * r.ctx.min(ids.len())) as f64 / seconds.max(1e-9),
     };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-    } else {
-        writeln!(
-            out,
-            "perplexity {:.4} (nll {:.4} nats/token) over {} scored of {} tokens; ctx {}, stride {}, {} windows; {:.1} s on {} ({:.0} tokens/s processed)",
-            report.perplexity,
-            report.nll_per_token,
-            report.scored_tokens,
-            report.tokens,
-            report.ctx,
-            report.stride,
-            report.windows,
-            report.seconds,
-            report.device,
-            report.tokens_per_second
-        )?;
-    }
-    Ok(())
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -319,6 +324,30 @@ mod tests {
             what: What::Ppl(a(100, 32, 33, true))
         })
         .is_err());
+        // The same model saved as a blr checkpoint, tokenizer taken from the GGUF: same result.
+        let direct = measure_ppl(&a(100, 32, 16, true)).unwrap();
+        let loaded = loader::load_llama(&model.display().to_string()).unwrap();
+        let ck = dir.join("tiny.safetensors");
+        loader::save_checkpoint(
+            &ck,
+            &loaded.cfg,
+            &loaded.weights,
+            blr_core::safetensors::Dtype::F32,
+        )
+        .unwrap();
+        let mut via_ck = a(100, 32, 16, true);
+        via_ck.model = ck.display().to_string();
+        assert!(measure_ppl(&via_ck)
+            .unwrap_err()
+            .to_string()
+            .contains("--tokenizer"));
+        via_ck.tokenizer = Some(model.display().to_string());
+        let r = measure_ppl(&via_ck).unwrap();
+        assert_eq!(
+            (r.perplexity, r.scored_tokens),
+            (direct.perplexity, direct.scored_tokens)
+        );
+        assert!(direct.perplexity > 1.0 && direct.perplexity.is_finite());
         std::fs::remove_dir_all(&dir).ok();
     }
 }
