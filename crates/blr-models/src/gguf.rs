@@ -941,11 +941,11 @@ mod tests {
         assert!(e.contains("'q'") && e.contains("block size"), "{e}");
 
         let mut b = GgufBuilder::new();
-        b.tensor_raw("k", &[256], GgmlType::Q6K, vec![0; 210]);
+        b.tensor_raw("k", &[256], GgmlType::Q8K, vec![0; 292]);
         let f = GgufFile::from_bytes("m", b.build()).unwrap();
         let e = f.tensor_f32("k").unwrap_err().to_string();
         assert!(
-            e.contains("Q6_K") && e.contains("cannot be dequantised"),
+            e.contains("Q8_K") && e.contains("cannot be dequantised"),
             "{e}"
         );
     }
