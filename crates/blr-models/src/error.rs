@@ -63,6 +63,15 @@ pub enum Error {
         hint: String,
     },
 
+    /// The CUDA backend failed: no driver or device, a kernel that did not compile or launch,
+    /// device memory over the cap. `op` is the backend op that was running.
+    #[error("CUDA backend, {op}: {source}")]
+    Cuda {
+        op: String,
+        #[source]
+        source: blr_cuda::Error,
+    },
+
     /// An error from the format layer (a linear layer's shape or factors).
     #[error(transparent)]
     Core(#[from] blr_core::Error),

@@ -15,7 +15,8 @@
 //!    all occurrences of the best pair left to right, until no listed pair remains.
 //!
 //! Decoding maps every token's characters back to bytes, so a token sequence decodes to exactly
-//! the bytes it was encoded from (tokens may split a UTF-8 character; [`StreamDecoder`] holds the
+//! the bytes it was encoded from (except bytes the vocabulary has no character for, which
+//! encoding drops like HF `tokenizers` and llama.cpp do) (tokens may split a UTF-8 character; [`StreamDecoder`] holds the
 //! partial bytes back when streaming).
 
 use crate::gguf::GgufFile;
@@ -433,15 +434,15 @@ impl Tokenizer {
             out.extend(ids);
             return Ok(());
         }
-        let mut parts: Vec<u32> = Vec::with_capacity(word.len());
-        for &b in word.as_bytes() {
-            let id = self.byte_token[b as usize].ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "byte 0x{b:02x} (in word {word:?}) has no token: the vocabulary is not byte-level complete"
-                ))
-            })?;
-            parts.push(id);
-        }
+        // A byte whose character is not in the vocabulary is dropped, as HF `tokenizers` (BPE
+        // without unk token) and llama.cpp do: SmolLM2's vocabulary lacks 21 byte characters
+        // (controls such as 0x04 and 0x1d, and 0xc0, 0xc1, 0xf1..0xff, which valid UTF-8 rarely
+        // or never contains), so for text holding them decode(encode(text)) != text.
+        let mut parts: Vec<u32> = word
+            .as_bytes()
+            .iter()
+            .filter_map(|&b| self.byte_token[b as usize])
+            .collect();
         loop {
             let mut best: Option<(u32, u32)> = None;
             for w in parts.windows(2) {
@@ -669,6 +670,23 @@ mod tests {
             streamed.push_str(&sd.finish());
             assert_eq!(streamed, s);
         }
+    }
+
+    #[test]
+    fn bytes_missing_from_the_vocabulary_are_dropped_like_hf() {
+        // A vocabulary without the character of byte 0x1d (as SmolLM2's): "a\x1db" encodes as
+        // "a", "b" (the HF tokenizers library gives the same for SmolLM2).
+        let table = bytes_to_unicode();
+        let tokens: Vec<String> = table
+            .iter()
+            .enumerate()
+            .filter(|(b, _)| *b != 0x1d)
+            .map(|(_, c)| c.to_string())
+            .collect();
+        let t = Tokenizer::new(tokens, &[], &[], PreTokenizer::Gpt2).unwrap();
+        let ids = t.encode("a\x1db", false).unwrap();
+        assert_eq!(strs(&t, &ids), vec!["a", "b"]);
+        assert_eq!(t.decode(&ids, false), "ab");
     }
 
     #[test]
