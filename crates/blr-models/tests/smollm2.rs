@@ -69,6 +69,42 @@ const CASES: &[(&str, &[u32])] = &[
     ),
 ];
 
+/// Unicode edge cases (NBSP, ideographic and other Unicode spaces, line/paragraph separators,
+/// vertical tab and form feed, NEL, numbers in other scripts, combining marks, zero-width
+/// characters, uppercase contractions, NUL), same provenance as CASES.
+const EDGE_CASES: &[(&str, &[u32])] = &[
+    ("a\u{a0}b  \u{a0}c", &[81, 15442, 82, 256, 15442, 83]),
+    (
+        "a\u{3000}b\u{3000}\u{3000}c",
+        &[81, 12109, 218, 82, 12109, 218, 12109, 218, 83],
+    ),
+    ("x\u{2028}y\u{2029}z", &[104, 321, 118, 105, 321, 119, 106]),
+    ("v\u{b}f\u{c}r\u{d}n", &[102, 199, 86, 200, 98, 201, 94]),
+    ("a\u{85}b", &[81, 141, 223, 82]),
+    ("\u{1680}x", &[172, 244, 218, 104]),
+    (
+        "tab\u{9}\u{9}x \u{9} y",
+        &[15999, 197, 197, 104, 216, 197, 329],
+    ),
+    (
+        "\u{bd} \u{2167} \u{661}\u{662} x\u{b2}",
+        &[
+            16738, 216, 173, 223, 117, 216, 164, 111, 164, 112, 1792, 19133,
+        ],
+    ),
+    (
+        "caf\u{e9} na\u{308}ive \u{1f600}\u{1f600}",
+        &[
+            83, 1939, 2756, 15486, 151, 226, 404, 40303, 218, 10813, 242, 218,
+        ],
+    ),
+    ("A\u{200b}B\u{200d}C", &[49, 321, 229, 50, 321, 231, 51]),
+    ("  \u{a}  \u{a} x", &[256, 11181, 198, 1792]),
+    ("x\u{a}\u{a}\u{a}y", &[104, 1116, 198, 105]),
+    ("'S 'LL 'd've", &[23, 67, 637, 16421, 637, 84, 3543]),
+    ("\u{0}\u{1} ok", &[190, 191, 10907]),
+];
+
 #[test]
 fn smollm2_metadata_and_types() {
     let Some(f) = open() else { return };
@@ -154,7 +190,7 @@ fn smollm2_tokenizer_matches_known_encodings() {
     assert_eq!(t.pre_tokenizer(), PreTokenizer::DigitsThenGpt2);
     assert_eq!(t.vocab_size(), 49152);
     assert_eq!((t.bos, t.eos, t.add_bos), (Some(1), Some(2), false));
-    for (text, want) in CASES {
+    for (text, want) in CASES.iter().chain(EDGE_CASES) {
         let got = t.encode(text, true).unwrap();
         assert_eq!(&got, want, "encoding {text:?}");
         assert_eq!(t.decode(&got, false), *text);
