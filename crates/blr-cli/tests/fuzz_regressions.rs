@@ -49,3 +49,31 @@ fn gguf_regressions() {
         }
     }
 }
+
+/// The tokenizer inputs need the real SmolLM2 vocabulary; without the cached file this test
+/// says so and checks nothing (CI fetches nothing 98 MB large).
+#[test]
+fn tokenizer_regressions() {
+    let Ok(path) = blr_models::smollm2_path() else {
+        println!("SKIP tokenizer_regressions: SmolLM2 not cached (scripts/fetch-smollm2.sh)");
+        return;
+    };
+    let f = blr_models::gguf::GgufFile::open(&path).unwrap();
+    let tok = blr_models::tokenizer::Tokenizer::from_gguf(&f).unwrap();
+    let mut known = [false; 256];
+    for id in 0..tok.vocab_size() as u32 {
+        if let [b] = tok.token_bytes(id) {
+            if !tok.is_special(id) {
+                known[*b as usize] = true;
+            }
+        }
+    }
+    for (name, data) in inputs("tokenizer") {
+        let Ok(text) = std::str::from_utf8(&data) else {
+            continue;
+        };
+        let ids = tok.encode(text, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kept: Vec<u8> = text.bytes().filter(|b| known[*b as usize]).collect();
+        assert_eq!(tok.decode(&ids, false), String::from_utf8_lossy(&kept), "{name}");
+    }
+}
