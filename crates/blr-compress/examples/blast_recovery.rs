@@ -4,7 +4,7 @@
 //!
 //!   cargo run --release -p blr-compress --example blast_recovery -- [MATRICES]
 
-use blr_compress::{blast_report, BlastOptions, Silent, Target};
+use blr_compress::{blast_report, BlastInit, BlastOptions, Silent, Target};
 use blr_core::format::Shape;
 use blr_core::{FormatKind, Linear};
 
@@ -14,14 +14,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 8,
     };
     println!(
-        "| shape | b_out x b_in | r | restarts | recovered (< 1e-3) | median error | worst error |"
+        "| shape | b_out x b_in | r | start | restarts | recovered (< 1e-3) | median error | worst error |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for &(m, n, b_out, b_in, r) in &[
         (128, 128, 4, 4, 8),
         (30, 42, 3, 3, 5),
         (96, 120, 4, 3, 6),
         (64, 96, 2, 4, 6),
+        (256, 384, 4, 4, 16),
     ] {
         let shape = Shape {
             format: FormatKind::Blast,
@@ -31,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             b_in,
             rank: r,
         };
-        for restarts in [1, 4] {
+        for (init, restarts) in [
+            (BlastInit::Random, 1),
+            (BlastInit::Random, 4),
+            (BlastInit::Spectral, 1),
+        ] {
             let mut errors = Vec::new();
             for k in 0..matrices {
                 // Matrix seeds far from the init seeds: an init drawn from the same stream as
@@ -45,6 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     b_in,
                     seed: k,
                     restarts,
+                    init,
                     ..BlastOptions::new(1, r)
                 };
                 errors.push(blast_report(&t, &opts, None, &Silent)?.rel_error);
@@ -52,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             errors.sort_by(f64::total_cmp);
             let ok = errors.iter().filter(|&&e| e < 1e-3).count();
             println!(
-                "| {m}x{n} | {b_out}x{b_in} | {r} | {restarts} | {ok}/{matrices} | {:.1e} | {:.1e} |",
+                "| {m}x{n} | {b_out}x{b_in} | {r} | {init:?} | {restarts} | {ok}/{matrices} | {:.1e} | {:.1e} |",
                 errors[errors.len() / 2],
                 errors[errors.len() - 1]
             );

@@ -61,6 +61,19 @@ pub enum BlastInit {
     /// then only lowers the error, so the result is never worse than low-rank at the same r.
     /// With `restarts > 1` only the first start uses it; the others are random.
     LowRank,
+    /// An algebraic start that is exact when `A` is exactly BLAST(b, r) with generic factors
+    /// and `r <= min(p, q)`, `b_out, b_in >= 2` (otherwise the random start is used):
+    /// `Ũ_i`, `Ṽ_j` = top-r singular vectors of block row `i` / block column `j`, so that
+    /// `M_ij = Ũ_i^T A_ij Ṽ_j = R_i S_ij T_j^T` for unknown r x r mixings `R_i`, `T_j`. Then
+    /// `M_00 M_10^-1 M_11 M_01^-1 = R_0 Λ R_0^-1` with `Λ` diagonal (a Jennrich-style
+    /// simultaneous diagonalisation), so its eigenvectors give `R_0`; `T_j^T = R_0^-1 M_0j`
+    /// and `R_i = M_i0 T_0^-T` follow (scales absorbed into S), and S is the least-squares fit.
+    /// The published random start stalls in local minima on such matrices (docs/compression.md);
+    /// this one lands on the answer and the iterations only polish it. On general weights the
+    /// eigenvectors are noise (complex eigenvalues are truncated to their real parts): the
+    /// start is kept only if it already has relative error <= 0.5, else the random start is
+    /// used. With `restarts > 1` only the first start uses it.
+    Spectral,
 }
 
 /// BLAST factorization settings.
@@ -209,7 +222,7 @@ pub fn blast_report(
         Some(c) => Some(c.weight_for(target)?),
         None => None,
     };
-    let a_copy = if opts.init == BlastInit::LowRank {
+    let a_copy = if opts.init != BlastInit::Random {
         a.clone()
     } else {
         Mat::zeros(0, 0)
@@ -275,6 +288,9 @@ pub fn blast_report(
         if k == 0 && opts.init == BlastInit::LowRank {
             lowrank_init(&a_copy, &mut st, b_out, b_in, name)?;
         }
+        if k == 0 && opts.init == BlastInit::Spectral {
+            spectral_init(&a_copy, &mut st, b_out, b_in);
+        }
         let mut history = Vec::with_capacity(opts.iterations);
         run(&mut st, 0..probe, &mut history)?;
         let better = match &best {
@@ -306,6 +322,122 @@ pub fn blast_report(
         history,
         rel_error,
     })
+}
+
+/// See [`BlastInit::Spectral`]. Leaves `st` untouched when the shape does not allow it or any
+/// step is numerically singular (the random start then stands).
+fn spectral_init(a: &Mat<f32>, st: &mut State, b_out: usize, b_in: usize) {
+    use faer::linalg::solvers::Solve as _;
+    let (m, n) = (a.nrows(), a.ncols());
+    let (p, q) = (m / b_out, n / b_in);
+    let r = st.u.first().map_or(0, |u| u.ncols());
+    if b_out < 2 || b_in < 2 || r == 0 || r > p || r > q {
+        return;
+    }
+    let a64 = linalg::mat_to_f64(a.as_ref());
+    let mut u_basis = Vec::with_capacity(b_out);
+    for i in 0..b_out {
+        let Ok(svd) = a64.as_ref().submatrix(i * p, 0, p, n).thin_svd() else {
+            return;
+        };
+        u_basis.push(svd.U().submatrix(0, 0, p, r).to_owned());
+    }
+    let mut v_basis = Vec::with_capacity(b_in);
+    for j in 0..b_in {
+        let Ok(svd) = a64.as_ref().submatrix(0, j * q, m, q).thin_svd() else {
+            return;
+        };
+        v_basis.push(svd.V().submatrix(0, 0, q, r).to_owned());
+    }
+    let core = |i: usize, j: usize| -> Mat<f64> {
+        let blk = a64.as_ref().submatrix(i * p, j * q, p, q);
+        linalg::mul64(
+            linalg::mul64(u_basis[i].transpose(), blk).as_ref(),
+            v_basis[j].as_ref(),
+        )
+    };
+    let (m00, m01, m10, m11) = (core(0, 0), core(0, 1), core(1, 0), core(1, 1));
+    // X = M_00 M_10^-1 M_11 M_01^-1.
+    let left = linalg::mul64(
+        m00.as_ref(),
+        m10.partial_piv_lu().solve(m11.as_ref()).as_ref(),
+    );
+    let x = m01
+        .partial_piv_lu()
+        .solve_transpose(left.transpose())
+        .transpose()
+        .to_owned();
+    let Ok(eig) = x.eigen() else {
+        return;
+    };
+    let r0 = Mat::from_fn(r, r, |i, j| eig.U()[(i, j)].re);
+    let r0_lu = r0.partial_piv_lu();
+    // T_j^T = R_0^-1 M_0j; R_i = M_i0 T_0^-T.
+    let tt: Vec<Mat<f64>> = (0..b_in)
+        .map(|j| r0_lu.solve(core(0, j).as_ref()))
+        .collect();
+    let t0_lu = tt[0].transpose().to_owned().partial_piv_lu();
+    let rs: Vec<Mat<f64>> = (0..b_out)
+        .map(|i| t0_lu.solve(core(i, 0).transpose()).transpose().to_owned())
+        .collect();
+    let us: Vec<Mat<f64>> = (0..b_out)
+        .map(|i| linalg::mul64(u_basis[i].as_ref(), rs[i].as_ref()))
+        .collect();
+    let vs: Vec<Mat<f64>> = (0..b_in)
+        .map(|j| linalg::mul64(v_basis[j].as_ref(), tt[j].transpose()))
+        .collect();
+    // S by least squares per block: ((U^T U) ⊙ (V^T V)) s = diag(U^T A_ij V).
+    let mut s = vec![0.0f64; b_out * b_in * r];
+    for i in 0..b_out {
+        let ji = linalg::mul64(us[i].transpose(), us[i].as_ref());
+        for j in 0..b_in {
+            let kj = linalg::mul64(vs[j].transpose(), vs[j].as_ref());
+            let h = linalg::hadamard(&ji, &kj);
+            let blk = a64.as_ref().submatrix(i * p, j * q, p, q);
+            let uav = linalg::mul64(
+                linalg::mul64(us[i].transpose(), blk).as_ref(),
+                vs[j].as_ref(),
+            );
+            let rhs = Mat::from_fn(r, 1, |k, _| uav[(k, k)]);
+            let Ok(sol) = linalg::spd_solve(h.as_ref(), 0.0, rhs.as_ref(), "", "") else {
+                return;
+            };
+            for k in 0..r {
+                s[(i * b_in + j) * r + k] = sol[(k, 0)];
+            }
+        }
+    }
+    let finite = s.iter().all(|v| v.is_finite())
+        && us
+            .iter()
+            .chain(&vs)
+            .all(|f| (0..f.ncols()).all(|c| f.col_as_slice(c).iter().all(|v| v.is_finite())));
+    if !finite {
+        return;
+    }
+    // Keep the start only if it already explains most of A (relative error <= 0.5, i.e. 75%
+    // of the energy): on unstructured weights the eigenvectors are noise, the inverses blow
+    // up, and the published random start does better.
+    let (mut err, mut total) = (0.0f64, 0.0f64);
+    for i in 0..b_out {
+        for j in 0..b_in {
+            let scaled = Mat::from_fn(p, r, |a_, k| us[i][(a_, k)] * s[(i * b_in + j) * r + k]);
+            let approx = linalg::mul64(scaled.as_ref(), vs[j].transpose());
+            let blk = a64.as_ref().submatrix(i * p, j * q, p, q);
+            for c in 0..q {
+                for a_ in 0..p {
+                    err += (blk[(a_, c)] - approx[(a_, c)]).powi(2);
+                    total += blk[(a_, c)].powi(2);
+                }
+            }
+        }
+    }
+    if !(err.is_finite() && err <= 0.25 * total) {
+        return;
+    }
+    st.u = us.iter().map(|u| linalg::mat_to_f32(u.as_ref())).collect();
+    st.v = vs.iter().map(|v| linalg::mat_to_f32(v.as_ref())).collect();
+    st.s = s;
 }
 
 /// See [`BlastInit::LowRank`].

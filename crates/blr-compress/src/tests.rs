@@ -206,11 +206,61 @@ fn blast_recovers_exact_rectangular() {
             if e < 1e-3 {
                 recovered += 1;
             }
+            // The spectral start recovers every one of them.
+            let spectral = BlastOptions {
+                init: BlastInit::Spectral,
+                restarts: 1,
+                ..opts
+            };
+            let e = rel(&t, &blast(&t, &spectral, None, &Silent).unwrap());
+            assert!(
+                e < 1e-4,
+                "spectral start, {m}x{n} b={b_out}x{b_in} r={r}: {e}"
+            );
         }
     }
     assert!(
         recovered + 1 >= total,
         "recovered {recovered} of {total} exact BLAST matrices to < 1e-3"
+    );
+}
+
+#[test]
+fn spectral_start_falls_back_to_random_on_unstructured_matrices() {
+    // On a Gaussian matrix the algebraic start explains little, so it must be discarded and
+    // the run must be exactly the published one.
+    let mut rng = Rng::new(40);
+    let (m, n) = (48, 72);
+    let w = gaussian(&mut rng, m, n);
+    let t = Target::new("gauss", m, n, &w).unwrap();
+    let opts = BlastOptions {
+        iterations: 20,
+        ..blast_opts(4, 3, 6)
+    };
+    let random = blast(&t, &opts, None, &Silent).unwrap();
+    let spectral = blast(
+        &t,
+        &BlastOptions {
+            init: BlastInit::Spectral,
+            ..opts
+        },
+        None,
+        &Silent,
+    )
+    .unwrap();
+    assert_eq!(random, spectral);
+    // And where the shape does not allow it (r > p), likewise.
+    let opts = BlastOptions {
+        iterations: 5,
+        ..blast_opts(4, 3, 13)
+    };
+    let spectral = BlastOptions {
+        init: BlastInit::Spectral,
+        ..opts
+    };
+    assert_eq!(
+        blast(&t, &opts, None, &Silent).unwrap(),
+        blast(&t, &spectral, None, &Silent).unwrap()
     );
 }
 

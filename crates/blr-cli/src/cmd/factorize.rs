@@ -23,8 +23,10 @@ requested format and rank, which a correct factorization recovers).
 Algorithms (docs/compression.md has the math):
   lowrank  truncated SVD, factors balanced by sqrt(sigma): optimal (Eckart-Young)
   monarch  rank-R/b SVD of each block of the b x b grid: optimal; needs b | R
-  blast    preconditioned alternating descent (300 iterations, lr 1 -> 0, damping 0.1);
-           local minima exist, --restarts 4 probes four starts and keeps the best
+  blast    preconditioned alternating descent (300 iterations, lr 1 -> 0, damping 0.1)
+           from the published random start; it has local minima: --init spectral starts
+           from an algebraic solution (exact for exactly-BLAST matrices), --restarts K
+           probes K random starts and keeps the best
 
 With --calib GRAM_FILE the factorization minimises ||(W - Ŵ) X||_F over the calibration
 activations X instead of ||W - Ŵ||_F. GRAM_FILE is a safetensors file with a tensor `gram`
@@ -95,8 +97,9 @@ pub struct Args {
     /// BLAST starts to probe; the best after a tenth of the iterations is continued.
     #[arg(long, default_value_t = 1)]
     pub restarts: usize,
-    /// BLAST start: random (published) or lowrank (truncated SVD written as BLAST).
-    #[arg(long, default_value = "random", value_parser = ["random", "lowrank"])]
+    /// BLAST start: random (published), lowrank (truncated SVD written as BLAST) or spectral
+    /// (algebraic; exact for matrices that are exactly BLAST, see docs/compression.md).
+    #[arg(long, default_value = "random", value_parser = ["random", "lowrank", "spectral"])]
     pub init: String,
     /// BLAST update rule: preconditioned (published) or gd (plain gradient descent, a baseline).
     #[arg(long, default_value = "preconditioned", value_parser = ["preconditioned", "gd"])]
@@ -204,10 +207,10 @@ pub fn run(args: Args) -> Result<()> {
                 } else {
                     BlastMethod::Preconditioned
                 },
-                init: if args.init == "lowrank" {
-                    BlastInit::LowRank
-                } else {
-                    BlastInit::Random
+                init: match args.init.as_str() {
+                    "lowrank" => BlastInit::LowRank,
+                    "spectral" => BlastInit::Spectral,
+                    _ => BlastInit::Random,
                 },
                 restarts: args.restarts,
             };
