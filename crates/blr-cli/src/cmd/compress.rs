@@ -1,0 +1,596 @@
+//! `blr compress`: a whole model into BLR form, optionally calibrated on text.
+
+use crate::compress::calibrate::{fingerprint, Recording};
+use crate::compress::plan::{self, LayerPlan, Sizing};
+use crate::table::{bytes, si, Table};
+use anyhow::{bail, Context, Result};
+use blr_compress::{
+    allocate, blast_report, lowrank, lowrank_error_curve, monarch, monarch_error_curve,
+    relative_error, BlastInit, BlastOptions, Calibration, Candidate, Gram, LayerOptions,
+    MonarchOptions, Progress, Target,
+};
+use blr_core::format::{FormatKind, Shape};
+use blr_core::safetensors::Dtype;
+use blr_core::Linear;
+use blr_models::cpu::Cpu;
+use blr_models::llama::Llama;
+use blr_models::lm::CausalLm;
+use blr_models::loader::{self, LoadedLlama};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use regex::Regex;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Compress a model's linear layers into low-rank, Monarch or BLAST form and write a blr
+/// checkpoint (atomically: an interrupted run leaves no output file).
+///
+/// Choose the sizes one of three ways:
+///   --ratio 0.5            every transformer-block linear layer at 50% of its parameters
+///                          (with --calibrate, ranks are re-allocated across layers under the
+///                          same total budget, where they reduce the output error most)
+///   --preset llama7b       the published per-layer settings (see --list-presets)
+///   --config layers.toml   your own rules:
+///                            [[rule]]
+///                            layers = 'mlp\.(gate|up)_proj$'   # regex on layer names
+///                            format = "blast"                  # or monarch, lowrank, dense
+///                            blocks = 16                       # optional (auto otherwise)
+///                            rank = 96                         # or ratio = 0.5
+///
+/// Calibration (--calibrate TEXT) runs the dense model over the text, accumulates each layer's
+/// input Gram matrix X X^T, and minimises ||(W - Ŵ) X|| instead of ||W - Ŵ||: much better
+/// accuracy at the same size.
+///
+/// Examples:
+///   blr compress --model smollm2 --out smol-blast.safetensors --format blast --ratio 0.7 \
+///       --calibrate data/wikitext-2/valid.txt --calib-tokens 4096
+///   blr compress --model llama.gguf --out l.safetensors --preset llama7b --format monarch
+#[derive(clap::Args)]
+pub struct Args {
+    /// Source model: `smollm2` (fetched by scripts/fetch-smollm2.sh), a Llama .gguf, a blr
+    /// checkpoint, or random:NAME[:LAYERS].
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Output blr checkpoint (.safetensors).
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// Target format.
+    #[arg(long, default_value = "blast")]
+    pub format: FormatKind,
+    /// Fraction of each layer's dense parameters to keep.
+    #[arg(long, conflicts_with_all = ["preset", "config"])]
+    pub ratio: Option<f64>,
+    /// A built-in per-layer preset (see --list-presets).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// A TOML file of per-layer rules.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Blocks per side for Monarch/BLAST (default: the largest of 16, 12, 9, 8, ... dividing
+    /// both dimensions of each layer).
+    #[arg(long, short = 'b')]
+    pub blocks: Option<usize>,
+    /// Only compress layers whose name matches this regex (others stay dense).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Calibration text (plain UTF-8, e.g. data/wikitext-2/valid.txt).
+    #[arg(long)]
+    pub calibrate: Option<PathBuf>,
+    /// Calibration tokens to run through the model.
+    #[arg(long, default_value_t = 4096)]
+    pub calib_tokens: usize,
+    /// Context window of the calibration forward passes.
+    #[arg(long, default_value_t = 512)]
+    pub calib_ctx: usize,
+    /// With --calibrate and --ratio, keep every layer at the uniform rank instead of
+    /// re-allocating ranks across layers under the global budget.
+    #[arg(long)]
+    pub no_allocate: bool,
+    /// BLAST iterations.
+    #[arg(long, default_value_t = 300)]
+    pub iterations: usize,
+    /// BLAST initialisation: `lowrank` (start from the truncated SVD: never worse than
+    /// low-rank at equal rank) or `random` (the published initialisation).
+    #[arg(long, default_value = "lowrank", value_parser = ["lowrank", "random"])]
+    pub blast_init: String,
+    /// Storage type of the output.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// Random seed (BLAST initialisation).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the per-layer report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// List the built-in presets and exit.
+    #[arg(long)]
+    pub list_presets: bool,
+}
+
+#[derive(serde::Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub format: FormatKind,
+    pub m: usize,
+    pub n: usize,
+    pub b_out: usize,
+    pub b_in: usize,
+    pub rank: usize,
+    pub params: usize,
+    pub dense_params: usize,
+    /// ||W - Ŵ||_F / ||W||_F.
+    pub rel_error: f64,
+    /// ||(W - Ŵ) X||_F / ||W X||_F over the calibration activations (when calibrated).
+    pub rel_output_error: Option<f64>,
+    pub seconds: f64,
+}
+
+#[derive(serde::Serialize)]
+pub struct Report {
+    pub model: String,
+    pub out: String,
+    pub format: FormatKind,
+    pub calibrated: bool,
+    pub calib_tokens: usize,
+    pub layers: Vec<LayerReport>,
+    pub compressed_params: usize,
+    pub dense_params_of_compressed_layers: usize,
+    pub model_params_before: usize,
+    pub model_params_after: usize,
+    pub seconds: f64,
+}
+
+/// Drives an indicatif bar from the library's progress events.
+struct StageBar(ProgressBar);
+
+impl Progress for StageBar {
+    fn begin(&self, stage: &str, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(0);
+        self.0.set_message(stage.to_string());
+    }
+    fn advance(&self, done: usize, rel_error: Option<f64>) {
+        self.0.set_position(done as u64);
+        if let Some(e) = rel_error {
+            self.0.set_message(format!("error {e:.4}"));
+        }
+    }
+}
+
+fn params_of(ck: &blr_core::checkpoint::Checkpoint) -> usize {
+    ck.layers.iter().map(|(_, l)| l.params()).sum::<usize>()
+        + ck.tensors.values().map(|t| t.data.len()).sum::<usize>()
+}
+
+/// Takes the dense weight of layer `name` out of the checkpoint (as a layer or `name.weight`).
+fn dense_weight(ck: &blr_core::checkpoint::Checkpoint, name: &str) -> Option<Vec<f32>> {
+    if let Some((_, Linear::Dense(d))) = ck.layers.iter().find(|(n, _)| n == name) {
+        return Some(d.weight.clone());
+    }
+    ck.tensors
+        .get(&format!("{name}.weight"))
+        .map(|t| t.data.clone())
+}
+
+/// Runs the dense model over the calibration text and returns one Gram per planned layer.
+pub fn collect_grams(
+    loaded: &LoadedLlama,
+    plan: &[LayerPlan],
+    text_path: &std::path::Path,
+    tokens: usize,
+    ctx: usize,
+    multi: &MultiProgress,
+) -> Result<(Vec<Gram>, usize)> {
+    let tok = loaded.tokenizer.as_ref().with_context(|| {
+        format!(
+            "{} has no tokenizer to encode the calibration text: calibrate from the .gguf model",
+            loaded.source
+        )
+    })?;
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("reading calibration text {}", text_path.display()))?;
+    let mut ids = encode_prefix(tok, &text, tokens)?;
+    if ids.len() < 2 {
+        bail!(
+            "{} holds fewer than 2 tokens: nothing to calibrate on",
+            text_path.display()
+        );
+    }
+    ids.truncate(tokens);
+    let mut fps = Vec::with_capacity(plan.len());
+    for p in plan {
+        let w = dense_weight(&loaded.weights, &p.name).with_context(|| {
+            format!(
+                "layer {} is not dense in {}: calibrate from the dense model",
+                p.name, loaded.source
+            )
+        })?;
+        let layer = Linear::Dense(blr_core::Dense::new(p.shape.m, p.shape.n, w)?);
+        fps.push((fingerprint(&layer), p.shape.n));
+    }
+    let model = Llama::load(
+        Recording::new(Cpu, &fps),
+        loaded.cfg.clone(),
+        loaded.weights.clone(),
+    )?;
+    let ctx = ctx.min(model.max_positions()).max(2);
+    let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
+    let bar = multi.add(ProgressBar::new(windows.len() as u64));
+    bar.set_style(style("calibrating"));
+    let mut cache = model.new_cache(ctx)?;
+    for w in &windows {
+        model.clear_cache(&mut cache);
+        model.forward(w, &mut cache, false)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let used: usize = windows.iter().map(|w| w.len()).sum();
+    let grams = model_into_grams(model)?;
+    Ok((grams, used))
+}
+
+/// The first `tokens` tokens of `text`, encoding only as much of it as needed (a whole
+/// WikiText split is ~10x more than a calibration run uses).
+pub fn encode_prefix(
+    tok: &blr_models::tokenizer::Tokenizer,
+    text: &str,
+    tokens: usize,
+) -> Result<Vec<u32>> {
+    let mut bytes = (tokens * 8).max(1024);
+    loop {
+        let mut end = bytes.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        // Cut at a line break so no word is split mid-way.
+        let cut = if end < text.len() {
+            text[..end].rfind('\n').map_or(end, |i| i + 1)
+        } else {
+            end
+        };
+        let ids = tok.encode(&text[..cut], false)?;
+        if ids.len() >= tokens || end == text.len() {
+            return Ok(ids);
+        }
+        bytes *= 2;
+    }
+}
+
+fn model_into_grams(model: Llama<Recording<Cpu>>) -> Result<Vec<Gram>> {
+    model
+        .backend()
+        .take_grams()
+        .map_err(|e| anyhow::anyhow!("accumulating calibration activations: {e}"))
+}
+
+fn style(prefix: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{prefix:>12} [{{bar:30}}] {{pos}}/{{len}} ETA {{eta}} {{msg}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+/// Re-spends the parameter budget of the ratio-sized layers where it reduces the (calibrated)
+/// output error most, using each layer's error-vs-rank curve. Ranks move within [1/2, 2] of
+/// the uniform rank so no layer is starved or bloated by a noisy curve.
+fn reallocate(plan: &mut [LayerPlan], weights: &[Vec<f32>], grams: &[Gram]) -> Result<()> {
+    let idx: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].from_ratio).collect();
+    if idx.len() < 2 {
+        return Ok(());
+    }
+    let budget: usize = idx.iter().map(|&i| plan[i].shape.params()).sum();
+    let mut options = Vec::with_capacity(idx.len());
+    for &i in &idx {
+        let p = &plan[i];
+        let s = p.shape;
+        let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
+        let calib = Calibration::new(&grams[i]);
+        // Error of the best rank-r approximation (squared, relative); Monarch uses its own
+        // blockwise curve (index = per-block rank), BLAST the low-rank curve as a proxy.
+        let (curve, step) = match s.format {
+            FormatKind::Monarch => (
+                monarch_error_curve(&target, s.b_out, Some(&calib))?,
+                s.b_out,
+            ),
+            _ => (lowrank_error_curve(&target, Some(&calib))?, 1),
+        };
+        let scale: f64 = weights[i].iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let dense = s.m * s.n;
+        let lo = (s.rank / 2).max(step);
+        let hi = (s.rank * 2).max(lo);
+        let mut candidates = Vec::new();
+        for k in 0..=16 {
+            let rank = (lo + (hi - lo) * k / 16) / step * step;
+            let rank = rank.max(step);
+            let shape = Shape { rank, ..s };
+            if shape.params() > dense || candidates.iter().any(|c: &Candidate| c.rank == rank) {
+                continue;
+            }
+            let at = (rank / step).min(curve.len() - 1);
+            candidates.push(Candidate {
+                rank,
+                params: shape.params(),
+                error: curve[at] * scale,
+            });
+        }
+        if !candidates.iter().any(|c| c.rank == s.rank) {
+            let at = (s.rank / step).min(curve.len() - 1);
+            candidates.push(Candidate {
+                rank: s.rank,
+                params: s.params(),
+                error: curve[at] * scale,
+            });
+        }
+        options.push(LayerOptions {
+            name: p.name.clone(),
+            candidates,
+        });
+    }
+    let alloc = allocate(&options, budget)?;
+    for (&i, c) in idx.iter().zip(&alloc.chosen) {
+        plan[i].shape.rank = c.rank;
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.list_presets {
+        for (name, desc) in plan::PRESETS {
+            println!("{name:14} {desc}");
+        }
+        return Ok(());
+    }
+    let report = compress(&args, !args.json, !args.json)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_summary(&report);
+    Ok(())
+}
+
+/// Prints the size table and one summary line of a compression.
+pub fn print_summary(report: &Report) {
+    let (dense, compressed) = (
+        report.dense_params_of_compressed_layers,
+        report.compressed_params,
+    );
+    let (before, after) = (report.model_params_before, report.model_params_after);
+    let mut t = Table::new(&["<", "params", "bytes (f32)", "bytes (bf16)"]);
+    let row = |label: String, p: usize| {
+        vec![
+            label,
+            si(p as f64),
+            bytes(4.0 * p as f64),
+            bytes(2.0 * p as f64),
+        ]
+    };
+    t.row(row("compressed layers, dense".into(), dense));
+    t.row(row(
+        format!("compressed layers, {}", report.format),
+        compressed,
+    ));
+    t.row(row("whole model, before".into(), before));
+    t.row(row("whole model, after".into(), after));
+    print!("{}", t.render());
+    let mean_err =
+        report.layers.iter().map(|l| l.rel_error).sum::<f64>() / report.layers.len().max(1) as f64;
+    println!(
+        "{} layers at {:.1}% of their dense parameters, mean relative weight error {:.4}; wrote {} in {:.1}s",
+        report.layers.len(),
+        100.0 * compressed as f64 / dense.max(1) as f64,
+        mean_err,
+        report.out,
+        report.seconds
+    );
+}
+
+/// Compresses the model as `args` says and writes the checkpoint; `log_layers` prints one line
+/// per layer, `bars` draws progress bars (only when stderr is a terminal).
+pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
+    let t0 = Instant::now();
+    if args.out.exists() && args.out.is_dir() {
+        bail!(
+            "--out {} is a directory; give a file name",
+            args.out.display()
+        );
+    }
+    let rules = match (&args.ratio, &args.preset, &args.config) {
+        (Some(r), None, None) => plan::uniform_rules(args.format, args.blocks, Sizing::Ratio(*r)),
+        (None, Some(p), None) => plan::preset(p, args.format)?,
+        (None, None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            plan::rules_from_toml(&text, args.format, None).with_context(|| format!("in {}", path.display()))?
+        }
+        _ => bail!("say how big the compressed layers should be: --ratio R, --preset NAME or --config FILE"),
+    };
+    let filter = args
+        .layers
+        .as_deref()
+        .map(Regex::new)
+        .transpose()
+        .context("--layers is not a valid regex")?;
+
+    let loaded = loader::load_llama(&args.model)?;
+    let before = params_of(&loaded.weights);
+    let linears = loaded.cfg.linear_shapes();
+    let mut plan = plan::resolve(&rules, &linears, filter.as_ref())?;
+
+    let multi = MultiProgress::new();
+    if !bars {
+        multi.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let log = |line: String| {
+        if log_layers {
+            if multi.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                let _ = multi.println(line);
+            }
+        }
+    };
+    log(format!(
+        "{}: {} linear layers selected for {} ({})",
+        loaded.source,
+        plan.len(),
+        args.format,
+        loaded.cfg.linear_shapes().len()
+    ));
+
+    let weights: Vec<Vec<f32>> = plan
+        .iter()
+        .map(|p| {
+            dense_weight(&loaded.weights, &p.name).with_context(|| {
+                format!("layer {} is not a dense layer in {}", p.name, loaded.source)
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    let (grams, calib_tokens) = match &args.calibrate {
+        Some(path) => {
+            let tc = Instant::now();
+            let (g, used) = collect_grams(
+                &loaded,
+                &plan,
+                path,
+                args.calib_tokens,
+                args.calib_ctx,
+                &multi,
+            )?;
+            log(format!(
+                "calibrated on {used} tokens of {} in {:.1}s",
+                path.display(),
+                tc.elapsed().as_secs_f64()
+            ));
+            (Some(g), used)
+        }
+        None => (None, 0),
+    };
+    if let (Some(g), false, Some(_)) = (&grams, args.no_allocate, args.ratio) {
+        reallocate(&mut plan, &weights, g)?;
+    }
+
+    let layer_bar = multi.add(ProgressBar::new(plan.len() as u64));
+    layer_bar.set_style(style("layers"));
+    let stage_bar = multi.add(ProgressBar::new(1));
+    stage_bar.set_style(style("factorizing"));
+    let stage = StageBar(stage_bar.clone());
+    let init = if args.blast_init == "random" {
+        BlastInit::Random
+    } else {
+        BlastInit::LowRank
+    };
+
+    let mut ck = loaded.weights.clone();
+    let mut reports = Vec::with_capacity(plan.len());
+    for (i, p) in plan.iter().enumerate() {
+        let s = p.shape;
+        layer_bar.set_message(p.name.clone());
+        let tl = Instant::now();
+        let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
+        let calib = grams.as_ref().map(|g| Calibration::new(&g[i]));
+        let layer = match s.format {
+            FormatKind::LowRank => lowrank(&target, s.rank, calib.as_ref())?,
+            FormatKind::Monarch => monarch(
+                &target,
+                &MonarchOptions::new(s.b_out, s.rank),
+                calib.as_ref(),
+                &stage,
+            )?,
+            FormatKind::Blast => {
+                let mut o = BlastOptions::new(s.b_out, s.rank);
+                o.b_in = s.b_in;
+                o.iterations = args.iterations;
+                o.seed = args.seed.wrapping_add(i as u64);
+                o.init = init;
+                blast_report(&target, &o, calib.as_ref(), &stage)?.layer
+            }
+            FormatKind::Dense => continue,
+        };
+        let rel_error = relative_error(&target, &layer, None)?;
+        let rel_output_error = grams
+            .as_ref()
+            .map(|g| relative_error(&target, &layer, Some(&g[i])))
+            .transpose()?;
+        let seconds = tl.elapsed().as_secs_f64();
+        log(format!(
+            "{:40} {:8} {:>5}x{:<5} b={:<2} r={:<5} error {:.4}{}  {:.1}s",
+            p.name,
+            s.format,
+            s.m,
+            s.n,
+            s.b_out,
+            s.rank,
+            rel_error,
+            rel_output_error
+                .map(|e| format!(" (output {e:.4})"))
+                .unwrap_or_default(),
+            seconds
+        ));
+        ck.layers.retain(|(n, _)| n != &p.name);
+        ck.tensors.remove(&format!("{}.weight", p.name));
+        reports.push(LayerReport {
+            name: p.name.clone(),
+            format: s.format,
+            m: s.m,
+            n: s.n,
+            b_out: s.b_out,
+            b_in: s.b_in,
+            rank: s.rank,
+            params: layer.params(),
+            dense_params: s.m * s.n,
+            rel_error,
+            rel_output_error,
+            seconds,
+        });
+        ck.layers.push((p.name.clone(), layer));
+        layer_bar.inc(1);
+    }
+    stage_bar.finish_and_clear();
+    layer_bar.finish_and_clear();
+
+    ck.metadata
+        .insert("compress.format".into(), args.format.to_string());
+    ck.metadata
+        .insert("compress.calibrated".into(), grams.is_some().to_string());
+    ck.metadata
+        .insert("compress.calib_tokens".into(), calib_tokens.to_string());
+    if let Some(r) = args.ratio {
+        ck.metadata.insert("compress.ratio".into(), r.to_string());
+    }
+    if let Ok(src) = loader::resolve_path(&args.model) {
+        if src
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            // Compressed checkpoints carry no vocabulary: point at the source for the tokenizer.
+            let abs = std::fs::canonicalize(&src).unwrap_or(src);
+            ck.metadata
+                .insert("model.tokenizer".into(), abs.display().to_string());
+        }
+    }
+    let dtype = if args.dtype == "bf16" {
+        Dtype::BF16
+    } else {
+        Dtype::F32
+    };
+    loader::save_checkpoint(&args.out, &loaded.cfg, &ck, dtype)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+
+    let after = params_of(&ck);
+    let compressed: usize = reports.iter().map(|r| r.params).sum();
+    let dense: usize = reports.iter().map(|r| r.dense_params).sum();
+    Ok(Report {
+        model: loaded.source.clone(),
+        out: args.out.display().to_string(),
+        format: args.format,
+        calibrated: grams.is_some(),
+        calib_tokens,
+        compressed_params: compressed,
+        dense_params_of_compressed_layers: dense,
+        model_params_before: before,
+        model_params_after: after,
+        seconds: t0.elapsed().as_secs_f64(),
+        layers: reports,
+    })
+}

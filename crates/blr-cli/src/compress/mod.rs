@@ -1,0 +1,4 @@
+//! Whole-model compression: which layers become what (the plan) and calibration.
+
+pub mod calibrate;
+pub mod plan;
