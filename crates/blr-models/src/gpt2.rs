@@ -406,6 +406,10 @@ impl<B: Backend> Gpt2<B> {
 impl<B: Backend> CausalLm for Gpt2<B> {
     type Cache = Gpt2Cache<B>;
 
+    fn device(&self) -> String {
+        self.backend.name()
+    }
+
     fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }

@@ -670,6 +670,10 @@ impl<B: Backend> Llama<B> {
 impl<B: Backend> CausalLm for Llama<B> {
     type Cache = LlamaCache<B>;
 
+    fn device(&self) -> String {
+        self.backend.name()
+    }
+
     fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
     }

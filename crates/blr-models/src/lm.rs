@@ -7,6 +7,8 @@ use blr_core::rng::Rng;
 /// A decoder-only language model with a KV cache.
 pub trait CausalLm {
     type Cache;
+    /// The backend's description (for reports).
+    fn device(&self) -> String;
     fn vocab_size(&self) -> usize;
     /// Longest sequence the model was trained for.
     fn max_positions(&self) -> usize;

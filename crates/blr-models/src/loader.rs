@@ -133,6 +133,114 @@ pub fn load_llama(spec: &str) -> Result<LoadedLlama> {
     })
 }
 
+/// Weights, config and tokenizer of a GPT-2 model.
+pub struct LoadedGpt2 {
+    pub cfg: crate::gpt2::Gpt2Config,
+    pub weights: Checkpoint,
+    pub tokenizer: Option<Tokenizer>,
+    pub source: String,
+}
+
+/// Any causal LM the command line can run.
+pub enum LoadedLm {
+    Llama(LoadedLlama),
+    Gpt2(LoadedGpt2),
+}
+
+impl LoadedLm {
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        match self {
+            LoadedLm::Llama(l) => l.tokenizer.as_ref(),
+            LoadedLm::Gpt2(g) => g.tokenizer.as_ref(),
+        }
+    }
+
+    pub fn source(&self) -> &str {
+        match self {
+            LoadedLm::Llama(l) => &l.source,
+            LoadedLm::Gpt2(g) => &g.source,
+        }
+    }
+}
+
+/// GPT-2's tokenizer files in an HF directory (`vocab.json` + `merges.txt`), if present.
+fn gpt2_tokenizer_in(dir: &Path) -> Result<Option<Tokenizer>> {
+    let (v, m) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !v.is_file() || !m.is_file() {
+        return Ok(None);
+    }
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| Error::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    Ok(Some(Tokenizer::from_vocab_merges(
+        &read(&v)?,
+        &read(&m)?,
+        crate::tokenizer::PreTokenizer::Gpt2,
+    )?))
+}
+
+/// Loads a Llama or GPT-2 model: the forms of [`load_llama`], plus HF GPT-2 directories
+/// (`config.json` with `model_type` gpt2, `model.safetensors`, and `vocab.json` + `merges.txt`
+/// for the tokenizer), blr checkpoints recording `gpt2`, and `random:gpt2s` / `random:gpt2m`.
+pub fn load_lm(spec: &str) -> Result<LoadedLm> {
+    use crate::gpt2::{self, Gpt2Config};
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (name, layers) = rest.split_once(':').unwrap_or((rest, ""));
+        if let Some(cfg) = Gpt2Config::named(name) {
+            let layers = if layers.is_empty() {
+                None
+            } else {
+                Some(layers.parse::<usize>().map_err(|_| {
+                    Error::input(
+                        "model",
+                        format!("'{layers}' in '{spec}' is not a layer count"),
+                    )
+                })?)
+            };
+            let (cfg, weights) = gpt2::random(&cfg, 0, layers)?;
+            return Ok(LoadedLm::Gpt2(LoadedGpt2 {
+                cfg,
+                weights,
+                tokenizer: None,
+                source: spec.to_string(),
+            }));
+        }
+        return Ok(LoadedLm::Llama(load_llama(spec)?));
+    }
+    let path = resolve_path(spec)?;
+    if path.is_dir() {
+        if let crate::hf::HfConfig::Gpt2(cfg) = crate::hf::read_config(&path)? {
+            let st = blr_core::safetensors::SafeTensors::open(path.join("model.safetensors"))?;
+            let weights = gpt2::from_safetensors(&st, &cfg)?;
+            return Ok(LoadedLm::Gpt2(LoadedGpt2 {
+                cfg,
+                weights,
+                tokenizer: gpt2_tokenizer_in(&path)?,
+                source: path.display().to_string(),
+            }));
+        }
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        let st = blr_core::safetensors::SafeTensors::open(&path)?;
+        if st.metadata().get(weights::KEY_ARCH).map(String::as_str) == Some("gpt2") {
+            let ck = Checkpoint::load(&path)?;
+            let cfg = gpt2::config_from_checkpoint(&ck)?;
+            return Ok(LoadedLm::Gpt2(LoadedGpt2 {
+                cfg,
+                weights: ck,
+                tokenizer: None,
+                source: path.display().to_string(),
+            }));
+        }
+    }
+    Ok(LoadedLm::Llama(load_llama(spec)?))
+}
+
 /// Saves Llama weights (any mix of formats) as a blr checkpoint that [`load_llama`] reads back.
 pub fn save_checkpoint(
     path: &Path,
@@ -212,6 +320,11 @@ mod tests {
         assert_eq!(run(from_hf.weights), run(ck.clone()));
         std::fs::remove_dir_all(&dir).ok();
 
+        assert!(matches!(
+            load_lm("random:gpt2s:1").unwrap(),
+            LoadedLm::Gpt2(_)
+        ));
+        assert!(load_lm("random:gpt2s:x").is_err());
         assert!(load_llama("random:nope").is_err());
         assert!(load_llama("random:llama7b:x").is_err());
         let e = load_llama("/no/such/file.gguf").err().unwrap().to_string();

@@ -143,25 +143,7 @@ pub fn bundle(
             let model = gpt2::Gpt2::load(Cpu, cfg.clone(), ck.clone())?;
             let mut cache = model.new_cache(tokens)?;
             let logits = model.forward(&ids, &mut cache, true)?;
-            // HF Conv1D: weights stored (in, out).
-            let mut t = weights(&ck, str::to_string)?;
-            for o in &mut t {
-                if o.name.ends_with(".weight")
-                    && o.shape.len() == 2
-                    && !o.name.contains(".wte")
-                    && !o.name.contains(".wpe")
-                {
-                    let (m, n) = (o.shape[0], o.shape[1]);
-                    let mut w = vec![0.0f32; m * n];
-                    for r in 0..m {
-                        for c in 0..n {
-                            w[c * m + r] = o.data[r * n + c];
-                        }
-                    }
-                    o.data = w;
-                    o.shape = vec![n, m];
-                }
-            }
+            let mut t = gpt2_hf_tensors(&ck)?;
             t.push(Owned {
                 name: "blr.reference.input_ids".into(),
                 shape: vec![tokens],
@@ -291,6 +273,31 @@ pub fn bundle(
             format!("unknown architecture '{other}' (known: {ARCHS})"),
         )),
     }
+}
+
+/// GPT-2 weights as HF stores them: every tensor under its HF name, the projections as Conv1D
+/// `(in, out)` matrices (BLR layers densified).
+pub fn gpt2_hf_tensors(ck: &Checkpoint) -> Result<Vec<Owned>> {
+    let mut t = weights(ck, str::to_string)?;
+    let linear: std::collections::HashSet<String> = ck
+        .layers
+        .iter()
+        .map(|(n, _)| format!("{n}.weight"))
+        .collect();
+    for o in &mut t {
+        if linear.contains(&o.name) {
+            let (m, n) = (o.shape[0], o.shape[1]);
+            let mut w = vec![0.0f32; m * n];
+            for r in 0..m {
+                for c in 0..n {
+                    w[c * m + r] = o.data[r * n + c];
+                }
+            }
+            o.data = w;
+            o.shape = vec![n, m];
+        }
+    }
+    Ok(t)
 }
 
 /// A Llama bundle from given weights (random, or a real model's, e.g. SmolLM2 dequantised from

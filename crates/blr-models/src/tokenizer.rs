@@ -273,6 +273,57 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// GPT-2's own files (`vocab.json` / `encoder.json`: token -> id; `merges.txt` /
+    /// `vocab.bpe`: one merge per line after a `#version` header), as shipped with HF GPT-2
+    /// checkpoints. Tokens of the form `<|...|>` are special; `<|endoftext|>` is BOS and EOS.
+    pub fn from_vocab_merges(
+        vocab_json: &str,
+        merges_txt: &str,
+        pre: PreTokenizer,
+    ) -> Result<Self> {
+        let map: std::collections::BTreeMap<String, u64> = serde_json::from_str(vocab_json)
+            .map_err(|e| {
+                Error::Tokenizer(format!("vocab.json is not a token -> id object: {e}"))
+            })?;
+        let n = map.len();
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        for (tok, id) in map {
+            let slot = usize::try_from(id)
+                .ok()
+                .and_then(|i| tokens.get_mut(i))
+                .ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "vocab.json gives '{tok}' id {id}, outside 0..{n}: ids must be dense"
+                    ))
+                })?;
+            if slot.is_some() {
+                return Err(Error::Tokenizer(format!("vocab.json gives id {id} twice")));
+            }
+            *slot = Some(tok);
+        }
+        let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap_or_default).collect();
+        let types: Vec<i64> = tokens
+            .iter()
+            .map(|t| {
+                if t.starts_with("<|") && t.ends_with("|>") && t.len() > 4 {
+                    TYPE_CONTROL
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let merges: Vec<&str> = merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .collect();
+        let mut t = Tokenizer::new(tokens, &merges, &types, pre)?;
+        if let Some(id) = t.token_id("<|endoftext|>") {
+            t.bos = Some(id);
+            t.eos = Some(id);
+        }
+        Ok(t)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
     }
@@ -687,6 +738,37 @@ mod tests {
         let ids = t.encode("a\x1db", false).unwrap();
         assert_eq!(strs(&t, &ids), vec!["a", "b"]);
         assert_eq!(t.decode(&ids, false), "ab");
+    }
+
+    #[test]
+    fn gpt2_vocab_and_merges_files() {
+        let table = bytes_to_unicode();
+        let mut vocab: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+        vocab.extend([
+            "Ġw".to_string(),
+            "Ġwo".to_string(),
+            "<|endoftext|>".to_string(),
+        ]);
+        let json = format!(
+            "{{{}}}",
+            vocab
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{}: {i}", serde_json::to_string(t).unwrap()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let t =
+            Tokenizer::from_vocab_merges(&json, "#version: 0.2\nĠ w\nĠw o\n", PreTokenizer::Gpt2)
+                .unwrap();
+        assert_eq!((t.bos, t.eos), (Some(258), Some(258)));
+        assert!(t.is_special(258));
+        assert_eq!(
+            strs(&t, &t.encode("a wo<|endoftext|>", true).unwrap()),
+            vec!["a", "Ġwo", "<|endoftext|>"]
+        );
+        assert!(Tokenizer::from_vocab_merges("{\"a\": 3}", "", PreTokenizer::Gpt2).is_err());
+        assert!(Tokenizer::from_vocab_merges("[1]", "", PreTokenizer::Gpt2).is_err());
     }
 
     #[test]

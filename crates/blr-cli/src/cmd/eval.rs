@@ -1,11 +1,11 @@
 //! `blr eval`: accuracy of a model. `blr eval ppl` is sliding-window perplexity on a text file.
 
 use anyhow::{bail, Context, Result};
-use blr_models::backend::Backend;
 use blr_models::cpu::Cpu;
+use blr_models::gpt2::Gpt2;
 use blr_models::llama::Llama;
-use blr_models::lm::perplexity;
-use blr_models::loader;
+use blr_models::lm::{perplexity, CausalLm};
+use blr_models::loader::{self, LoadedLm};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
@@ -86,8 +86,9 @@ pub struct ReferenceArgs {
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct PplArgs {
-    /// The model: `smollm2`, a Llama GGUF, a blr checkpoint or a Hugging Face directory
-    /// (config.json + model.safetensors); the last two need --tokenizer.
+    /// The model: `smollm2`, a Llama GGUF, a blr checkpoint, a Hugging Face directory (Llama
+    /// or GPT-2; GPT-2 directories carry their tokenizer), or random:NAME[:LAYERS]. Without a
+    /// tokenizer of its own, pass --tokenizer.
     #[arg(long)]
     pub model: String,
     /// A GGUF file to take the tokenizer from, when the model file has none.
@@ -220,11 +221,11 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
     if args.device == "cuda" {
         bail!("--device cuda: the CUDA model backend is not available in this build yet; use --device cpu");
     }
-    let loaded = loader::load_llama(&args.model)
-        .with_context(|| format!("loading model '{}'", args.model))?;
-    let tokenizer = match (&args.tokenizer, loaded.tokenizer) {
+    let loaded =
+        loader::load_lm(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
+    let tokenizer = match (&args.tokenizer, loaded.tokenizer()) {
         (Some(path), _) => loader::tokenizer_from_gguf(&loader::resolve_path(path)?)?,
-        (None, Some(t)) => t,
+        (None, Some(t)) => t.clone(),
         (None, None) => bail!(
             "the model '{}' carries no tokenizer: pass --tokenizer FILE.gguf",
             args.model
@@ -243,8 +244,21 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
         }
         ids.truncate(args.tokens);
     }
-    let model = Llama::load(Cpu, loaded.cfg, loaded.weights)?;
+    let source = loaded.source().to_string();
+    match loaded {
+        LoadedLm::Llama(l) => {
+            let model = Llama::load(Cpu, l.cfg, l.weights)?;
+            ppl_with(&model, &ids, args, source)
+        }
+        LoadedLm::Gpt2(g) => {
+            let model = Gpt2::load(Cpu, g.cfg, g.weights)?;
+            ppl_with(&model, &ids, args, source)
+        }
+    }
+}
 
+/// Sliding-window perplexity of any causal LM over `ids`.
+fn ppl_with<M: CausalLm>(model: &M, ids: &[u32], args: &PplArgs, source: String) -> Result<Report> {
     let bar = if args.json {
         ProgressBar::hidden()
     } else {
@@ -259,16 +273,16 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
         b
     };
     let t0 = std::time::Instant::now();
-    let r = perplexity(&model, &ids, args.ctx, args.stride, |done, total| {
+    let r = perplexity(model, ids, args.ctx, args.stride, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
     let report = Report {
-        model: loaded.source,
+        model: source,
         data: args.data.display().to_string(),
-        device: model.backend().name(),
+        device: model.device(),
         perplexity: r.perplexity,
         nll_per_token: r.nll,
         tokens: ids.len(),
@@ -348,6 +362,15 @@ mod tests {
             (direct.perplexity, direct.scored_tokens)
         );
         assert!(direct.perplexity > 1.0 && direct.perplexity.is_finite());
+
+        // A GPT-2 HF directory carries its own tokenizer (vocab.json + merges.txt).
+        let gpt2 = crate::cmd::generate::tests::tiny_gpt2_dir("eval");
+        let mut g = a(60, 16, 8, true);
+        g.model = gpt2.display().to_string();
+        let r = measure_ppl(&g).unwrap();
+        assert_eq!(r.tokens, 60);
+        assert!(r.perplexity > 1.0 && r.perplexity.is_finite());
+        std::fs::remove_dir_all(&gpt2).ok();
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,15 +1,16 @@
 //! `blr generate`: text generation with a KV cache, streaming tokens as they are chosen.
 
 use anyhow::{bail, Context, Result};
-use blr_models::backend::Backend;
 use blr_models::cpu::Cpu;
+use blr_models::gpt2::Gpt2;
 use blr_models::llama::Llama;
-use blr_models::lm::{generate, Sampler};
-use blr_models::loader;
-use blr_models::tokenizer::StreamDecoder;
+use blr_models::lm::{generate, CausalLm, Sampler};
+use blr_models::loader::{self, LoadedLm};
+use blr_models::tokenizer::{StreamDecoder, Tokenizer};
 use std::io::Write;
 
-/// Generate text from a Llama-family model, streaming tokens to stdout and reporting speed.
+/// Generate text from a Llama-family or GPT-2 model, streaming tokens to stdout and reporting
+/// speed.
 ///
 /// The prompt is prefilled in one forward pass (all its tokens at once), then tokens are decoded
 /// one at a time against the KV cache. Sampling is greedy with --temperature 0 (the default),
@@ -25,10 +26,10 @@ use std::io::Write;
 #[command(verbatim_doc_comment)]
 pub struct Args {
     /// The model: `smollm2` (the cached SmolLM2-135M-Instruct), a Llama GGUF file, a blr
-    /// checkpoint (.safetensors with a recorded Llama config), a Hugging Face directory
-    /// (config.json + model.safetensors), or random:NAME[:LAYERS] with NAME one of llama7b,
-    /// llama3.2-1b, smollm2-135m (random weights; prints token ids). Checkpoints and HF
-    /// directories need --tokenizer.
+    /// checkpoint (.safetensors recording a Llama or GPT-2 config), a Hugging Face directory
+    /// (config.json + model.safetensors; Llama or GPT-2, GPT-2 with its vocab.json/merges.txt),
+    /// or random:NAME[:LAYERS] with NAME one of llama7b, llama3.2-1b, smollm2-135m, gpt2s, gpt2m
+    /// (random weights; prints token ids). Models without a tokenizer need --tokenizer.
     #[arg(long)]
     pub model: String,
     /// A GGUF file to take the tokenizer from, when the model file has none.
@@ -84,19 +85,39 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let t_load = std::time::Instant::now();
-    let loaded = loader::load_llama(&args.model)
-        .with_context(|| format!("loading model '{}'", args.model))?;
-    let tokenizer = match (&args.tokenizer, loaded.tokenizer) {
-        (Some(path), _) => {
+    let loaded =
+        loader::load_lm(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
+    let tokenizer = match &args.tokenizer {
+        Some(path) => {
             let p = loader::resolve_path(path)?;
             Some(
                 loader::tokenizer_from_gguf(&p)
                     .with_context(|| format!("reading the tokenizer from {}", p.display()))?,
             )
         }
-        (None, t) => t,
+        None => loaded.tokenizer().cloned(),
     };
-    let model = Llama::load(Cpu, loaded.cfg, loaded.weights)?;
+    let source = loaded.source().to_string();
+    match loaded {
+        LoadedLm::Llama(l) => {
+            let model = Llama::load(Cpu, l.cfg, l.weights)?;
+            generate_with(&model, tokenizer, &args, source, t_load)
+        }
+        LoadedLm::Gpt2(g) => {
+            let model = Gpt2::load(Cpu, g.cfg, g.weights)?;
+            generate_with(&model, tokenizer, &args, source, t_load)
+        }
+    }
+}
+
+/// Generation with any causal LM (Llama, GPT-2), already loaded.
+fn generate_with<M: CausalLm>(
+    model: &M,
+    tokenizer: Option<Tokenizer>,
+    args: &Args,
+    source: String,
+    t_load: std::time::Instant,
+) -> Result<()> {
     let load_seconds = t_load.elapsed().as_secs_f64();
 
     let prompt_text = if args.chat {
@@ -120,7 +141,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             // Random weights have no vocabulary: the prompt's bytes stand in as token ids.
-            let v = model.cfg.vocab_size;
+            let v = model.vocab_size();
             let ids = prompt_text
                 .bytes()
                 .map(|b| u32::from(b) % v as u32)
@@ -137,7 +158,7 @@ pub fn run(args: Args) -> Result<()> {
         write!(out, "{prompt_text}")?;
         out.flush()?;
     }
-    let stats = generate(&model, &ids, args.max_tokens, &mut sampler, &stop, |id| {
+    let stats = generate(model, &ids, args.max_tokens, &mut sampler, &stop, |id| {
         if streaming {
             let piece = match &tokenizer {
                 Some(t) => decoder.push(t, id),
@@ -157,8 +178,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let text = tokenizer.as_ref().map(|t| t.decode(&stats.generated, true));
     let report = Report {
-        model: loaded.source,
-        device: model.backend().name(),
+        model: source,
+        device: model.device(),
         prompt_tokens: stats.prompt_tokens,
         generated_tokens: stats.generated.len(),
         token_ids: stats.generated.clone(),
@@ -194,7 +215,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn tiny_model_file(tag: &str) -> std::path::PathBuf {
@@ -219,6 +240,83 @@ mod tests {
             device: "cpu".into(),
             json: true,
         }
+    }
+
+    /// An HF GPT-2 directory: config.json, model.safetensors (Conv1D layout), vocab.json and
+    /// merges.txt, with random weights and a byte-level vocabulary of 256 + 3 tokens.
+    pub(crate) fn tiny_gpt2_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("blr-cli-gpt2-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = blr_models::gpt2::Gpt2Config {
+            vocab_size: 259,
+            max_positions: 64,
+            hidden: 16,
+            layers: 2,
+            heads: 2,
+            eps: 1e-5,
+        };
+        let (cfg, ck) = blr_models::gpt2::random(&cfg, 1, None).unwrap();
+        let owned = blr_models::reference::gpt2_hf_tensors(&ck).unwrap();
+        let views: Vec<blr_core::safetensors::TensorToWrite> = owned
+            .iter()
+            .map(|t| blr_core::safetensors::TensorToWrite {
+                name: t.name.clone(),
+                dtype: blr_core::safetensors::Dtype::F32,
+                shape: t.shape.clone(),
+                data: &t.data,
+            })
+            .collect();
+        blr_core::safetensors::write(&dir.join("model.safetensors"), &views, &Default::default())
+            .unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            format!(
+                r#"{{"model_type": "gpt2", "vocab_size": {}, "n_positions": {}, "n_embd": {}, "n_layer": {}, "n_head": {}}}"#,
+                cfg.vocab_size, cfg.max_positions, cfg.hidden, cfg.layers, cfg.heads
+            ),
+        )
+        .unwrap();
+        // GPT-2's byte table: printable Latin-1 bytes stand for themselves, others from U+0100.
+        let mut next = 256u32;
+        let mut vocab: Vec<String> = (0..=255u8)
+            .map(|b| {
+                let printable =
+                    (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+                let cp = if printable {
+                    u32::from(b)
+                } else {
+                    next += 1;
+                    next - 1
+                };
+                char::from_u32(cp).unwrap().to_string()
+            })
+            .collect();
+        vocab.extend([
+            "Ġt".to_string(),
+            "Ġth".to_string(),
+            "<|endoftext|>".to_string(),
+        ]);
+        let json: Vec<String> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{}: {i}", serde_json::to_string(t).unwrap()))
+            .collect();
+        std::fs::write(dir.join("vocab.json"), format!("{{{}}}", json.join(", "))).unwrap();
+        std::fs::write(dir.join("merges.txt"), "#version: 0.2\nĠ t\nĠt h\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn generates_from_an_hf_gpt2_directory() {
+        let dir = tiny_gpt2_dir("generate");
+        let mut a = args(dir.display().to_string());
+        a.chat = false;
+        a.prompt = "the three".into();
+        run(a).unwrap();
+        let mut a = args(dir.display().to_string());
+        a.max_tokens = 100; // past the 64 learned positions
+        assert!(format!("{:#}", run(a).unwrap_err()).contains("positions"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
