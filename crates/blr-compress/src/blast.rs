@@ -65,8 +65,9 @@ pub enum BlastInit {
     /// and `r <= min(p, q)`, `b_out, b_in >= 2` (otherwise the random start is used):
     /// `Ũ_i`, `Ṽ_j` = top-r singular vectors of block row `i` / block column `j`, so that
     /// `M_ij = Ũ_i^T A_ij Ṽ_j = R_i S_ij T_j^T` for unknown r x r mixings `R_i`, `T_j`. Then
-    /// `M_00 M_10^-1 M_11 M_01^-1 = R_0 Λ R_0^-1` with `Λ` diagonal (a Jennrich-style
-    /// simultaneous diagonalisation), so its eigenvectors give `R_0`; `T_j^T = R_0^-1 M_0j`
+    /// `M_00 M_i'0^-1 M_i'j' M_0j'^-1 = R_0 Λ R_0^-1` with `Λ` diagonal for every `i', j'`
+    /// (a Jennrich-style simultaneous diagonalisation; a random combination of up to 8 such
+    /// products averages out noise), so the eigenvectors give `R_0`; `T_j^T = R_0^-1 M_0j`
     /// and `R_i = M_i0 T_0^-T` follow (scales absorbed into S), and S is the least-squares fit.
     /// The published random start stalls in local minima on such matrices (docs/compression.md);
     /// this one lands on the answer and the iterations only polish it. On general weights the
@@ -356,17 +357,36 @@ fn spectral_init(a: &Mat<f32>, st: &mut State, b_out: usize, b_in: usize) {
             v_basis[j].as_ref(),
         )
     };
-    let (m00, m01, m10, m11) = (core(0, 0), core(0, 1), core(1, 0), core(1, 1));
-    // X = M_00 M_10^-1 M_11 M_01^-1.
-    let left = linalg::mul64(
-        m00.as_ref(),
-        m10.partial_piv_lu().solve(m11.as_ref()).as_ref(),
-    );
-    let x = m01
-        .partial_piv_lu()
-        .solve_transpose(left.transpose())
-        .transpose()
-        .to_owned();
+    // X = sum over sampled (i', j') of w * M_00 M_i'0^-1 M_i'j' M_0j'^-1: every term is
+    // R_0 (diagonal) R_0^-1, so a random combination keeps the eigenvectors R_0 and averages
+    // the noise of single blocks (Jennrich). At most 8 terms bound the cost to ~8 * 4 r^3.
+    let m00 = core(0, 0);
+    let pairs: Vec<(usize, usize)> = (1..b_out)
+        .flat_map(|i2| (1..b_in).map(move |j2| (i2, j2)))
+        .collect();
+    let stride = pairs.len().div_ceil(8).max(1);
+    let mut weights = Rng::new(0x5eed_b1a5);
+    let mut x = Mat::<f64>::zeros(r, r);
+    for &(i2, j2) in pairs.iter().step_by(stride) {
+        let left = linalg::mul64(
+            m00.as_ref(),
+            core(i2, 0)
+                .partial_piv_lu()
+                .solve(core(i2, j2).as_ref())
+                .as_ref(),
+        );
+        let term = core(0, j2)
+            .partial_piv_lu()
+            .solve_transpose(left.transpose())
+            .transpose()
+            .to_owned();
+        let w = weights.normal();
+        for c in 0..r {
+            for (o, &t) in x.col_as_slice_mut(c).iter_mut().zip(term.col_as_slice(c)) {
+                *o += w * t;
+            }
+        }
+    }
     let Ok(eig) = x.eigen() else {
         return;
     };
