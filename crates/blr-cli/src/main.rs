@@ -51,6 +51,10 @@ enum Command {
     Factorize(cmd::factorize::Args),
     /// Benchmark BLR layers on the GPU (`blr bench layer`) against dense cuBLAS and the roofline.
     Bench(cmd::bench::Args),
+    /// Check a model backend (cuda) against the CPU reference: every op and model, odd shapes.
+    Parity(cmd::parity::Args),
+    /// Time a Llama-shape model end to end on the GPU (prefill, decode), dense vs BLAST.
+    E2e(cmd::e2e::Args),
     /// Draw the GPU's measured roofline with the layer benchmark points (SVG).
     Roofline(cmd::roofline::Args),
 }
@@ -69,6 +73,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Factorize(args) => cmd::factorize::run(args),
+        Command::Parity(args) => cmd::parity::run(args),
+        Command::E2e(args) => cmd::e2e::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

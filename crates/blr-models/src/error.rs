@@ -65,12 +65,9 @@ pub enum Error {
 
     /// The CUDA backend failed: no driver or device, a kernel that did not compile or launch,
     /// device memory over the cap. `op` is the backend op that was running.
-    #[error("CUDA backend, {op}: {source}")]
-    Cuda {
-        op: String,
-        #[source]
-        source: blr_cuda::Error,
-    },
+    /// (`error` is not marked as the source, so an error chain prints the reason once.)
+    #[error("CUDA backend, {op}: {error}")]
+    Cuda { op: String, error: blr_cuda::Error },
 
     /// An error from the format layer (a linear layer's shape or factors).
     #[error(transparent)]

@@ -226,6 +226,11 @@ pub fn check_ops<B: Backend>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {
         (1usize, 4usize, 2usize, 8usize, true),
         (19, 6, 2, 16, true),
         (17, 4, 4, 8, false),
+        // Head sizes the CUDA backend runs on tensor cores (64, 128): several 64-row query
+        // tiles with a ragged last one, causal and not.
+        (77, 4, 2, 64, true),
+        (130, 2, 1, 128, true),
+        (45, 3, 3, 64, false),
     ] {
         let spec = AttnSpec::new(heads, kv, hd, causal);
         let (q, k, v) = (
@@ -250,6 +255,24 @@ pub fn check_ops<B: Backend>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {
         s.record(
             "attention_cached",
             format!("step {step}: {t} new after {}", c.kv_len(&cc) - t),
+            &got,
+            &want,
+        )?;
+    }
+    // The same at head_dim 64: a prefill longer than one query tile, then decode steps.
+    let spec = AttnSpec::new(4, 2, 64, true);
+    let mut bc = b.new_kv_cache(2, 64, 90)?;
+    let mut cc = c.new_kv_cache(2, 64, 90)?;
+    for (step, t) in [70usize, 1, 1, 9].into_iter().enumerate() {
+        let (q, k, v) = (s.rand(t, 256), s.rand(t, 128), s.rand(t, 128));
+        let got = b.attention_cached(&s.up(&q)?, &s.up(&k)?, &s.up(&v)?, &mut bc, spec)?;
+        let want = c.attention_cached(&q, &k, &v, &mut cc, spec)?;
+        s.record(
+            "attention_cached",
+            format!(
+                "head_dim 64, step {step}: {t} new after {}",
+                c.kv_len(&cc) - t
+            ),
             &got,
             &want,
         )?;
@@ -319,6 +342,48 @@ pub fn check_models<B: Backend + Clone>(b: &B, seed: u64, tol: f64) -> Result<Ve
     for p in 10..13 {
         push(
             "llama decode logits",
+            format!("position {p}"),
+            &mb.forward(&ids[p..=p], &mut cb, false)?,
+            &mc.forward(&ids[p..=p], &mut cc, false)?,
+        );
+    }
+
+    // A Llama whose attention runs on the CUDA backend's tensor-core kernel (head_dim 64) and
+    // whose BLAST layer has tile-aligned blocks (the GPU's fused strategies apply), prefilling
+    // more than one 64-row query tile.
+    let cfg = llama::LlamaConfig {
+        vocab_size: 61,
+        hidden: 128,
+        intermediate: 96,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+        rope_theta: 1e4,
+        rope_scaling: llama::RopeScaling::None,
+        rms_eps: 1e-5,
+        tie_embeddings: false,
+        max_positions: 128,
+    };
+    let (cfg, mut ck) = llama::random(&cfg, seed + 1, None)?;
+    swap(
+        &mut ck,
+        "model.layers.0.mlp.up_proj",
+        blast(96, 128, 4, 4, 16),
+    )?;
+    let ids: Vec<u32> = (0..72).map(|_| rng.below(61) as u32).collect();
+    let mb = llama::Llama::load(b.clone(), cfg.clone(), ck.clone())?;
+    let mc = llama::Llama::load(Cpu, cfg, ck)?;
+    let (mut cb, mut cc) = (mb.new_cache(80)?, mc.new_cache(80)?);
+    push(
+        "llama hd64 prefill logits",
+        "70 tokens".into(),
+        &mb.forward(&ids[..70], &mut cb, true)?,
+        &mc.forward(&ids[..70], &mut cc, true)?,
+    );
+    for p in 70..72 {
+        push(
+            "llama hd64 decode logits",
             format!("position {p}"),
             &mb.forward(&ids[p..=p], &mut cb, false)?,
             &mc.forward(&ids[p..=p], &mut cc, false)?,
@@ -514,7 +579,7 @@ mod tests {
         assert!(ops.len() > 40, "{}", ops.len());
         assert!(ops.iter().all(|c| c.ok), "{ops:?}");
         let models = check_models(&Cpu, 2, 1e-6).unwrap();
-        assert_eq!(models.len(), 7);
+        assert_eq!(models.len(), 10);
         assert!(models.iter().all(|c| c.ok), "{models:?}");
     }
 

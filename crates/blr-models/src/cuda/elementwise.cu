@@ -80,6 +80,20 @@ extern "C" __global__ void blr_embedding(const __nv_bfloat16* __restrict__ table
     }
 }
 
+// The same for up to 8 ids passed as kernel arguments (decode): no host-to-device copy and no
+// id buffer, so a decode step is one self-contained launch sequence that a CUDA graph can capture
+// (a copy from pageable host memory synchronises the stream, which capture forbids).
+extern "C" __global__ void blr_embedding_few(const __nv_bfloat16* __restrict__ table, __nv_bfloat16* __restrict__ out,
+                                             size_t n, int cols, unsigned int i0, unsigned int i1, unsigned int i2,
+                                             unsigned int i3, unsigned int i4, unsigned int i5, unsigned int i6,
+                                             unsigned int i7) {
+    GRID_STRIDE(i, n) {
+        size_t t = i / cols, c = i % cols;
+        unsigned int id = t == 0 ? i0 : t == 1 ? i1 : t == 2 ? i2 : t == 3 ? i3 : t == 4 ? i4 : t == 5 ? i5 : t == 6 ? i6 : i7;
+        out[i] = table[(size_t)id * cols + c];
+    }
+}
+
 // dst (rows, cols) = src[row0 + r, col0 + c] of a row-major source `src_cols` wide
 // (slice_rows and slice_cols are both this copy).
 extern "C" __global__ void blr_copy2d(const __nv_bfloat16* __restrict__ src, __nv_bfloat16* __restrict__ dst,

@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 
 use blr_cuda::layers::autotune::AutotuneCache;
 use blr_cuda::layers::{GpuLinear, LayerKernels, Strategy, Workspace};
-use blr_cuda::{bf16, CompileOptions, DeviceBuffer, Gpu, GpuOptions, Kernel, KernelSource, LaunchConfig};
+use blr_cuda::{
+    bf16, CompileOptions, DeviceBuffer, Gpu, GpuOptions, Kernel, KernelSource, LaunchConfig,
+};
 
 use crate::backend::{AttnSpec, Backend};
 use crate::{Error, Result};
@@ -43,6 +45,9 @@ pub const ATTENTION_CU: KernelSource = blr_cuda::kernel_source!("attention.cu");
 /// Every `.cu` file of this backend, for the compile check (tests/cuda_kernels_compile.rs).
 pub const SOURCES: [KernelSource; 4] = [NORM_CU, ELEMENTWISE_CU, ROPE_CU, ATTENTION_CU];
 
+/// Up to this many token ids go to the embedding kernel as arguments (decode steps), not
+/// through a host-to-device copy: see `blr_embedding_few` in elementwise.cu.
+const EMBED_FEW: usize = 8;
 /// Threads per block of the element-wise and norm kernels (norm.cu's NORM_THREADS).
 const BLOCK: u32 = 256;
 /// Key positions per block of `blr_attn_rows`: 256 keys x 4 warps keeps each warp on 64 keys,
@@ -55,9 +60,9 @@ const FLASH_THREADS: u32 = 128;
 const FLASH_ROWS: usize = 64;
 
 fn cuda(op: &str) -> impl Fn(blr_cuda::Error) -> Error + '_ {
-    move |source| Error::Cuda {
+    move |error| Error::Cuda {
         op: op.to_string(),
-        source,
+        error,
     }
 }
 
@@ -119,6 +124,7 @@ struct Kernels {
     gelu: Kernel,
     silu: Kernel,
     embedding: Kernel,
+    embedding_few: Kernel,
     copy2d: Kernel,
     kv_append: Kernel,
     rope: Kernel,
@@ -146,6 +152,7 @@ impl Kernels {
             gelu: ew.function("blr_gelu")?,
             silu: ew.function("blr_silu")?,
             embedding: ew.function("blr_embedding")?,
+            embedding_few: ew.function("blr_embedding_few")?,
             copy2d: ew.function("blr_copy2d")?,
             kv_append: ew.function("blr_kv_append")?,
             rope: rope.function("blr_rope")?,
@@ -509,7 +516,13 @@ impl Cuda {
         unsafe { launch.arg(&n).arg(&cols).launch(cfg) }.map_err(cuda(op))
     }
 
-    fn in_place(&self, op: &str, kernel: &Kernel, x: &mut CudaTensor, flag: Option<i32>) -> Result<()> {
+    fn in_place(
+        &self,
+        op: &str,
+        kernel: &Kernel,
+        x: &mut CudaTensor,
+        flag: Option<i32>,
+    ) -> Result<()> {
         let n = x.len();
         if n == 0 {
             return Ok(());
@@ -526,7 +539,14 @@ impl Cuda {
         unsafe { launch.launch(cfg) }.map_err(cuda(op))
     }
 
-    fn copy2d(&self, x: &CudaTensor, row0: usize, rows: usize, col0: usize, cols: usize) -> Result<CudaTensor> {
+    fn copy2d(
+        &self,
+        x: &CudaTensor,
+        row0: usize,
+        rows: usize,
+        col0: usize,
+        cols: usize,
+    ) -> Result<CudaTensor> {
         let mut out = self.alloc(rows, cols, "slice")?;
         let n = rows * cols;
         if n == 0 {
@@ -661,7 +681,8 @@ impl Backend for Cuda {
     }
 
     fn load_linear(&self, layer: blr_core::Linear) -> Result<CudaLinear> {
-        let layer = GpuLinear::upload(&self.inner.gpu, &layer).map_err(cuda("uploading a linear layer"))?;
+        let layer =
+            GpuLinear::upload(&self.inner.gpu, &layer).map_err(cuda("uploading a linear layer"))?;
         let s = layer.shape();
         let ws_key = format!(
             "{}|{}x{}|{}x{}|{}",
@@ -712,7 +733,15 @@ impl Backend for Cuda {
             .ok_or_else(|| Error::input("linear", "workspace vanished"))?;
         layer
             .layer
-            .forward(&inner.gpu, &inner.layer_kernels, &x.buf, t, &mut y.buf, ws, strategy)
+            .forward(
+                &inner.gpu,
+                &inner.layer_kernels,
+                &x.buf,
+                t,
+                &mut y.buf,
+                ws,
+                strategy,
+            )
             .map_err(cuda("linear layer"))?;
         Ok(y)
     }
@@ -730,9 +759,25 @@ impl Backend for Cuda {
             return Ok(out);
         }
         let gpu = self.gpu_ref();
-        let ids_dev = gpu.upload(ids, "token ids").map_err(cuda("embedding"))?;
         let cfg = self.grid(n);
         let (n, cols) = (n as u64, i32_of(table.cols, "embedding")?);
+        if ids.len() <= EMBED_FEW {
+            let mut few = [0u32; EMBED_FEW];
+            few[..ids.len()].copy_from_slice(ids);
+            // SAFETY: blr_embedding_few(table, out, n, cols, i0..i7): ids (< table rows,
+            // checked above) are arguments; out holds n = ids x cols elements.
+            return unsafe {
+                let mut l = gpu.launch(&self.k().embedding_few);
+                l.arg(&table.buf).arg(&mut out.buf).arg(&n).arg(&cols);
+                for id in &few {
+                    l.arg(id);
+                }
+                l.launch(cfg)
+            }
+            .map(|()| out)
+            .map_err(cuda("embedding"));
+        }
+        let ids_dev = gpu.upload(ids, "token ids").map_err(cuda("embedding"))?;
         // SAFETY: blr_embedding(table, ids, out, n, cols): every id < table rows (checked
         // above), out holds n = ids x cols elements.
         unsafe {
@@ -899,11 +944,9 @@ impl Backend for Cuda {
             return Ok(());
         }
         let bits: Vec<u32> = inv_freq.iter().map(|f| f.to_bits()).collect();
-        let mut freqs = self
-            .inner
-            .freqs
-            .lock()
-            .map_err(|_| Error::input("rope", "frequency cache lock poisoned by an earlier panic"))?;
+        let mut freqs = self.inner.freqs.lock().map_err(|_| {
+            Error::input("rope", "frequency cache lock poisoned by an earlier panic")
+        })?;
         let at = match freqs.iter().position(|(b, _)| *b == bits) {
             Some(i) => i,
             None => {
