@@ -231,6 +231,7 @@ pub fn check_ops<B: Backend>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {
         (77, 4, 2, 64, true),
         (130, 2, 1, 128, true),
         (45, 3, 3, 64, false),
+        (1, 4, 2, 128, true),
     ] {
         let spec = AttnSpec::new(heads, kv, hd, causal);
         let (q, k, v) = (
@@ -271,6 +272,24 @@ pub fn check_ops<B: Backend>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {
             "attention_cached",
             format!(
                 "head_dim 64, step {step}: {t} new after {}",
+                c.kv_len(&cc) - t
+            ),
+            &got,
+            &want,
+        )?;
+    }
+    // head_dim 128: decode over a cache longer than one 128-key split of the decode kernel.
+    let spec = AttnSpec::new(4, 2, 128, true);
+    let mut bc = b.new_kv_cache(2, 128, 160)?;
+    let mut cc = c.new_kv_cache(2, 128, 160)?;
+    for (step, t) in [150usize, 1, 1].into_iter().enumerate() {
+        let (q, k, v) = (s.rand(t, 512), s.rand(t, 256), s.rand(t, 256));
+        let got = b.attention_cached(&s.up(&q)?, &s.up(&k)?, &s.up(&v)?, &mut bc, spec)?;
+        let want = c.attention_cached(&q, &k, &v, &mut cc, spec)?;
+        s.record(
+            "attention_cached",
+            format!(
+                "head_dim 128, step {step}: {t} new after {}",
                 c.kv_len(&cc) - t
             ),
             &got,

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use blr_models::cpu::Cpu;
+use blr_models::cuda::Cuda;
 use blr_models::gpt2::Gpt2;
 use blr_models::llama::Llama;
 use blr_models::lm::{perplexity, CausalLm};
@@ -218,9 +219,6 @@ fn ppl(args: PplArgs) -> Result<()> {
 }
 
 fn measure_ppl(args: &PplArgs) -> Result<Report> {
-    if args.device == "cuda" {
-        bail!("--device cuda: the CUDA model backend is not available in this build yet; use --device cpu");
-    }
     let loaded =
         loader::load_lm(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
     let tokenizer = match (&args.tokenizer, loaded.tokenizer()) {
@@ -245,7 +243,16 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
         ids.truncate(args.tokens);
     }
     let source = loaded.source().to_string();
+    let cuda = || Cuda::open_default().context("--device cuda: opening the CUDA backend");
     match loaded {
+        LoadedLm::Llama(l) if args.device == "cuda" => {
+            let model = Llama::load(cuda()?, l.cfg, l.weights)?;
+            ppl_with(&model, &ids, args, source)
+        }
+        LoadedLm::Gpt2(g) if args.device == "cuda" => {
+            let model = Gpt2::load(cuda()?, g.cfg, g.weights)?;
+            ppl_with(&model, &ids, args, source)
+        }
         LoadedLm::Llama(l) => {
             let model = Llama::load(Cpu, l.cfg, l.weights)?;
             ppl_with(&model, &ids, args, source)

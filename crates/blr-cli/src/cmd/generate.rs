@@ -1,7 +1,8 @@
 //! `blr generate`: text generation with a KV cache, streaming tokens as they are chosen.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use blr_models::cpu::Cpu;
+use blr_models::cuda::Cuda;
 use blr_models::gpt2::Gpt2;
 use blr_models::llama::Llama;
 use blr_models::lm::{generate, CausalLm, Sampler};
@@ -79,11 +80,6 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.device == "cuda" {
-        bail!(
-            "--device cuda: the CUDA model backend is not available in this build yet; use --device cpu"
-        );
-    }
     let t_load = std::time::Instant::now();
     let loaded =
         loader::load_lm(&args.model).with_context(|| format!("loading model '{}'", args.model))?;
@@ -98,7 +94,16 @@ pub fn run(args: Args) -> Result<()> {
         None => loaded.tokenizer().cloned(),
     };
     let source = loaded.source().to_string();
+    let cuda = || Cuda::open_default().context("--device cuda: opening the CUDA backend");
     match loaded {
+        LoadedLm::Llama(l) if args.device == "cuda" => {
+            let model = Llama::load(cuda()?, l.cfg, l.weights)?;
+            generate_with(&model, tokenizer, &args, source, t_load)
+        }
+        LoadedLm::Gpt2(g) if args.device == "cuda" => {
+            let model = Gpt2::load(cuda()?, g.cfg, g.weights)?;
+            generate_with(&model, tokenizer, &args, source, t_load)
+        }
         LoadedLm::Llama(l) => {
             let model = Llama::load(Cpu, l.cfg, l.weights)?;
             generate_with(&model, tokenizer, &args, source, t_load)

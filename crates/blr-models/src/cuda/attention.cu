@@ -294,6 +294,142 @@ extern "C" __global__ void __launch_bounds__(AR_WARPS * 32)
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// Decode at head_dim 64/128: blr_attn_decode_{64,128} (+ blr_attn_combine)
+//
+// The same grid and partials as blr_attn_rows, but each key is owned by a group of 4 lanes
+// (lane holds hd/4 dims, read as 16-byte vectors), so a warp scores 8 keys per step and a block
+// has 32 keys' K and V rows in flight: the loop is bound by DRAM bandwidth, not by the latency
+// of one row read + shuffle reduction per key. Groups merge their online-softmax state with
+// 3 xor-shuffle rounds, warps through shared memory.
+// Bytes: as blr_attn_rows. Roofline: ~2 * L * kv_heads * hd * 2 bytes per layer and token.
+// ------------------------------------------------------------------------------------------
+
+#define AD_GROUP 4
+
+template <int HD>
+static __device__ __forceinline__ void attn_decode(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                                   const __nv_bfloat16* __restrict__ v, float* __restrict__ part,
+                                                   long long kv_head_stride, int kv_row_stride, int L, int pos0,
+                                                   int causal, int heads, int group, float scale_log2, int chunk) {
+    constexpr int DPL = HD / AD_GROUP;  // dims per lane
+    constexpr int VEC = DPL / 8;        // 16-byte vectors per lane per row
+    constexpr int KEYS = 32 / AD_GROUP; // keys per warp step
+    __shared__ float sm_m[AR_WARPS], sm_l[AR_WARPS];
+    __shared__ float sm_o[AR_WARPS][HD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % AD_GROUP, grp = lane / AD_GROUP;
+    const int rh = blockIdx.x, t = rh / heads, h = rh % heads, kvh = h / group;
+    const int splits = gridDim.y, split = blockIdx.y;
+    const int vis = causal ? min(L, pos0 + t + 1) : L;
+    const int j0 = split * chunk, j1 = min(vis, j0 + chunk);
+
+    float qv[DPL], o[DPL];
+    const __nv_bfloat16* qrow = q + (size_t)t * heads * HD + h * HD + sub * DPL;
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) {
+        uint4 u = *reinterpret_cast<const uint4*>(qrow + 8 * c);
+        const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            qv[8 * c + i] = __bfloat162float(e[i]) * scale_log2;
+            o[8 * c + i] = 0.0f;
+        }
+    }
+    float m = NEG_INF, l = 0.0f;
+    const __nv_bfloat16* kb = k + (size_t)kvh * kv_head_stride + sub * DPL;
+    const __nv_bfloat16* vb = v + (size_t)kvh * kv_head_stride + sub * DPL;
+    // Warp-uniform trip count: every lane reaches every shuffle; lanes past the end idle.
+    for (int base = j0 + warp * KEYS; base < j1; base += AR_WARPS * KEYS) {
+        const int j = base + grp;
+        const bool valid = j < j1;
+        uint4 kk[VEC], vv[VEC];
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) {
+            kk[c] = valid ? *reinterpret_cast<const uint4*>(kb + (size_t)j * kv_row_stride + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
+            vv[c] = valid ? *reinterpret_cast<const uint4*>(vb + (size_t)j * kv_row_stride + 8 * c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) {
+            const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&kk[c]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s += qv[8 * c + i] * __bfloat162float(e[i]);
+        }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (valid) {
+            const float mn = fmaxf(m, s);
+            const float a = exp2f(m - mn), p = exp2f(s - mn);
+            l = l * a + p;
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+                const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&vv[c]);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) o[8 * c + i] = o[8 * c + i] * a + p * __bfloat162float(e[i]);
+            }
+            m = mn;
+        }
+    }
+    // Merge the 8 key groups of the warp (lanes sub, sub + 4, ... hold the same dims).
+#pragma unroll
+    for (int off = AD_GROUP; off < 32; off <<= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m, off);
+        const float lo = __shfl_xor_sync(0xffffffffu, l, off);
+        const float mm = fmaxf(m, mo);
+        const float as = m == NEG_INF ? 0.0f : exp2f(m - mm);
+        const float ao = mo == NEG_INF ? 0.0f : exp2f(mo - mm);
+        l = l * as + lo * ao;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            const float oo = __shfl_xor_sync(0xffffffffu, o[i], off);
+            o[i] = o[i] * as + oo * ao;
+        }
+        m = mm;
+    }
+    if (grp == 0) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) sm_o[warp][sub * DPL + i] = o[i];
+        if (sub == 0) {
+            sm_m[warp] = m;
+            sm_l[warp] = l;
+        }
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float M = NEG_INF;
+    for (int w = 0; w < AR_WARPS; ++w) M = fmaxf(M, sm_m[w]);
+    float* dst = part + ((size_t)rh * splits + split) * (HD + 2);
+    float scale_w[AR_WARPS];
+    float lsum = 0.0f;
+    for (int w = 0; w < AR_WARPS; ++w) {
+        scale_w[w] = (M == NEG_INF || sm_m[w] == NEG_INF) ? 0.0f : exp2f(sm_m[w] - M);
+        lsum += scale_w[w] * sm_l[w];
+    }
+    for (int d = lane; d < HD; d += 32) {
+        float acc = 0.0f;
+        for (int w = 0; w < AR_WARPS; ++w) acc += scale_w[w] * sm_o[w][d];
+        dst[2 + d] = acc;
+    }
+    if (lane == 0) {
+        dst[0] = M;
+        dst[1] = lsum;
+    }
+}
+
+#define DECODE_ENTRY(HD)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(AR_WARPS * 32)                                                    \
+        blr_attn_decode_##HD(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,             \
+                             const __nv_bfloat16* __restrict__ v, float* __restrict__ part, long long kv_head_stride, \
+                             int kv_row_stride, int T, int L, int pos0, int causal, int heads, int group, int hd,   \
+                             float scale_log2, int chunk) {                                                        \
+        (void)T;                                                                                                   \
+        (void)hd;                                                                                                  \
+        attn_decode<HD>(q, k, v, part, kv_head_stride, kv_row_stride, L, pos0, causal, heads, group, scale_log2,  \
+                        chunk);                                                                                    \
+    }
+DECODE_ENTRY(64)
+DECODE_ENTRY(128)
+
 // out[t, h*hd + d] = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s; one warp per (row, head).
 extern "C" __global__ void blr_attn_combine(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
                                             int heads, int hd, int splits) {

@@ -53,6 +53,10 @@ const BLOCK: u32 = 256;
 /// Key positions per block of `blr_attn_rows`: 256 keys x 4 warps keeps each warp on 64 keys,
 /// and a 1024-position cache already splits 4 ways per head (32 heads -> 128 blocks).
 const ATTN_CHUNK: usize = 256;
+/// Key positions per block of `blr_attn_decode_{64,128}`: each block has 32 keys in flight, so
+/// 128 keys is 4 steps per warp, and a 1024-position cache splits 8 ways per head (32 heads ->
+/// 256 blocks, about two per SM on an H100).
+const DECODE_CHUNK: usize = 128;
 /// `blr_attn_rows` keeps `head_dim / 32` values per lane in registers, at most 8.
 const ATTN_MAX_HEAD_DIM: usize = 256;
 /// Threads of the flash kernel (4 warps x 16 query rows = the 64-row query tile).
@@ -131,6 +135,8 @@ struct Kernels {
     flash64: Kernel,
     flash128: Kernel,
     attn_rows: Kernel,
+    decode64: Kernel,
+    decode128: Kernel,
     attn_combine: Kernel,
 }
 
@@ -159,6 +165,8 @@ impl Kernels {
             flash64: attn.function("blr_flash_attn_64")?,
             flash128: attn.function("blr_flash_attn_128")?,
             attn_rows: attn.function("blr_attn_rows")?,
+            decode64: attn.function("blr_attn_decode_64")?,
+            decode128: attn.function("blr_attn_decode_128")?,
             attn_combine: attn.function("blr_attn_combine")?,
         })
     }
@@ -374,12 +382,17 @@ impl Cuda {
                 format!("head_dim {hd} is over the CUDA backend's {ATTN_MAX_HEAD_DIM}"),
             ));
         }
-        let splits = l.div_ceil(ATTN_CHUNK).max(1);
+        let (rows_kernel, chunk_len) = match hd {
+            64 => (&self.k().decode64, DECODE_CHUNK),
+            128 => (&self.k().decode128, DECODE_CHUNK),
+            _ => (&self.k().attn_rows, ATTN_CHUNK),
+        };
+        let splits = l.div_ceil(chunk_len).max(1);
         let mut part = gpu
             .alloc::<f32>(t * spec.heads * splits * (hd + 2), "attention partials")
             .map_err(cuda("attention partials"))?;
         let hd_i = i32_of(hd, "head_dim")?;
-        let chunk = ATTN_CHUNK as i32;
+        let chunk = i32_of(chunk_len, "attention chunk")?;
         let rows_heads = u32::try_from(t * spec.heads)
             .map_err(|_| Error::input("attention", "rows x heads overflows the grid"))?;
         let cfg = LaunchConfig {
@@ -387,11 +400,11 @@ impl Cuda {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: blr_attn_rows(q, k, v, part, i64, i32, T, L, pos0, causal, heads, group, hd,
-        // f32, chunk) writes part[(rh * splits + split) * (hd + 2) ..] for every block: the
+        // SAFETY: blr_attn_rows / blr_attn_decode_HD (same parameters: q, k, v, part, i64, i32,
+        // T, L, pos0, causal, heads, group, hd, f32, chunk) write part[(rh * splits + split) * (hd + 2) ..] for every block: the
         // buffer holds T * heads * splits * (hd + 2) floats.
         unsafe {
-            gpu.launch(&self.k().attn_rows)
+            gpu.launch(rows_kernel)
                 .arg(&q.buf)
                 .arg(k)
                 .arg(v)
