@@ -771,3 +771,38 @@ fn gram_files_that_are_not_grams_are_rejected_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn calibrated_blast_from_low_rank_start_is_no_worse_than_calibrated_low_rank() {
+    let mut rng = Rng::new(91);
+    let (m, n, r, tokens) = (48, 72, 10, 500);
+    let w = gaussian(&mut rng, m, n);
+    let t = Target::new("calib-start", m, n, &w).unwrap();
+    // Strongly anisotropic inputs: feature i has scale 10^(2 i / n - 1), so the weighted
+    // optimum is far from the plain SVD.
+    let mut x = rng.normal_vec(tokens * n, 1.0);
+    for (k, v) in x.iter_mut().enumerate() {
+        *v *= 10f32.powf(2.0 * (k % n) as f32 / n as f32 - 1.0);
+    }
+    let mut gram = Gram::new(n);
+    gram.accumulate(&x, tokens).unwrap();
+    let calib = Calibration::new(&gram);
+    let e_lr = relative_error(&t, &lowrank(&t, r, Some(&calib)).unwrap(), Some(&gram)).unwrap();
+    // Few iterations: the result must come from the start, which is the calibrated low-rank
+    // optimum itself; the iterations only add block freedom on top.
+    let opts = BlastOptions {
+        iterations: 2,
+        init: BlastInit::LowRank,
+        ..blast_opts(4, 3, r)
+    };
+    let e_blast = relative_error(
+        &t,
+        &blast(&t, &opts, Some(&calib), &Silent).unwrap(),
+        Some(&gram),
+    )
+    .unwrap();
+    assert!(
+        e_blast <= e_lr * 1.001,
+        "calibrated BLAST {e_blast} vs calibrated low-rank {e_lr}"
+    );
+}
