@@ -247,9 +247,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(str::parse::<blr_cuda::layers::Strategy>)
         .transpose()?;
-    let cuda = Cuda::new(a.gpu.options())
-        .context("opening the CUDA backend")?
-        .with_strategy(strategy)?;
+    let cuda =
+        Cuda::with_strategy(a.gpu.options(), strategy).context("opening the CUDA backend")?;
     println!("device: {}", cuda.name());
     let mut rows = Vec::new();
     for &depth in &depths {

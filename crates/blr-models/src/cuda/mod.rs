@@ -10,8 +10,8 @@
 //! - Everything else is a fused kernel from the `.cu` files beside this one, one file per op
 //!   family: `norm.cu` (RMSNorm, LayerNorm), `rope.cu`, `elementwise.cu` (residuals, per-column
 //!   ops, activations, embedding gather, slices, KV-cache append) and `attention.cu` (flash-style
-//!   tensor-core prefill for head_dim 64/128; a split-over-keys kernel for decode and for every
-//!   other head size).
+//!   tensor-core prefill for head_dim 64/128; split-over-keys decode kernels, vectorised for
+//!   head_dim 64/128 and generic for every other head size up to 256).
 //! - The KV cache lives on the device, per kv head (`[head][position][dim]`, `capacity`
 //!   positions), so a head's keys are one contiguous matrix for the attention kernels.
 //! - Tensors are never resized in place: each op returns a new buffer from the device's
@@ -204,6 +204,17 @@ impl Cuda {
     /// Opens the device, compiles (or loads from the kernel cache) every kernel, reads the
     /// autotune cache. Fails with the reason when there is no driver, device or NVRTC.
     pub fn new(opts: GpuOptions) -> Result<Self> {
+        Self::with_strategy(opts, None)
+    }
+
+    /// Device 0, default options (`BLR_MAX_GPU_MEM` caps memory).
+    pub fn open_default() -> Result<Self> {
+        Self::new(GpuOptions::default())
+    }
+
+    /// Like [`Cuda::new`], with every linear layer run by `strategy` where it applies (others
+    /// keep the automatic choice): for comparing strategies end to end (`blr e2e --strategy`).
+    pub fn with_strategy(opts: GpuOptions, strategy: Option<Strategy>) -> Result<Self> {
         let gpu = Gpu::new(opts).map_err(cuda("opening the device"))?;
         let layer_kernels = LayerKernels::load(&gpu).map_err(cuda("loading the layer kernels"))?;
         let k = Kernels::load(&gpu).map_err(cuda("loading the model kernels"))?;
@@ -217,36 +228,6 @@ impl Cuda {
                 layer_kernels,
                 k,
                 autotune,
-                strategy: None,
-                workspaces: Mutex::new(HashMap::new()),
-                freqs: Mutex::new(Vec::new()),
-            }),
-        })
-    }
-
-    /// Device 0, default options (`BLR_MAX_GPU_MEM` caps memory).
-    pub fn open_default() -> Result<Self> {
-        Self::new(GpuOptions::default())
-    }
-
-    /// The same device with every linear layer run by `strategy` where it applies (others keep
-    /// the automatic choice). Call before loading a model: workspaces are not shared with
-    /// `self`.
-    pub fn with_strategy(&self, strategy: Option<Strategy>) -> Result<Self> {
-        let inner = &self.inner;
-        let gpu = Gpu::new(GpuOptions {
-            ordinal: inner.gpu.info().ordinal,
-            ..GpuOptions::default()
-        })
-        .map_err(cuda("opening the device"))?;
-        let layer_kernels = LayerKernels::load(&gpu).map_err(cuda("loading the layer kernels"))?;
-        let k = Kernels::load(&gpu).map_err(cuda("loading the model kernels"))?;
-        Ok(Cuda {
-            inner: Arc::new(Inner {
-                gpu,
-                layer_kernels,
-                k,
-                autotune: inner.autotune.clone(),
                 strategy,
                 workspaces: Mutex::new(HashMap::new()),
                 freqs: Mutex::new(Vec::new()),
