@@ -40,7 +40,7 @@ pub enum What {
 ///   blr eval reference --arch llama --shape llama3.2-1b --layers 2 --tokens 64 --out l1b.safetensors
 ///   blr eval reference --arch dit --shape dit-xl2 --layers 2 --out dit.safetensors
 #[derive(clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_help = REFERENCE_HELP)]
 pub struct ReferenceArgs {
     /// llama, gpt2, vit or dit.
     #[arg(long)]
@@ -85,7 +85,7 @@ pub struct ReferenceArgs {
 /// Example (the dense SmolLM2 baseline recorded in docs/models.md):
 ///   blr eval ppl --model smollm2 --data data/wikitext-2/test.txt --tokens 4096 --ctx 512 --stride 256
 #[derive(clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_help = PPL_HELP)]
 pub struct PplArgs {
     /// The model: `smollm2`, a Llama GGUF, a blr checkpoint, a Hugging Face directory (Llama
     /// or GPT-2; GPT-2 directories carry their tokenizer), or random:NAME[:LAYERS]. Without a
@@ -114,6 +114,32 @@ pub struct PplArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Shown after the options (the subcommand's one-line doc replaces the struct's).
+const PPL_HELP: &str = "\
+Perplexity = exp(mean negative log-likelihood of each token given the tokens before it); lower
+is better. The whole file is tokenized with the model's tokenizer and the first --tokens tokens
+kept. Windows of --ctx tokens start every --stride tokens; each window scores only the tokens
+the previous one did not, so with stride < ctx every token after the first is scored once with
+at least ctx - stride tokens of context (the Hugging Face recipe). The work is about ctx/stride
+passes over the text. Compare numbers only at the same tokens, ctx and stride.
+
+Example (the dense SmolLM2 baseline in docs/models.md: 22.24):
+  blr eval ppl --model smollm2 --data data/wikitext-2/test.txt --tokens 4096 --ctx 512 --stride 256
+  blr eval ppl --model compressed.safetensors --tokenizer smollm2 --data data/wikitext-2/test.txt";
+
+const REFERENCE_HELP: &str = "\
+Writes random weights under the PyTorch model's own state-dict names (transformers Llama and
+GPT-2, timm ViT, the DiT reference code), a random input and this engine's CPU output. Then, on a
+machine with PyTorch:
+  python crates/blr-models/tools/torch_reference.py FILE...
+prints ||blr - torch|| / ||torch|| per bundle (f32 on both sides: ~1e-6).
+
+Examples:
+  blr eval reference --arch llama --shape tiny --out llama-tiny.safetensors
+  blr eval reference --arch llama --shape llama3.2-1b --layers 1 --tokens 32 --out l1b.safetensors
+  blr eval reference --arch llama --model smollm2 --tokens 48 --out smollm2.safetensors
+  blr eval reference --arch dit --shape dit-xl2 --layers 2 --out dit.safetensors";
 
 #[derive(Debug, serde::Serialize)]
 struct Report {

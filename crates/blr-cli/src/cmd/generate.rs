@@ -24,7 +24,7 @@ use std::io::Write;
 ///   blr generate --model model.gguf --prompt "Once upon a time" -n 128 --temperature 0.8 --top-p 0.95 --seed 7
 ///   blr generate --model compressed.safetensors --tokenizer model.gguf --prompt "Hello"
 #[derive(clap::Args)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_help = AFTER_HELP)]
 pub struct Args {
     /// The model: `smollm2` (the cached SmolLM2-135M-Instruct), a Llama GGUF file, a blr
     /// checkpoint (.safetensors recording a Llama or GPT-2 config), a Hugging Face directory
@@ -62,6 +62,20 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Shown after the options (the subcommand's one-line doc in main.rs replaces the struct's).
+const AFTER_HELP: &str = "\
+The prompt is prefilled in one forward pass, then tokens are decoded one at a time against the
+KV cache and printed as they come; speed is reported on stderr at the end. Sampling is greedy
+with --temperature 0 (the default), else softmax at that temperature restricted to the top-p
+nucleus, drawn from a generator seeded by --seed: the same command prints the same text.
+
+Examples:
+  scripts/fetch-smollm2.sh        # once: SmolLM2-135M-Instruct (98 MB) into ~/.cache/blr
+  blr generate --model smollm2 --chat --prompt \"What is the capital of France?\"
+  blr generate --model smollm2 --prompt \"Once upon a time\" -n 128 --temperature 0.8 --top-p 0.95 --seed 7
+  blr generate --model compressed.safetensors --tokenizer smollm2 --prompt \"Hello\"
+  blr generate --model path/to/hf-gpt2-dir --prompt \"Hello\" --json";
 
 #[derive(serde::Serialize)]
 struct Report {
