@@ -352,9 +352,12 @@ pub(crate) mod tests {
         let mut a = args(path.display().to_string());
         a.max_tokens = 1000; // past the tiny model's 256 positions
         assert!(format!("{:#}", run(a).unwrap_err()).contains("positions"));
+        // --device cuda runs where a GPU is, and says what is missing where none is.
         let mut a = args(path.display().to_string());
         a.device = "cuda".into();
-        assert!(format!("{:#}", run(a).unwrap_err()).contains("cuda"));
+        if let Err(e) = run(a) {
+            assert!(format!("{e:#}").contains("cuda"), "{e:#}");
+        }
         assert!(run(args("/no/such.gguf".into())).is_err());
         std::fs::remove_dir_all(path.parent().unwrap()).ok();
     }
