@@ -30,24 +30,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Each variant's help (short and long) comes from its Args struct's doc comment (a doc
+// comment on the variant would replace the command's long help); only commands whose Args
+// carry no doc of their own are described here.
 enum Command {
-    /// A guided first run: SmolLM2 compressed to BLAST with calibration, compared with dense.
     Quickstart(cmd::quickstart::Args),
-    /// Compress a model's linear layers (ratio, preset or rules; optional calibration).
     Compress(cmd::compress::Args),
-    /// Show the layers of a blr checkpoint: format, shape, blocks, rank, params, bytes.
     Info(cmd::info::Args),
-    /// Roofline cost model: FLOPs, bytes and floor of a layer for each execution strategy.
     Cost(cmd::cost::Args),
-    /// Write a checkpoint holding one layer of random factors.
     InitLayer(cmd::init_layer::Args),
     /// Check the CUDA setup (libraries, device) and measure the GPU's roofline ceilings.
     Doctor(cmd::doctor::Args),
-    /// Generate text from a Llama-family model (GGUF, blr checkpoint), streaming, with tokens/s.
     Generate(cmd::generate::Args),
-    /// Measure a model's accuracy (`blr eval ppl`: sliding-window perplexity on a text file).
     Eval(cmd::eval::Args),
-    /// Factorize one matrix into low-rank, Monarch or BLAST form; report error, params, time.
     Factorize(cmd::factorize::Args),
     /// Benchmark BLR layers on the GPU (`blr bench layer`) against dense cuBLAS and the roofline.
     Bench(cmd::bench::Args),
@@ -55,7 +50,6 @@ enum Command {
     Parity(cmd::parity::Args),
     /// Time a Llama-shape model end to end on the GPU (prefill, decode), dense vs BLAST.
     E2e(cmd::e2e::Args),
-    /// Draw the GPU's measured roofline with the layer benchmark points (SVG).
     Roofline(cmd::roofline::Args),
 }
 

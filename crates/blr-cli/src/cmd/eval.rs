@@ -22,6 +22,8 @@ pub struct Args {
 pub enum What {
     /// Perplexity of a causal LM on a text file, with sliding windows.
     Ppl(PplArgs),
+    /// Top-1 agreement and mean KL of a (compressed) model against its reference model.
+    Agree(super::agree::AgreeArgs),
     /// Write a reference bundle (random weights + input + our CPU output) for the PyTorch check.
     Reference(ReferenceArgs),
 }
@@ -160,6 +162,7 @@ struct Report {
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Ppl(a) => ppl(a),
+        What::Agree(a) => super::agree::agree(a),
         What::Reference(a) => reference(a),
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand.
+pub mod agree;
 pub mod bench;
 pub mod compress;
 pub mod cost;
