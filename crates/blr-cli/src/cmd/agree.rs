@@ -159,21 +159,87 @@ pub fn agree(args: AgreeArgs) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Logits = `scale` * one-hot((id + shift) mod vocab): predicts a fixed successor.
+    struct Fake {
+        shift: u32,
+        scale: f32,
+    }
+    const V: usize = 7;
+
+    impl CausalLm for Fake {
+        type Cache = ();
+        fn vocab_size(&self) -> usize {
+            V
+        }
+        fn device(&self) -> String {
+            "fake".into()
+        }
+        fn max_positions(&self) -> usize {
+            64
+        }
+        fn new_cache(&self, _: usize) -> blr_models::Result<()> {
+            Ok(())
+        }
+        fn clear_cache(&self, _: &mut ()) {}
+        fn forward(&self, ids: &[u32], _: &mut (), _: bool) -> blr_models::Result<Vec<f32>> {
+            let mut out = vec![0.0f32; ids.len() * V];
+            for (t, &id) in ids.iter().enumerate() {
+                out[t * V + ((id + self.shift) as usize % V)] = self.scale;
+            }
+            Ok(out)
+        }
+    }
+
     #[test]
-    fn a_model_agrees_with_itself_and_not_with_another() {
-        let cfg = blr_models::llama::LlamaConfig::named("smollm2-135m").unwrap();
-        let small = blr_models::llama::LlamaConfig { layers: 1, ..cfg };
-        let (c1, w1) = blr_models::llama::random(&small, 1, Some(1)).unwrap();
-        let (c2, w2) = blr_models::llama::random(&small, 2, Some(1)).unwrap();
-        let a = Llama::load(Cpu, c1.clone(), w1.clone()).unwrap();
-        let a2 = Llama::load(Cpu, c1, w1).unwrap();
-        let b = Llama::load(Cpu, c2, w2).unwrap();
-        let ids: Vec<u32> = (0..20).map(|i| (i * 37 % 500) as u32).collect();
-        let same = agreement(&a, &a2, &ids, 8).unwrap();
-        assert_eq!(same.top1_agreement, 1.0);
-        assert!(same.mean_kl.abs() < 1e-9, "{}", same.mean_kl);
-        assert_eq!(same.positions, 20);
-        let other = agreement(&b, &a, &ids, 8).unwrap();
-        assert!(other.mean_kl > 1e-3, "{}", other.mean_kl);
+    fn agreement_and_kl_of_known_distributions() {
+        let ids: Vec<u32> = (0..20).map(|i| (i * 3 % 7) as u32).collect();
+        let a = Fake {
+            shift: 1,
+            scale: 2.0,
+        };
+        let same = agreement(
+            &a,
+            &Fake {
+                shift: 1,
+                scale: 2.0,
+            },
+            &ids,
+            8,
+        )
+        .unwrap();
+        assert_eq!((same.top1_agreement, same.positions), (1.0, 20));
+        assert!(same.mean_kl.abs() < 1e-12);
+        // Same argmax, different confidence: full agreement, positive KL.
+        let softer = agreement(
+            &Fake {
+                shift: 1,
+                scale: 1.0,
+            },
+            &a,
+            &ids,
+            8,
+        )
+        .unwrap();
+        assert_eq!(softer.top1_agreement, 1.0);
+        assert!(softer.mean_kl > 0.05, "{}", softer.mean_kl);
+        // Another successor: no agreement. KL of p = softmax(2 e_i) against q = softmax(2 e_j).
+        let other = agreement(
+            &Fake {
+                shift: 2,
+                scale: 2.0,
+            },
+            &a,
+            &ids,
+            8,
+        )
+        .unwrap();
+        assert_eq!(other.top1_agreement, 0.0);
+        let z = 2f64.exp() + (V as f64 - 1.0);
+        let expected = (2f64.exp() / z) * 2.0 - (1.0 / z) * 2.0;
+        assert!(
+            (other.mean_kl - expected).abs() < 1e-9,
+            "{} vs {expected}",
+            other.mean_kl
+        );
     }
 }
