@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)] // test helpers: a failure here is a test failure
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure here is a test failure
 //! Tests on the real SmolLM2-135M-Instruct GGUF. They are skipped, with the reason printed, when
 //! the file is absent (fetch it with scripts/fetch-smollm2.sh); CI decides whether to fetch it.
 //!
