@@ -124,7 +124,10 @@ extern "C" __global__ void blr_blast_mix_naive(const bf16* __restrict__ Z, const
     for (int i = 0; i < b_out; ++i) {
         float acc = 0.f;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) acc += __bfloat162float(S[((long)k * 16 + i) * 16 + j]) * z[j];
+        for (int j = 0; j < 16; ++j)
+            // The packed S holds 16 x 16 per rank index; entries past b_in are padding that
+            // must never be read (padding is not guaranteed to be written, and 0 * NaN = NaN).
+            if (j < b_in) acc += __bfloat162float(S[((long)k * 16 + i) * 16 + j]) * z[j];
         W[((long)i * T + t) * r + k] = __float2bfloat16(acc);
     }
 }
