@@ -35,6 +35,34 @@ impl AttnSpec {
     }
 }
 
+/// Checks that `new` positions of an attention layer shaped `spec` fit a KV cache of
+/// `(kv_heads, head_dim)` holding `len` of `capacity` positions; returns the first new position.
+/// Every backend's `attention_cached` starts with this, so the messages are the same everywhere.
+pub fn check_cache(
+    (kv_heads, head_dim): (usize, usize),
+    len: usize,
+    capacity: usize,
+    new: usize,
+    spec: AttnSpec,
+) -> Result<usize> {
+    if kv_heads != spec.kv_heads || head_dim != spec.head_dim {
+        return Err(crate::Error::input(
+            "attention",
+            format!(
+                "cache holds {kv_heads} kv heads of {head_dim}, the layer has {} of {}",
+                spec.kv_heads, spec.head_dim
+            ),
+        ));
+    }
+    if len + new > capacity {
+        return Err(crate::Error::input(
+            "attention",
+            format!("{len} positions cached + {new} new exceed the cache capacity of {capacity}"),
+        ));
+    }
+    Ok(len)
+}
+
 /// The primitive ops of a transformer forward pass.
 pub trait Backend {
     /// A row-major `(rows, cols)` activation or parameter tensor on the device.

@@ -5,7 +5,7 @@
 //! attention runs one rayon task per query head with faer GEMMs for `Q K^T` and `P V`, and the
 //! element-wise ops are single passes over rows in parallel.
 
-use crate::backend::{AttnSpec, Backend};
+use crate::backend::{check_cache, AttnSpec, Backend};
 use crate::{Error, Result};
 use blr_core::gemm::{matmul, Layout};
 use rayon::prelude::*;
@@ -572,26 +572,14 @@ impl Backend for Cpu {
         spec: AttnSpec,
     ) -> Result<CpuTensor> {
         Self::check_attn(q, k, v, spec)?;
-        if cache.kv_heads != spec.kv_heads || cache.head_dim != spec.head_dim {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "cache holds {} kv heads of {}, the layer has {} of {}",
-                    cache.kv_heads, cache.head_dim, spec.kv_heads, spec.head_dim
-                ),
-            ));
-        }
-        let pos0 = cache.len;
+        let pos0 = check_cache(
+            (cache.kv_heads, cache.head_dim),
+            cache.len,
+            cache.capacity,
+            q.rows,
+            spec,
+        )?;
         let l = pos0 + q.rows;
-        if l > cache.capacity {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "{} positions cached + {} new exceed the cache capacity of {}",
-                    pos0, q.rows, cache.capacity
-                ),
-            ));
-        }
         let d = spec.head_dim;
         scatter_heads(&mut cache.k, k, spec.kv_heads, d, cache.capacity, pos0);
         scatter_heads(&mut cache.v, v, spec.kv_heads, d, cache.capacity, pos0);

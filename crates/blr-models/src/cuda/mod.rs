@@ -30,7 +30,7 @@ use blr_cuda::{
     bf16, CompileOptions, DeviceBuffer, Gpu, GpuOptions, Kernel, KernelSource, LaunchConfig,
 };
 
-use crate::backend::{AttnSpec, Backend};
+use crate::backend::{check_cache, AttnSpec, Backend};
 use crate::{Error, Result};
 
 /// norm.cu: `blr_rms_norm`, `blr_layer_norm`.
@@ -1021,26 +1021,14 @@ impl Backend for Cuda {
         spec: AttnSpec,
     ) -> Result<CudaTensor> {
         Self::check_attn(q, k, v, spec)?;
-        if cache.kv_heads != spec.kv_heads || cache.head_dim != spec.head_dim {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "cache holds {} kv heads of {}, the layer has {} of {}",
-                    cache.kv_heads, cache.head_dim, spec.kv_heads, spec.head_dim
-                ),
-            ));
-        }
-        let pos0 = cache.len;
+        let pos0 = check_cache(
+            (cache.kv_heads, cache.head_dim),
+            cache.len,
+            cache.capacity,
+            q.rows,
+            spec,
+        )?;
         let l = pos0 + q.rows;
-        if l > cache.capacity {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "{} positions cached + {} new exceed the cache capacity of {}",
-                    pos0, q.rows, cache.capacity
-                ),
-            ));
-        }
         let geom = (cache.kv_heads, cache.head_dim, cache.capacity, pos0);
         self.kv_append(k, &mut cache.k, geom)?;
         self.kv_append(v, &mut cache.v, geom)?;
