@@ -78,6 +78,10 @@ pub struct Args {
     /// Calibration tokens to run through the model.
     #[arg(long, default_value_t = 4096)]
     pub calib_tokens: usize,
+    /// Ridge added to the calibration Gram, relative to its mean eigenvalue: small trusts the
+    /// calibration text, large moves towards the data-free fit.
+    #[arg(long, default_value_t = Calibration::DEFAULT_DAMPING)]
+    pub calib_damping: f64,
     /// Context window of the calibration forward passes.
     #[arg(long, default_value_t = 512)]
     pub calib_ctx: usize,
@@ -273,7 +277,12 @@ fn style(prefix: &str) -> ProgressStyle {
 /// Re-spends the parameter budget of the ratio-sized layers where it reduces the (calibrated)
 /// output error most, using each layer's error-vs-rank curve. Ranks move within [1/2, 2] of
 /// the uniform rank so no layer is starved or bloated by a noisy curve.
-fn reallocate(plan: &mut [LayerPlan], weights: &[Vec<f32>], grams: &[Gram]) -> Result<()> {
+fn reallocate(
+    plan: &mut [LayerPlan],
+    weights: &[Vec<f32>],
+    grams: &[Gram],
+    damping: f64,
+) -> Result<()> {
     let idx: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].from_ratio).collect();
     if idx.len() < 2 {
         return Ok(());
@@ -284,7 +293,10 @@ fn reallocate(plan: &mut [LayerPlan], weights: &[Vec<f32>], grams: &[Gram]) -> R
         let p = &plan[i];
         let s = p.shape;
         let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
-        let calib = Calibration::new(&grams[i]);
+        let calib = Calibration {
+            gram: &grams[i],
+            damping,
+        };
         // Error of the best rank-r approximation (squared, relative); Monarch uses its own
         // blockwise curve (index = per-block rank), BLAST the low-rank curve as a proxy.
         let (curve, step) = match s.format {
@@ -467,7 +479,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         None => (None, 0),
     };
     if let (Some(g), false, Some(_)) = (&grams, args.no_allocate, args.ratio) {
-        reallocate(&mut plan, &weights, g)?;
+        reallocate(&mut plan, &weights, g, args.calib_damping)?;
     }
 
     let layer_bar = multi.add(ProgressBar::new(plan.len() as u64));
@@ -488,7 +500,10 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         layer_bar.set_message(p.name.clone());
         let tl = Instant::now();
         let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
-        let calib = grams.as_ref().map(|g| Calibration::new(&g[i]));
+        let calib = grams.as_ref().map(|g| Calibration {
+            gram: &g[i],
+            damping: args.calib_damping,
+        });
         let layer = match s.format {
             FormatKind::LowRank => lowrank(&target, s.rank, calib.as_ref())?,
             FormatKind::Monarch => monarch(
