@@ -111,4 +111,5 @@ for ratio in [float(x) for x in a.ratios.split(",")]:
             save()
             os.remove(out)
             print(f"{fmt:8} {ratio:.2f} {'cal ' if cal else 'free'} ppl {rec['ppl']:.3f} ({rec['param_ratio']:.3f} of dense, {secs:.0f}s)", flush=True)
+save()
 print("done")
