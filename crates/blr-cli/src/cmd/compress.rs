@@ -45,6 +45,7 @@ use std::time::Instant;
 ///       --calibrate data/wikitext-2/valid.txt --calib-tokens 4096
 ///   blr compress --model llama.gguf --out l.safetensors --preset llama7b --format monarch
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     /// Source model: `smollm2` (fetched by scripts/fetch-smollm2.sh), a Llama .gguf, a blr
     /// checkpoint, or random:NAME[:LAYERS].

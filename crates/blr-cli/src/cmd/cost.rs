@@ -17,6 +17,7 @@ use blr_core::format::{FormatKind, Shape};
 ///   blr cost --m 4096 --n 4096 --tokens 1024 --format blast --blocks 16 --rank 1024
 ///   blr cost --config all --tokens 1,1024
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     #[command(flatten)]
     pub layer: LayerShapeArgs,

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 /// Example:
 ///   blr init-layer --m 4096 --n 4096 --format blast --blocks 16 --rank 1024 --out q.safetensors
 #[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Args {
     #[command(flatten)]
     pub layer: LayerShapeArgs,
