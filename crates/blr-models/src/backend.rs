@@ -35,6 +35,44 @@ impl AttnSpec {
     }
 }
 
+/// Checks `q`, `k`, `v` (as `(rows, cols)`) against an attention shape: heads share kv heads
+/// evenly, columns are heads x head_dim, and the three cover the same positions. Every
+/// backend's attention ops start with this.
+pub fn check_attn_dims(
+    (q_rows, q_cols): (usize, usize),
+    (k_rows, k_cols): (usize, usize),
+    (v_rows, v_cols): (usize, usize),
+    spec: AttnSpec,
+) -> Result<()> {
+    let AttnSpec {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = spec;
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(crate::Error::input(
+            "attention",
+            format!("{heads} query heads cannot share {kv_heads} kv heads evenly"),
+        ));
+    }
+    if q_cols != heads * head_dim || k_cols != kv_heads * head_dim || v_cols != k_cols {
+        return Err(crate::Error::input(
+            "attention",
+            format!(
+                "q has {q_cols} columns (want {heads} x {head_dim}), k {k_cols} and v {v_cols} (want {kv_heads} x {head_dim})"
+            ),
+        ));
+    }
+    if k_rows != q_rows || v_rows != q_rows {
+        return Err(crate::Error::input(
+            "attention",
+            format!("q, k, v have {q_rows}, {k_rows}, {v_rows} rows"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `new` positions of an attention layer shaped `spec` fit a KV cache of
 /// `(kv_heads, head_dim)` holding `len` of `capacity` positions; returns the first new position.
 /// Every backend's `attention_cached` starts with this, so the messages are the same everywhere.

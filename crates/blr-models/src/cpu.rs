@@ -5,7 +5,7 @@
 //! attention runs one rayon task per query head with faer GEMMs for `Q K^T` and `P V`, and the
 //! element-wise ops are single passes over rows in parallel.
 
-use crate::backend::{check_cache, AttnSpec, Backend};
+use crate::backend::{check_attn_dims, check_cache, AttnSpec, Backend};
 use crate::{Error, Result};
 use blr_core::gemm::{matmul, Layout};
 use rayon::prelude::*;
@@ -200,34 +200,7 @@ impl Cpu {
     }
 
     fn check_attn(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, spec: AttnSpec) -> Result<()> {
-        let AttnSpec {
-            heads,
-            kv_heads,
-            head_dim,
-            ..
-        } = spec;
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(Error::input(
-                "attention",
-                format!("{heads} query heads cannot share {kv_heads} kv heads evenly"),
-            ));
-        }
-        if q.cols != heads * head_dim || k.cols != kv_heads * head_dim || v.cols != k.cols {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "q has {} columns (want {heads} x {head_dim}), k {} and v {} (want {kv_heads} x {head_dim})",
-                    q.cols, k.cols, v.cols
-                ),
-            ));
-        }
-        if k.rows != q.rows || v.rows != q.rows {
-            return Err(Error::input(
-                "attention",
-                format!("q, k, v have {}, {}, {} rows", q.rows, k.rows, v.rows),
-            ));
-        }
-        Ok(())
+        check_attn_dims((q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spec)
     }
 
     /// Runs every head in parallel over per-kv-head contiguous keys/values (`L` positions) and

@@ -30,7 +30,7 @@ use blr_cuda::{
     bf16, CompileOptions, DeviceBuffer, Gpu, GpuOptions, Kernel, KernelSource, LaunchConfig,
 };
 
-use crate::backend::{check_cache, AttnSpec, Backend};
+use crate::backend::{check_attn_dims, check_cache, AttnSpec, Backend};
 use crate::{Error, Result};
 
 /// norm.cu: `blr_rms_norm`, `blr_layer_norm`.
@@ -426,34 +426,7 @@ impl Cuda {
     }
 
     fn check_attn(q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, spec: AttnSpec) -> Result<()> {
-        let AttnSpec {
-            heads,
-            kv_heads,
-            head_dim,
-            ..
-        } = spec;
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(Error::input(
-                "attention",
-                format!("{heads} query heads cannot share {kv_heads} kv heads evenly"),
-            ));
-        }
-        if q.cols != heads * head_dim || k.cols != kv_heads * head_dim || v.cols != k.cols {
-            return Err(Error::input(
-                "attention",
-                format!(
-                    "q has {} columns (want {heads} x {head_dim}), k {} and v {} (want {kv_heads} x {head_dim})",
-                    q.cols, k.cols, v.cols
-                ),
-            ));
-        }
-        if k.rows != q.rows || v.rows != q.rows {
-            return Err(Error::input(
-                "attention",
-                format!("q, k, v have {}, {}, {} rows", q.rows, k.rows, v.rows),
-            ));
-        }
-        Ok(())
+        check_attn_dims((q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spec)
     }
 
     fn same_dims(what: &str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
