@@ -349,3 +349,55 @@ fn bad_layer_arguments_write_nothing() {
         &["llama9000", "llama7b-qkvo"],
     );
 }
+
+#[test]
+fn sigint_during_compress_leaves_no_output() {
+    let dir = TempDir::new("sigint");
+    let out = dir.path("c.safetensors");
+    let mut child = blr()
+        .args([
+            "compress",
+            "--model",
+            "random:smollm2-135m:2",
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "blast",
+            "--ratio",
+            "0.5",
+            "--iterations",
+            "100000",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let it load the model and get into the factorization.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "compress finished before the interrupt"
+    );
+    // The shell's builtin kill: present wherever sh is, unlike /bin/kill.
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an interrupted compress must not report success"
+    );
+    assert!(
+        !out.exists(),
+        "an interrupted compress left {}",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
+}
