@@ -494,7 +494,8 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         BlastInit::LowRank
     };
 
-    let mut ck = loaded.weights.clone();
+    // The loaded weights are not needed past this point: move them rather than copy a whole model.
+    let mut ck = loaded.weights;
     let mut reports = Vec::with_capacity(plan.len());
     for (i, p) in plan.iter().enumerate() {
         let s = p.shape;
