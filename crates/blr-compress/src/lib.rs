@@ -36,6 +36,7 @@
 //! ```
 
 mod blast;
+mod correct;
 mod error;
 mod gram;
 mod linalg;
@@ -45,7 +46,10 @@ mod progress;
 mod rank;
 mod target;
 
-pub use blast::{blast, blast_report, BlastInit, BlastMethod, BlastOptions, BlastReport};
+pub use blast::{
+    blast, blast_report, blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
+};
+pub use correct::{corrected_target, CrossGram};
 pub use error::{CompressError, Result};
 pub use gram::Gram;
 pub use lowrank::{lowrank, lowrank_error_curve};

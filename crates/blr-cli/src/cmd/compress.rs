@@ -2,12 +2,13 @@
 
 use crate::compress::calibrate::{fingerprint, Recording};
 use crate::compress::plan::{self, LayerPlan, Sizing};
+use crate::compress::sequential::{HookInput, Twin};
 use crate::table::{bytes, si, Table};
 use anyhow::{bail, Context, Result};
 use blr_compress::{
-    allocate, blast_report, lowrank, lowrank_error_curve, monarch, monarch_error_curve,
-    relative_error, BlastInit, BlastOptions, Calibration, Candidate, Gram, LayerOptions,
-    MonarchOptions, Progress, Target,
+    allocate, blast_report, corrected_target, lowrank, lowrank_error_curve, monarch,
+    monarch_error_curve, relative_error, BlastInit, BlastOptions, Calibration, Candidate,
+    CrossGram, Gram, LayerOptions, MonarchOptions, Progress, Target,
 };
 use blr_core::format::{FormatKind, Shape};
 use blr_core::safetensors::Dtype;
@@ -83,9 +84,16 @@ pub struct Args {
     /// calibration text, large moves towards the data-free fit.
     #[arg(long, default_value_t = Calibration::DEFAULT_DAMPING)]
     pub calib_damping: f64,
-    /// Context window of the calibration forward passes.
+    /// Context window of the calibration forward passes (independent mode; the sequential
+    /// modes run the calibration tokens as one window).
     #[arg(long, default_value_t = 512)]
     pub calib_ctx: usize,
+    /// How layers see calibration text: `independent` (every layer fitted to the dense
+    /// model's activations), `sequential` (in model order, each layer fitted to the
+    /// activations of the model compressed so far), `corrected` (sequential, and each layer's
+    /// target corrected so its output tracks the dense model's: min ||W X - Ŵ X'||).
+    #[arg(long, default_value = "corrected", value_parser = ["independent", "sequential", "corrected"])]
+    pub calib_mode: String,
     /// With --calibrate and --ratio, keep every layer at the uniform rank instead of
     /// re-allocating ranks across layers under the global budget.
     #[arg(long)]
@@ -176,15 +184,12 @@ fn dense_weight(ck: &blr_core::checkpoint::Checkpoint, name: &str) -> Option<Vec
         .map(|t| t.data.clone())
 }
 
-/// Runs the dense model over the calibration text and returns one Gram per planned layer.
-pub fn collect_grams(
+/// The first `tokens` tokens of the calibration text (at least 2).
+fn calibration_ids(
     loaded: &LoadedLlama,
-    plan: &[LayerPlan],
     text_path: &std::path::Path,
     tokens: usize,
-    ctx: usize,
-    multi: &MultiProgress,
-) -> Result<(Vec<Gram>, usize)> {
+) -> Result<Vec<u32>> {
     let tok = loaded.tokenizer.as_ref().with_context(|| {
         format!(
             "{} has no tokenizer to encode the calibration text: calibrate from the .gguf model",
@@ -201,6 +206,19 @@ pub fn collect_grams(
         );
     }
     ids.truncate(tokens);
+    Ok(ids)
+}
+
+/// Runs the dense model over the calibration text and returns one Gram per planned layer.
+pub fn collect_grams(
+    loaded: &LoadedLlama,
+    plan: &[LayerPlan],
+    text_path: &std::path::Path,
+    tokens: usize,
+    ctx: usize,
+    multi: &MultiProgress,
+) -> Result<(Vec<Gram>, usize)> {
+    let ids = calibration_ids(loaded, text_path, tokens)?;
     let mut fps = Vec::with_capacity(plan.len());
     for p in plan {
         let w = dense_weight(&loaded.weights, &p.name).with_context(|| {
@@ -231,6 +249,86 @@ pub fn collect_grams(
     let used: usize = windows.iter().map(|w| w.len()).sum();
     let grams = model_into_grams(model)?;
     Ok((grams, used))
+}
+
+/// Sequential calibration (see `compress::sequential`): one forward pass of the dense and the
+/// compressed model in lockstep over the calibration text, factorizing each planned layer in
+/// `todo` when the pass first reaches it. Returns the layers (by plan index) and the tokens used.
+fn run_sequential(
+    loaded: &LoadedLlama,
+    plan: &[LayerPlan],
+    todo: &[usize],
+    weights: &[Vec<f32>],
+    text_path: &std::path::Path,
+    args: &Args,
+    factorize: &dyn Fn(usize, &[f32], Option<&Gram>) -> Result<(Linear, LayerReport)>,
+) -> Result<(Vec<(usize, Linear, LayerReport)>, usize)> {
+    let corrected = args.calib_mode == "corrected";
+    let mut ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
+    ids.truncate(loaded.cfg.max_positions);
+    let mut fps = Vec::with_capacity(todo.len());
+    for &i in todo {
+        let p = &plan[i];
+        let layer = Linear::Dense(blr_core::Dense::new(
+            p.shape.m,
+            p.shape.n,
+            weights[i].clone(),
+        )?);
+        fps.push(fingerprint(&layer));
+    }
+    let results = std::sync::Mutex::new(Vec::with_capacity(todo.len()));
+    let hook = |x: HookInput<'_>| -> Result<Linear> {
+        let i = todo[x.slot];
+        let p = &plan[i];
+        let mut g = Gram::new(p.shape.n);
+        g.accumulate(x.compressed, x.tokens)?;
+        let fit = if corrected {
+            let mut c = CrossGram::new(p.shape.n);
+            c.accumulate(x.dense, x.compressed, x.tokens)?;
+            corrected_target(
+                &p.name,
+                &weights[i],
+                p.shape.m,
+                p.shape.n,
+                &c,
+                &g,
+                args.calib_damping,
+            )?
+        } else {
+            weights[i].clone()
+        };
+        let (layer, report) = factorize(i, &fit, Some(&g))?;
+        results
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?
+            .push((i, layer.clone(), report));
+        Ok(layer)
+    };
+    let model = Llama::load(
+        Twin::new(Cpu, &fps, &hook),
+        loaded.cfg.clone(),
+        loaded.weights.clone(),
+    )?;
+    let mut cache = model.new_cache(ids.len())?;
+    if let Err(e) = model.forward(&ids, &mut cache, false) {
+        return Err(match model.backend().take_failure() {
+            Some(f) => f,
+            None => anyhow::Error::new(e).context("sequential calibration forward pass"),
+        });
+    }
+    let missing = model.backend().missing();
+    if let Some(&slot) = missing.first() {
+        bail!(
+            "sequential calibration never ran layer {} ({} layers not reached): is it used by the model?",
+            plan[todo[slot]].name,
+            missing.len()
+        );
+    }
+    drop(model);
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?;
+    Ok((results, ids.len()))
 }
 
 /// The first `tokens` tokens of `text`, encoding only as much of it as needed (a whole
@@ -459,8 +557,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         })
         .collect::<Result<_>>()?;
 
-    let (grams, calib_tokens) = match &args.calibrate {
-        Some(path) => {
+    let sequential = args.calibrate.is_some() && args.calib_mode != "independent";
+    let allocate_ranks = args.calibrate.is_some() && !args.no_allocate && args.ratio.is_some();
+    // The dense model's Grams: the calibration itself in independent mode, and the error
+    // curves the rank allocation compares in every mode.
+    let (grams, mut calib_tokens) = match &args.calibrate {
+        Some(path) if !sequential || allocate_ranks => {
             let tc = Instant::now();
             let (g, used) = collect_grams(
                 &loaded,
@@ -477,9 +579,9 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             ));
             (Some(g), used)
         }
-        None => (None, 0),
+        _ => (None, 0),
     };
-    if let (Some(g), false, Some(_)) = (&grams, args.no_allocate, args.ratio) {
+    if let (Some(g), true) = (&grams, allocate_ranks) {
         reallocate(&mut plan, &weights, g, args.calib_damping)?;
     }
 
@@ -494,16 +596,16 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         BlastInit::LowRank
     };
 
-    // The loaded weights are not needed past this point: move them rather than copy a whole model.
-    let mut ck = loaded.weights;
-    let mut reports = Vec::with_capacity(plan.len());
-    for (i, p) in plan.iter().enumerate() {
+    // Factorizes planned layer `i` to fit `fit` (the weight, or its sequential correction)
+    // under the Gram `gram` of the activations it will see.
+    let factorize = |i: usize, fit: &[f32], gram: Option<&Gram>| -> Result<(Linear, LayerReport)> {
+        let p = &plan[i];
         let s = p.shape;
         layer_bar.set_message(p.name.clone());
         let tl = Instant::now();
-        let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
-        let calib = grams.as_ref().map(|g| Calibration {
-            gram: &g[i],
+        let target = Target::new(&p.name, s.m, s.n, fit)?;
+        let calib = gram.map(|g| Calibration {
+            gram: g,
             damping: args.calib_damping,
         });
         let layer = match s.format {
@@ -522,12 +624,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 o.init = init;
                 blast_report(&target, &o, calib.as_ref(), &stage)?.layer
             }
-            FormatKind::Dense => continue,
+            FormatKind::Dense => bail!("layer {} is planned dense: nothing to factorize", p.name),
         };
-        let rel_error = relative_error(&target, &layer, None)?;
-        let rel_output_error = grams
-            .as_ref()
-            .map(|g| relative_error(&target, &layer, Some(&g[i])))
+        let rel_error =
+            relative_error(&Target::new(&p.name, s.m, s.n, &weights[i])?, &layer, None)?;
+        let rel_output_error = gram
+            .map(|g| relative_error(&target, &layer, Some(g)))
             .transpose()?;
         let seconds = tl.elapsed().as_secs_f64();
         log(format!(
@@ -544,9 +646,8 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 .unwrap_or_default(),
             seconds
         ));
-        ck.layers.retain(|(n, _)| n != &p.name);
-        ck.tensors.remove(&format!("{}.weight", p.name));
-        reports.push(LayerReport {
+        layer_bar.inc(1);
+        let report = LayerReport {
             name: p.name.clone(),
             format: s.format,
             m: s.m,
@@ -559,17 +660,60 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             rel_error,
             rel_output_error,
             seconds,
-        });
-        ck.layers.push((p.name.clone(), layer));
-        layer_bar.inc(1);
+        };
+        Ok((layer, report))
+    };
+
+    let todo: Vec<usize> = (0..plan.len())
+        .filter(|&i| plan[i].shape.format != FormatKind::Dense)
+        .collect();
+    let mut done: Vec<(usize, Linear, LayerReport)> = Vec::with_capacity(todo.len());
+    match (&args.calibrate, sequential) {
+        (Some(path), true) => {
+            let tc = Instant::now();
+            let (results, used) =
+                run_sequential(&loaded, &plan, &todo, &weights, path, args, &factorize)?;
+            log(format!(
+                "{} calibration on {used} tokens of {} in {:.1}s",
+                args.calib_mode,
+                path.display(),
+                tc.elapsed().as_secs_f64()
+            ));
+            calib_tokens = used;
+            done = results;
+        }
+        _ => {
+            for &i in &todo {
+                let (layer, report) = factorize(i, &weights[i], grams.as_ref().map(|g| &g[i]))?;
+                done.push((i, layer, report));
+            }
+        }
+    }
+
+    // The loaded weights are not needed past this point: move them rather than copy a whole model.
+    let mut ck = loaded.weights;
+    let mut reports = Vec::with_capacity(done.len());
+    done.sort_by_key(|(i, _, _)| *i);
+    for (i, layer, report) in done {
+        let name = &plan[i].name;
+        ck.layers.retain(|(n, _)| n != name);
+        ck.tensors.remove(&format!("{name}.weight"));
+        ck.layers.push((name.clone(), layer));
+        reports.push(report);
     }
     stage_bar.finish_and_clear();
     layer_bar.finish_and_clear();
 
     ck.metadata
         .insert("compress.format".into(), args.format.to_string());
-    ck.metadata
-        .insert("compress.calibrated".into(), grams.is_some().to_string());
+    ck.metadata.insert(
+        "compress.calibrated".into(),
+        args.calibrate.is_some().to_string(),
+    );
+    if args.calibrate.is_some() {
+        ck.metadata
+            .insert("compress.calib_mode".into(), args.calib_mode.clone());
+    }
     ck.metadata
         .insert("compress.calib_tokens".into(), calib_tokens.to_string());
     if let Some(r) = args.ratio {
@@ -601,7 +745,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         model: loaded.source.clone(),
         out: args.out.display().to_string(),
         format: args.format,
-        calibrated: grams.is_some(),
+        calibrated: args.calibrate.is_some(),
         calib_tokens,
         compressed_params: compressed,
         dense_params_of_compressed_layers: dense,

@@ -175,6 +175,7 @@ pub fn run(args: Args) -> Result<()> {
         calibrate: Some(valid),
         calib_tokens: args.calib_tokens,
         calib_ctx: 512,
+        calib_mode: "corrected".into(),
         calib_damping: blr_compress::Calibration::DEFAULT_DAMPING,
         no_allocate: false,
         iterations: args.iterations,
