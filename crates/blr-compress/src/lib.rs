@@ -46,9 +46,7 @@ mod progress;
 mod rank;
 mod target;
 
-pub use blast::{
-    blast, blast_report, blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
-};
+pub use blast::{blast, blast_report, BlastInit, BlastMethod, BlastOptions, BlastReport};
 pub use correct::{corrected_target, CrossGram};
 pub use error::{CompressError, Result};
 pub use gram::Gram;
