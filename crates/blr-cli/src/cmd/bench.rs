@@ -77,6 +77,10 @@ pub struct LayerArgs {
     /// Do not write the autotune cache.
     #[arg(long)]
     pub no_autotune: bool,
+    /// Before timing a row, time every algorithm cuBLASLt's heuristic offers for each of its
+    /// GEMMs and pin the fastest (in this process only; prints heuristic -> best ms per GEMM).
+    #[arg(long)]
+    pub tune_gemms: bool,
     #[command(flatten)]
     pub gpu: GpuArgs,
 }
@@ -112,7 +116,22 @@ pub struct Record {
     /// Measured ceilings of this run.
     pub bw_gbs: f64,
     pub peak_tflops: f64,
+    /// 1 for a single layer; GRAPH_SETS for a row timed as one CUDA graph running the layer
+    /// over that many distinct weight sets back to back (`ms` and `floor_ms` are per layer).
+    #[serde(default = "one")]
+    pub layers_in_graph: usize,
 }
+
+fn one() -> usize {
+    1
+}
+
+/// Layers per graph for the rows of small layers (issue 5 item 6: a layer whose floor is under
+/// 5 us is launch-bound alone; a model runs it as one of many in a graph).
+pub const GRAPH_SETS: usize = 24;
+/// At a token count where some format's roofline floor is below this (ms), every row also gets a
+/// GRAPH_SETS-layer graph row.
+const SMALL_FLOOR_MS: f64 = 0.005;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
@@ -243,6 +262,21 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
         // The first `check_t` tokens are compared against the CPU reference.
         let check_t = t_max.min(8);
         let mut dense_ms = vec![f64::NAN; tokens.len()];
+        let mut dense24_ms = vec![f64::NAN; tokens.len()];
+        // Token counts at which some format's floor is under SMALL_FLOOR_MS: every format
+        // (dense included, for the speedup) then also gets the graph-of-GRAPH_SETS row.
+        let floor_of = |shape: &blr_core::format::Shape, t: usize| {
+            let bytes = 2.0 * (shape.params() as f64 + (t * (m + n)) as f64);
+            (bytes / bw).max(blr_core::cost::flops(shape, t) / peak) * 1e3
+        };
+        let small: Vec<bool> = tokens
+            .iter()
+            .map(|&t| {
+                formats
+                    .iter()
+                    .any(|&f| floor_of(&cfg.shape(f), t) < SMALL_FLOOR_MS)
+            })
+            .collect();
         for &format in &formats {
             let shape = cfg.shape(format);
             seed += 1;
@@ -253,6 +287,9 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
             let dev = GpuLinear::upload(&gpu, &layer)?;
             let mut ws = dev.workspace(&gpu, t_max)?;
             let params = shape.params();
+            // GRAPH_SETS distinct weight sets of this layer, made when a small row needs them.
+            let mut sets: Option<Vec<GpuLinear>> = None;
+            let mut graph_rows: Vec<Record> = Vec::new();
             for (ti, &t) in tokens.iter().enumerate() {
                 let group_start = records.len();
                 let auto = auto_strategy(&shape, t);
@@ -271,13 +308,28 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                     let got = gpu.download_f32(&yd)?;
                     let rows = t.min(check_t);
                     let err = rel_error(&got[..rows * m], &want[..rows * m]);
+                    if a.tune_gemms {
+                        ws.set_tuning(true);
+                        dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)?;
+                        let rep: Vec<String> = ws
+                            .tune_reports()
+                            .iter()
+                            .map(|(h, b)| format!("{:.4}->{:.4}", h, b))
+                            .collect();
+                        eprintln!(
+                            "  tuned {} {format} {st} T={t}: {}",
+                            cfg.name,
+                            rep.join(" ")
+                        );
+                        ws.set_tuning(false);
+                    }
                     let timed = bench(&gpu, &mut flusher, a.reps, t <= 16, || {
                         dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
                     })?;
                     let ms = timed.stats.median_ms;
                     let flops = blr_core::cost::flops(&shape, t);
                     let bytes = 2.0 * (params as f64 + (t * (m + n)) as f64);
-                    let floor_ms = (bytes / bw).max(flops / peak) * 1e3;
+                    let floor_ms = floor_of(&shape, t);
                     let strategy = if format == FormatKind::Dense {
                         "cublas".to_string()
                     } else {
@@ -309,6 +361,7 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                         bytes,
                         bw_gbs: ceil.copy_gbs,
                         peak_tflops: ceil.gemm_tflops,
+                        layers_in_graph: 1,
                     };
                     eprintln!(
                         "{:<18} {:>5} {:<8} {:<9} {:>9.4} {:>9.4} {:>6.2} {:>7.2}x {:>9.2e}{}{}",
@@ -328,6 +381,48 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                             ""
                         }
                     );
+                    if small[ti] {
+                        if sets.is_none() {
+                            let mut v = Vec::with_capacity(GRAPH_SETS);
+                            for i in 0..GRAPH_SETS {
+                                let l = Linear::random(&shape, seed * 1000 + i as u64)?;
+                                v.push(GpuLinear::upload(&gpu, &l)?);
+                            }
+                            sets = Some(v);
+                        }
+                        let layers = sets.as_deref().unwrap_or(&[]);
+                        let timed = bench(&gpu, &mut flusher, a.reps, true, || {
+                            for l in layers {
+                                l.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)?;
+                            }
+                            Ok(())
+                        })?;
+                        let per = timed.stats.median_ms / GRAPH_SETS as f64;
+                        let mut g = rec.clone();
+                        g.ms = per;
+                        g.roofline_frac = floor_ms / per;
+                        g.p10_ms = timed.stats.p10_ms / GRAPH_SETS as f64;
+                        g.p90_ms = timed.stats.p90_ms / GRAPH_SETS as f64;
+                        g.graph = timed.graph;
+                        g.auto = rec.auto;
+                        g.layers_in_graph = GRAPH_SETS;
+                        if format == FormatKind::Dense {
+                            dense24_ms[ti] = per;
+                        }
+                        g.speedup_vs_dense = dense24_ms[ti] / per;
+                        eprintln!(
+                            "{:<18} {:>5} {:<8} {:<9} {:>9.4} {:>9.4} {:>6.2} {:>7.2}x  (per layer, graph of {GRAPH_SETS} weight sets)",
+                            g.config,
+                            t,
+                            g.format,
+                            g.strategy,
+                            g.ms,
+                            g.floor_ms,
+                            g.roofline_frac,
+                            g.speedup_vs_dense
+                        );
+                        graph_rows.push(g);
+                    }
                     records.push(rec);
                 }
                 let group = &mut records[group_start..];
@@ -345,6 +440,7 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                     }
                 }
             }
+            records.extend(graph_rows);
         }
     }
     if !a.no_autotune {

@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seed: 7,
             autotune: None,
             no_autotune: false,
+            tune_gemms: false,
             gpu: args.gpu.clone(),
         })?,
     };
@@ -150,7 +151,8 @@ fn render(records: &[Record]) -> anyhow::Result<String> {
     }
     let pts: Vec<(f64, f64, &Record)> = records
         .iter()
-        .filter(|r| r.ms > 0.0 && r.bytes > 0.0 && r.flops > 0.0)
+        // Single-layer rows only: the graph-of-24 rows of small layers are in the table.
+        .filter(|r| r.layers_in_graph == 1 && r.ms > 0.0 && r.bytes > 0.0 && r.flops > 0.0)
         .map(|r| (r.flops / r.bytes, r.flops / (r.ms * 1e-3), r))
         .collect();
     if pts.is_empty() {
@@ -385,6 +387,7 @@ mod tests {
             bytes,
             bw_gbs: 3000.0,
             peak_tflops: 800.0,
+            layers_in_graph: 1,
         }
     }
 

@@ -73,6 +73,9 @@ const MIX2_THREADS: u32 = 256;
 /// blr_mix2::SMEM_BYTES: max(16 planes x (32x64+8) bf16, 16 x (64x40+8) bf16) + 32 x 256 bf16.
 const MIX2_SMEM: u32 = 16 * (64 * 40 + 8) * 2 + 32 * 256 * 2;
 const DECODE_THREADS: u32 = 512;
+/// blr_monarch_out_transpose keeps one output row (m + 2b bf16) in static-size dynamic shared
+/// memory without an opt-in: 48 KB.
+const MONARCH_OUT_MAX_M: usize = 24 * 1024;
 
 /// How a layer is run on the GPU (see module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -148,6 +151,31 @@ pub fn pack_blast_s(s: &[f32], b_out: usize, b_in: usize, r: usize) -> Result<Ve
     Ok(out)
 }
 
+/// Monarch `w1 (b, R, n/b)` with the rows of each block reordered for the `partial` strategy:
+/// `w1p[k][l*rb + a] = w1[k][a*b + l]`, `rb = R / b`. Stage 1 on `w1p` then writes every
+/// (token, k, l) run of rb outputs as one contiguous piece of the row stage 2 reads (monarch.cu).
+pub fn reorder_monarch_w1(w1: &[f32], b: usize, rank: usize, width: usize) -> Result<Vec<f32>> {
+    if b == 0 || !rank.is_multiple_of(b) || w1.len() != b * rank * width {
+        return Err(Error::Shape(format!(
+            "Monarch w1 has {} elements for b={b}, R={rank}, n/b={width}; the partial row order \
+             needs b*R*(n/b) elements and R a multiple of b",
+            w1.len()
+        )));
+    }
+    let rb = rank / b;
+    let mut out = vec![0.0f32; w1.len()];
+    for k in 0..b {
+        for l in 0..b {
+            for a in 0..rb {
+                let dst = (k * rank + l * rb + a) * width;
+                let src = (k * rank + a * b + l) * width;
+                out[dst..dst + width].copy_from_slice(&w1[src..src + width]);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Why `strategy` cannot run a layer of this shape at `tokens` tokens, or Ok.
 pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()> {
     let unsupported = |why: String| {
@@ -177,9 +205,33 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
             "is not defined for dense layers (they run as one cuBLASLt GEMM: use 'unfused')".into(),
         ),
         (FormatKind::LowRank, _) => need8(&[("n", s.n), ("m", s.m), ("rank", s.rank)]),
-        (FormatKind::Monarch, Strategy::Partial) => unsupported(
-            "is not implemented for Monarch yet (prefill runs 'unfused', decode 'decode')".into(),
-        ),
+        (FormatKind::Monarch, Strategy::Partial) => {
+            if s.b_in == 0 || !s.rank.is_multiple_of(s.b_in) {
+                return unsupported(format!(
+                    "needs R = {} to be a multiple of b = {} (whole rank chunks per block pair); \
+                     use 'unfused'",
+                    s.rank, s.b_in
+                ));
+            }
+            if s.b_out != s.b_in {
+                return unsupported("needs b_out == b_in; use 'unfused'".into());
+            }
+            if s.m + 2 * s.b_in > MONARCH_OUT_MAX_M {
+                return unsupported(format!(
+                    "transposes one output row of m = {} in 48 KB of shared memory (m <= {}); \
+                     use 'unfused'",
+                    s.m,
+                    MONARCH_OUT_MAX_M - 2 * s.b_in
+                ));
+            }
+            need8(&[
+                ("n", s.n),
+                ("m", s.m),
+                ("n/b", s.n / s.b_in),
+                ("R", s.rank),
+                ("R/b", s.rank / s.b_in),
+            ])
+        }
         (FormatKind::Monarch, _) => need8(&[("n", s.n), ("n/b", s.n / s.b_in), ("R", s.rank)]),
         (FormatKind::Blast, _) => {
             if s.b_out > BLAST_MAX_BLOCKS || s.b_in > BLAST_MAX_BLOCKS {
@@ -207,7 +259,13 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
 /// grid barrier) loses to two or three cuBLAS GEMV launches. It stays selectable, and
 /// [`autotune::AutotuneCache`] picks it wherever a device measures it faster.
 pub fn auto_strategy(s: &Shape, tokens: usize) -> Strategy {
-    if s.format == FormatKind::Blast && check_strategy(s, Strategy::Partial, tokens).is_ok() {
+    let partial_ok = check_strategy(s, Strategy::Partial, tokens).is_ok();
+    let wants_partial = match s.format {
+        FormatKind::Blast => true,
+        FormatKind::Monarch => tokens > DECODE_MAX_TOKENS,
+        _ => false,
+    };
+    if partial_ok && wants_partial {
         Strategy::Partial
     } else {
         Strategy::Unfused
@@ -224,6 +282,8 @@ pub struct LayerKernels {
     decode2: Kernel,
     perm_mid: Kernel,
     perm_out: Kernel,
+    chunk_perm: Kernel,
+    out_transpose: Kernel,
 }
 
 impl LayerKernels {
@@ -241,6 +301,8 @@ impl LayerKernels {
             decode2: decode.function("blr_decode2")?,
             perm_mid: monarch.function("blr_monarch_perm_mid")?,
             perm_out: monarch.function("blr_monarch_perm_out")?,
+            chunk_perm: monarch.function("blr_monarch_chunk_perm")?,
+            out_transpose: monarch.function("blr_monarch_out_transpose")?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
         k.gemm_128x256.set_max_dynamic_smem(GEMM_SMEM_128X256)?;
@@ -264,6 +326,9 @@ enum Factors {
     Monarch {
         w1: DeviceBuffer<bf16>,
         w2: DeviceBuffer<bf16>,
+        /// `w1` with the rows of each block reordered for `partial` ([`reorder_monarch_w1`]);
+        /// uploaded only when that strategy applies to the shape.
+        w1p: Option<DeviceBuffer<bf16>>,
     },
     Blast {
         u: DeviceBuffer<bf16>,
@@ -290,6 +355,41 @@ pub struct Workspace {
     dec: DeviceBuffer<bf16>,
     /// decode: grid-barrier words (count, generation), zeroed once.
     barrier: DeviceBuffer<u32>,
+    /// When set, every cuBLASLt stage GEMM is autotuned ([`crate::gemm::Blas::tune`]: each
+    /// algorithm the heuristic offers is timed and the fastest pinned for that shape) instead of
+    /// run once, and `(heuristic ms, best ms)` is recorded here.
+    tune: Option<Vec<(f64, f64)>>,
+}
+
+impl Workspace {
+    /// Turns GEMM autotuning of the following forwards on (see the `tune` field) or off.
+    pub fn set_tuning(&mut self, on: bool) {
+        self.tune = if on { Some(Vec::new()) } else { None };
+    }
+
+    /// `(heuristic ms, best ms)` of every stage GEMM tuned since tuning was turned on.
+    pub fn tune_reports(&self) -> &[(f64, f64)] {
+        self.tune.as_deref().unwrap_or(&[])
+    }
+}
+
+/// One cuBLASLt stage GEMM, or its autotuning when `tune` is set (see [`Workspace`]).
+fn stage_gemm<'x, 'w, 'y>(
+    gpu: &Gpu,
+    tune: &mut Option<Vec<(f64, f64)>>,
+    shape: &GemmShape,
+    x: impl Into<crate::gemm::MatRef<'x, bf16>>,
+    w: impl Into<crate::gemm::MatRef<'w, bf16>>,
+    y: impl Into<crate::gemm::MatMut<'y, bf16>>,
+) -> Result<()> {
+    match tune {
+        Some(reports) => {
+            let r = gpu.blas()?.tune(gpu, shape, x, w, y, 10)?;
+            reports.push((r.heuristic_ms, r.best_ms));
+            Ok(())
+        }
+        None => gpu.gemm(shape, x, w, y),
+    }
 }
 
 fn round8(x: usize) -> usize {
@@ -312,10 +412,20 @@ impl GpuLinear {
                 u: gpu.upload_bf16(&l.u, "low-rank U")?,
                 v: gpu.upload_bf16(&l.v, "low-rank V")?,
             },
-            Linear::Monarch(mo) => Factors::Monarch {
-                w1: gpu.upload_bf16(&mo.w1, "Monarch w1")?,
-                w2: gpu.upload_bf16(&mo.w2, "Monarch w2")?,
-            },
+            Linear::Monarch(mo) => {
+                let w1p = if check_strategy(&shape, Strategy::Partial, 1).is_ok() {
+                    let re =
+                        reorder_monarch_w1(&mo.w1, shape.b_in, shape.rank, shape.n / shape.b_in)?;
+                    Some(gpu.upload_bf16(&re, "Monarch w1 (partial row order)")?)
+                } else {
+                    None
+                };
+                Factors::Monarch {
+                    w1: gpu.upload_bf16(&mo.w1, "Monarch w1")?,
+                    w2: gpu.upload_bf16(&mo.w2, "Monarch w2")?,
+                    w1p,
+                }
+            }
             Linear::Blast(b) => {
                 let packed = pack_blast_s(&b.s, b.b_out, b.b_in, b.rank)?;
                 Factors::Blast {
@@ -366,6 +476,7 @@ impl GpuLinear {
             c: alloc(c, "layer workspace (stage-2 output)")?,
             dec: alloc(dec, "decode intermediate")?,
             barrier: gpu.alloc_zeros::<u32>(2, "decode grid barrier")?,
+            tune: None,
         })
     }
 
@@ -405,11 +516,27 @@ impl GpuLinear {
         self.check(strategy, tokens)?;
         let t = tokens;
         match (&self.factors, strategy) {
-            (Factors::Dense { w }, _) => gpu.gemm(&GemmShape::linear(t, s.m, s.n), x, w, y),
+            (Factors::Dense { w }, _) => {
+                stage_gemm(gpu, &mut ws.tune, &GemmShape::linear(t, s.m, s.n), x, w, y)
+            }
             (Factors::LowRank { u, v }, Strategy::Unfused) => {
                 let r = s.rank;
-                gpu.gemm(&GemmShape::linear(t, r, s.n), x, v, &mut ws.a)?;
-                gpu.gemm(&GemmShape::linear(t, s.m, r), &ws.a, u, y)
+                stage_gemm(
+                    gpu,
+                    &mut ws.tune,
+                    &GemmShape::linear(t, r, s.n),
+                    x,
+                    v,
+                    &mut ws.a,
+                )?;
+                stage_gemm(
+                    gpu,
+                    &mut ws.tune,
+                    &GemmShape::linear(t, s.m, r),
+                    &ws.a,
+                    u,
+                    y,
+                )
             }
             (Factors::LowRank { u, v }, Strategy::Partial) => {
                 let r = s.rank;
@@ -428,7 +555,7 @@ impl GpuLinear {
                 };
                 decode(gpu, k, &s, t, d, x, v, v, u, y, ws)
             }
-            (Factors::Monarch { w1, w2 }, Strategy::Decode) => {
+            (Factors::Monarch { w1, w2, .. }, Strategy::Decode) => {
                 let b = s.b_in;
                 let d = DecodeDims {
                     mode: 2,
@@ -441,7 +568,15 @@ impl GpuLinear {
                 };
                 decode(gpu, k, &s, t, d, x, w1, w1, w2, y, ws)
             }
-            (Factors::Monarch { w1, w2 }, _) => self.monarch_unfused(gpu, k, t, x, w1, w2, y, ws),
+            (
+                Factors::Monarch {
+                    w1p: Some(w1p), w2, ..
+                },
+                Strategy::Partial,
+            ) => self.monarch_partial(gpu, k, t, x, w1p, w2, y, ws),
+            (Factors::Monarch { w1, w2, .. }, _) => {
+                self.monarch_unfused(gpu, k, t, x, w1, w2, y, ws)
+            }
             (Factors::Blast { u, vt, s_dev }, Strategy::Decode) => {
                 let d = DecodeDims {
                     mode: 0,
@@ -479,7 +614,7 @@ impl GpuLinear {
         let st1 = GemmShape::linear(t, rr, nb)
             .batched(b, nb, rr * nb, rr)
             .with_ld(s.n, nb, b * rr);
-        gpu.gemm(&st1, x, w1, &mut ws.a)?;
+        stage_gemm(gpu, &mut ws.tune, &st1, x, w1, &mut ws.a)?;
         let total = t * b * rr;
         let (ti, bi, ri) = (i32_of(t, "T")?, i32_of(b, "b")?, i32_of(rr, "R")?);
         // SAFETY: perm_mid(const bf16* flat, bf16* P, int T, int b, int R) reads and writes
@@ -496,7 +631,7 @@ impl GpuLinear {
         let st2 = GemmShape::linear(t, mb, rr)
             .batched(b, rr, mb * rr, mb)
             .with_ld(b * rr, rr, s.m);
-        gpu.gemm(&st2, &ws.b, w2, &mut ws.c)?;
+        stage_gemm(gpu, &mut ws.tune, &st2, &ws.b, w2, &mut ws.c)?;
         let mbi = i32_of(mb, "m/b")?;
         // SAFETY: perm_out(const bf16* out2, bf16* y, int T, int b, int mb) touches T*b*mb = T*m
         // elements of each; y was checked to hold T*m.
@@ -508,6 +643,81 @@ impl GpuLinear {
                 .arg(&bi)
                 .arg(&mbi)
                 .launch(grid_1d(t * s.m))
+        }
+    }
+
+    /// Monarch `partial`: stage 1 (cuBLASLt, batched over input blocks) on the reordered `w1p`
+    /// writes out1p (T, k, l, a); one chunk copy makes P (T, l, k*rb + a) (contiguous rb-element
+    /// pieces, 16-byte vectors); stage 2 (cuBLASLt, batched over output blocks) writes
+    /// out2 (T, l, u); a per-token shared-memory transpose writes y[t][u*b + l] with 16-byte
+    /// stores. Versus `unfused`, both per-element gathers become vector copies.
+    #[allow(clippy::too_many_arguments)]
+    fn monarch_partial(
+        &self,
+        gpu: &Gpu,
+        k: &LayerKernels,
+        t: usize,
+        x: &DeviceBuffer<bf16>,
+        w1p: &DeviceBuffer<bf16>,
+        w2: &DeviceBuffer<bf16>,
+        y: &mut DeviceBuffer<bf16>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let (b, rr) = (s.b_in, s.rank);
+        let (nb, mb, rb) = (s.n / b, s.m / b, rr / b);
+        let st1 = GemmShape::linear(t, rr, nb)
+            .batched(b, nb, rr * nb, rr)
+            .with_ld(s.n, nb, b * rr);
+        stage_gemm(gpu, &mut ws.tune, &st1, x, w1p, &mut ws.a)?;
+        let (ti, bi, rbi, mbi) = (
+            i32_of(t, "T")?,
+            i32_of(b, "b")?,
+            i32_of(rb, "R/b")?,
+            i32_of(mb, "m/b")?,
+        );
+        let vectors = t * b * rr / 8;
+        let grid = Gpu::grid_1d(vectors, 256).min(gpu.info().sm_count.max(1) * 16);
+        // SAFETY: chunk_perm(const bf16* out1p, bf16* P, int T, int b, int rb) reads and writes
+        // T*b*b*rb = T*b*R elements as 16-byte vectors (rb % 8 == 0, checked by
+        // `check_strategy`); both workspace buffers hold T*b*R for T <= max_tokens.
+        unsafe {
+            gpu.launch(&k.chunk_perm)
+                .arg(&ws.a)
+                .arg(&mut ws.b)
+                .arg(&ti)
+                .arg(&bi)
+                .arg(&rbi)
+                .launch(LaunchConfig {
+                    grid_dim: (grid, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })?;
+        }
+        let st2 = GemmShape::linear(t, mb, rr)
+            .batched(b, rr, mb * rr, mb)
+            .with_ld(b * rr, rr, s.m);
+        stage_gemm(gpu, &mut ws.tune, &st2, &ws.b, w2, &mut ws.c)?;
+        let smem = u32::try_from(b * (mb + 2) * 2).unwrap_or(u32::MAX);
+        let blocks = u32::try_from(t)
+            .unwrap_or(u32::MAX)
+            .min(gpu.info().sm_count.max(1) * 16);
+        // SAFETY: out_transpose(const bf16* out2, bf16* y, int T, int b, int mb) reads T*m
+        // elements of out2 and writes T*m of y (checked in `forward`) as 16-byte vectors
+        // (m % 8 == 0); its shared tile is b*(mb+2) bf16 = `smem` bytes, <= 48 KB by
+        // `check_strategy`.
+        unsafe {
+            gpu.launch(&k.out_transpose)
+                .arg(&ws.c)
+                .arg(y)
+                .arg(&ti)
+                .arg(&bi)
+                .arg(&mbi)
+                .launch(LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem,
+                })
         }
     }
 
@@ -539,7 +749,7 @@ impl GpuLinear {
             let st1 = GemmShape::linear(t, r, q)
                 .batched(bi, q, r * q, t * r)
                 .with_ld(s.n, q, r);
-            gpu.gemm(&st1, x, vt, &mut ws.a)?;
+            stage_gemm(gpu, &mut ws.tune, &st1, x, vt, &mut ws.a)?;
             // SAFETY: mix_naive(const bf16* Z, const bf16* S, bf16* W, int T, int r, int b_in,
             // int b_out) reads Z (b_in,T,r) and S (r,16,16), writes W (b_out,T,r); the workspace
             // holds both for T <= max_tokens and S_dev has r*256 elements.
@@ -554,44 +764,49 @@ impl GpuLinear {
                     .arg(&boi)
                     .launch(grid_1d(t * r))?;
             }
-        } else {
-            // Zt (b_in, r, ldz): Zt_j = V_j^T X_j^T, the GEMM with its operands swapped.
-            let ldz = round8(t);
-            let st1 = GemmShape::linear(r, t, q)
-                .batched(bi, r * q, q, r * ldz)
-                .with_ld(q, s.n, ldz);
-            gpu.gemm(&st1, vt, x, &mut ws.a)?;
-            let ldzi = i32_of(ldz, "T rounded up to 8")?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    u32::try_from(t.div_ceil(MIX2_BT)).unwrap_or(u32::MAX),
-                    u32::try_from(r.div_ceil(MIX2_BKR)).unwrap_or(u32::MAX),
-                    1,
-                ),
-                block_dim: (MIX2_THREADS, 1, 1),
-                shared_mem_bytes: MIX2_SMEM,
-            };
-            // SAFETY: mix_tc2(const bf16* Zt, const bf16* S, bf16* W, int T, int ldz, int r,
-            // int b_in, int b_out) reads Zt (b_in, r, ldz), S (r,16,16), writes W (b_out, T, r);
-            // sizes as allocated by `workspace` (ldz = T rounded to 8 <= round8(max_tokens)).
-            unsafe {
-                gpu.launch(&k.mix_tc2)
-                    .arg(&ws.a)
-                    .arg(s_dev)
-                    .arg(&mut ws.b)
-                    .arg(&ti)
-                    .arg(&ldzi)
-                    .arg(&ri)
-                    .arg(&bii)
-                    .arg(&boi)
-                    .launch(cfg)?;
-            }
+            // Y[:, i*p..] = W_i U_i^T, written in final order (ld_y = m, batch stride p).
+            let st3 = GemmShape::linear(t, p, r)
+                .batched(bo, t * r, p * r, p)
+                .with_ld(r, r, s.m);
+            return stage_gemm(gpu, &mut ws.tune, &st3, &ws.b, u, y);
         }
-        // Y[:, i*p..] = W_i U_i^T, written in final order (ld_y = m, batch stride p).
+        // Partial, one pass over all T tokens (token chunks small enough for Zt and W to stay
+        // in L2 between the three kernels measured slower on the H100: kernel-notes.md).
+        // Zt (b_in, r, ldz): Zt_j = V_j^T X_j^T, the GEMM with its operands swapped.
+        let ldz = round8(t);
+        let st1 = GemmShape::linear(r, t, q)
+            .batched(bi, r * q, q, r * ldz)
+            .with_ld(q, s.n, ldz);
+        stage_gemm(gpu, &mut ws.tune, &st1, vt, x, &mut ws.a)?;
+        let ldzi = i32_of(ldz, "T rounded up to 8")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(t.div_ceil(MIX2_BT)).unwrap_or(u32::MAX),
+                u32::try_from(r.div_ceil(MIX2_BKR)).unwrap_or(u32::MAX),
+                1,
+            ),
+            block_dim: (MIX2_THREADS, 1, 1),
+            shared_mem_bytes: MIX2_SMEM,
+        };
+        // SAFETY: mix_tc2(const bf16* Zt, const bf16* S, bf16* W, int T, int ldz, int r,
+        // int b_in, int b_out) reads Zt (b_in, r, ldz), S (r,16,16), writes W (b_out, T, r);
+        // sizes as allocated by `workspace` (ldz = T rounded to 8 <= round8(max_tokens)).
+        unsafe {
+            gpu.launch(&k.mix_tc2)
+                .arg(&ws.a)
+                .arg(s_dev)
+                .arg(&mut ws.b)
+                .arg(&ti)
+                .arg(&ldzi)
+                .arg(&ri)
+                .arg(&bii)
+                .arg(&boi)
+                .launch(cfg)?;
+        }
         let st3 = GemmShape::linear(t, p, r)
             .batched(bo, t * r, p * r, p)
             .with_ld(r, r, s.m);
-        gpu.gemm(&st3, &ws.b, u, y)
+        stage_gemm(gpu, &mut ws.tune, &st3, &ws.b, u, y)
     }
 }
 

@@ -63,3 +63,83 @@ extern "C" __global__ void __launch_bounds__(256) blr_batched_transpose(const bf
         __syncthreads();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `partial` strategy (no per-element permutation pass). Notation as above, rb = R / b (R % b == 0).
+// The product uploads w1 with its rows reordered inside each block, w1p[k][l*rb + a] =
+// w1[k][a*b + l], so the ordinary batched stage-1 GEMM writes out1p (T, k, l, a) in which every
+// (t, k, l) run of rb outputs is one contiguous piece of the row P[t][l] that stage 2 reads:
+//   P[t][l][k*rb + a] = out1p[t][k][l*rb + a].
+// The middle permutation is then a copy of contiguous rb-element chunks (rb*2 bytes: 128 B for
+// llama7b q/k/v/o), not of single elements.
+
+// P[t][l][k][:] = out1p[t][k][l][:], chunks of rb elements moved as 16-byte vectors (rb % 8 == 0).
+// One thread per vector, indexed in destination order: writes are fully coalesced, reads are
+// runs of rb/8 vectors. Bytes: 2 x 2 x T*b*R, no reuse.
+extern "C" __global__ void __launch_bounds__(256) blr_monarch_chunk_perm(const bf16* __restrict__ out1p,
+                                                                         bf16* __restrict__ P, int T, int b,
+                                                                         int rb) {
+    const int nv = rb >> 3;
+    const long total = (long)T * b * b * nv;
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+        const int v = (int)(idx % nv);
+        long rest = idx / nv;
+        const int k = (int)(rest % b);
+        rest /= b;
+        const int l = (int)(rest % b);
+        const long t = rest / b;
+        const long row = t * b * b * rb;
+        const uint4 val = ld_ro16(out1p + row + ((long)k * b + l) * rb + v * 8);
+        *reinterpret_cast<uint4*>(P + row + ((long)l * b + k) * rb + v * 8) = val;
+    }
+}
+
+// y[t][u*b + l] = out2[t][l*mb + u]: a (b x mb) -> (mb x b) transpose per token through shared
+// memory, 16-byte loads and 16-byte stores on both sides (m = b*mb must be a multiple of 8).
+// Shared rows are padded by 2 elements so the 8 rows one thread gathers from spread over banks.
+// Dynamic shared memory: b * (mb + 2) * 2 bytes. One token per block iteration.
+extern "C" __global__ void __launch_bounds__(256) blr_monarch_out_transpose(const bf16* __restrict__ out2,
+                                                                            bf16* __restrict__ y, int T, int b,
+                                                                            int mb) {
+    extern __shared__ __align__(16) unsigned char blr_mot_smem[];
+    bf16* tile = reinterpret_cast<bf16*>(blr_mot_smem);
+    const int m = b * mb;
+    const int ld = mb + 2;
+    const int nv = m >> 3;
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const bf16* src = out2 + (long)t * m;
+        for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+            const uint4 val = ld_ro16(src + v * 8);
+            const bf16* e = reinterpret_cast<const bf16*>(&val);
+            int j = v * 8;
+            int l = j / mb;
+            int u = j - l * mb;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                tile[l * ld + u] = e[i];
+                if (++u == mb) {
+                    u = 0;
+                    ++l;
+                }
+            }
+        }
+        __syncthreads();
+        bf16* dst = y + (long)t * m;
+        for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+            int j = v * 8;
+            int u = j / b;
+            int l = j - u * b;
+            __align__(16) bf16 e[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                e[i] = tile[l * ld + u];
+                if (++l == b) {
+                    l = 0;
+                    ++u;
+                }
+            }
+            *reinterpret_cast<uint4*>(dst + j) = *reinterpret_cast<const uint4*>(e);
+        }
+        __syncthreads();
+    }
+}

@@ -76,8 +76,20 @@ fn strategy_checks_name_the_failing_dimension() {
     let wide = shape(FormatKind::Blast, 64 * 17, 64, 17, 1, 16);
     assert!(check_strategy(&wide, Strategy::Partial, 8).is_err());
     let mon = shape(FormatKind::Monarch, 128, 128, 4, 4, 32);
-    assert!(check_strategy(&mon, Strategy::Partial, 128).is_err());
+    assert!(check_strategy(&mon, Strategy::Partial, 128).is_ok());
     assert!(check_strategy(&mon, Strategy::Decode, 1).is_ok());
+    let mon_odd = shape(FormatKind::Monarch, 120, 96, 4, 4, 40); // R/b = 10
+    let msg = check_strategy(&mon_odd, Strategy::Partial, 8)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("R/b = 10"), "{msg}");
+    let mon_ragged = shape(FormatKind::Monarch, 3456, 1152, 9, 9, 384); // DiT: 384 % 9 != 0
+    let msg = check_strategy(&mon_ragged, Strategy::Partial, 8)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("multiple of b = 9"), "{msg}");
     let dense = shape(FormatKind::Dense, 128, 128, 1, 1, 128);
     assert!(check_strategy(&dense, Strategy::Decode, 1).is_err());
 }
@@ -93,10 +105,36 @@ fn auto_strategy_follows_format_and_applicability() {
     assert_eq!(auto_strategy(&odd_blast, 1), Strategy::Unfused);
     let mon = shape(FormatKind::Monarch, 4096, 4096, 16, 16, 1024);
     assert_eq!(auto_strategy(&mon, 1), Strategy::Unfused);
+    assert_eq!(auto_strategy(&mon, 1024), Strategy::Partial);
+    let mon_ragged = shape(FormatKind::Monarch, 3456, 1152, 9, 9, 384);
+    assert_eq!(auto_strategy(&mon_ragged, 1024), Strategy::Unfused);
     let lr = shape(FormatKind::LowRank, 4096, 4096, 1, 1, 1024);
     assert_eq!(auto_strategy(&lr, 1024), Strategy::Unfused);
     let odd = shape(FormatKind::LowRank, 100, 100, 1, 1, 10);
     assert_eq!(auto_strategy(&odd, 1), Strategy::Unfused);
+}
+
+#[test]
+fn monarch_w1_reorder_puts_row_a_b_plus_l_at_l_rb_plus_a() {
+    let (b, rank, width) = (3, 12, 5);
+    let rb = rank / b;
+    let w1: Vec<f32> = (0..b * rank * width).map(|i| i as f32).collect();
+    let re = reorder_monarch_w1(&w1, b, rank, width).expect("valid shape");
+    for k in 0..b {
+        for l in 0..b {
+            for a in 0..rb {
+                for c in 0..width {
+                    assert_eq!(
+                        re[(k * rank + l * rb + a) * width + c],
+                        w1[(k * rank + a * b + l) * width + c],
+                        "k={k} l={l} a={a} c={c}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(reorder_monarch_w1(&w1, 5, rank, width).is_err());
+    assert!(reorder_monarch_w1(&w1[1..], b, rank, width).is_err());
 }
 
 /// Rounds every factor to bf16 so the CPU reference sees exactly the GPU's weights.
@@ -140,6 +178,9 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
         shape(FormatKind::Dense, 120, 104, 1, 1, 104),
         shape(FormatKind::LowRank, 136, 104, 1, 1, 24),
         shape(FormatKind::Monarch, 120, 96, 4, 4, 40),
+        // partial applies: n/b = 40, m/b = 34, R/b = 24; and b = 3, m/b = 40, R/b = 8.
+        shape(FormatKind::Monarch, 136, 160, 4, 4, 96),
+        shape(FormatKind::Monarch, 120, 72, 3, 3, 24),
         shape(FormatKind::Blast, 120, 112, 5, 7, 40),
         shape(FormatKind::Blast, 96, 96, 12, 12, 8),
         // q = 104/4 = 26: only the unfused path applies.
