@@ -141,6 +141,17 @@ static bf16* dalloc_bf(long n) {
     CK(cudaMalloc(&p, std::max<long>(n, 8) * 2));
     return p;
 }
+// Buffers that cuBLAS writes and our kernels then read (BLAST Z, low-rank XV, Monarch stage
+// outputs): NaN-filled by one of our kernels at allocation. compute-sanitizer initcheck does not
+// see cuBLAS's stores on sm_90 (bench/sanitize/cublaslt_initcheck.cu reproduces it), so without
+// this every later read of a cuBLAS output is reported as uninitialised; with it, an element
+// cuBLAS failed to write stays NaN and fails the NaN check of the final output instead.
+static bf16* dalloc_bf_nan(long n) {
+    bf16* p = dalloc_bf(n);
+    k_fill_nan<<<std::min(nblk(std::max<long>(n, 8)), 4096), 256>>>(p, std::max<long>(n, 8));
+    CK(cudaGetLastError());
+    return p;
+}
 static float* dalloc_f(long n) {
     float* p;
     CK(cudaMalloc(&p, std::max<long>(n, 8) * 4));
@@ -437,20 +448,20 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
     k_pack_s<<<nblk((long)r * 256), 256>>>(S, Sd, bo, bi, r);
     LAUNCH_CHECK();
     long zel = (long)bi * r * ldzmax, wel = (long)bo * r * Tmax;
-    bf16* Zb = dalloc_bf(std::max(zel, (long)bi * Tmax * r));
+    bf16* Zb = dalloc_bf_nan(std::max(zel, (long)bi * Tmax * r));
     bf16* Wb = dalloc_bf(wel);
     // LR
     const int lr = c.lr_r;
     bf16* LU = drand((long)m * lr, 1.f / sqrtf((float)lr));
     bf16* LV = drand((long)lr * n, 1.f / sqrtf((float)n));
-    bf16* LZ = dalloc_bf((long)Tmax * lr);
+    bf16* LZ = dalloc_bf_nan((long)Tmax * lr);
     // Monarch
     const int mb = c.mon_b, R = c.mon_R, nbk = n / mb, mbk = m / mb;
     bf16* M1 = drand((long)mb * R * nbk, 1.f / sqrtf((float)nbk));
     bf16* M2 = drand((long)mb * mbk * R, 1.f / sqrtf((float)R));
-    bf16* MO1 = dalloc_bf((long)Tmax * mb * R);
+    bf16* MO1 = dalloc_bf_nan((long)Tmax * mb * R);
     bf16* MP = dalloc_bf((long)Tmax * mb * R);
-    bf16* MO2 = dalloc_bf((long)Tmax * m);
+    bf16* MO2 = dalloc_bf_nan((long)Tmax * m);
     // decode scratch
     int wrows = std::max(std::max(r, lr), R);
     bf16* dwbuf = dalloc_bf((long)std::max(bo, mb) * 16 * wrows);

@@ -286,6 +286,14 @@ pub struct Blas {
     handle: lt_sys::cublasLtHandle_t,
     workspace: DeviceBuffer<u8>,
     plans: Mutex<HashMap<PlanKey, std::sync::Arc<Plan>>>,
+    /// `BLR_POISON_GEMM_OUTPUTS=1` (set by scripts/sanitize.sh for initcheck): before every
+    /// GEMM with `beta = 0`, the exact elements it owns in Y are set to 0xFF (NaN) by a 2-D
+    /// memset. compute-sanitizer's initcheck does not see cuBLASLt's stores on sm_90
+    /// (bench/sanitize/cublaslt_initcheck.cu reproduces it), so without this every later read
+    /// of a GEMM output (a kernel of ours, a download) is reported as uninitialised. With it,
+    /// initcheck still checks everything else, and an element the GEMM failed to write stays
+    /// NaN, which every test's NaN check catches. Off in normal runs (it costs a write of Y).
+    poison_outputs: bool,
 }
 
 // SAFETY: a cuBLASLt handle may be used from several threads (calls are serialised on our one
@@ -359,7 +367,9 @@ impl Blas {
         } else {
             4 << 20
         };
-        let workspace = match gpu.alloc::<u8>(ws_bytes, "the cuBLASLt workspace") {
+        // Zeroed once: cuBLASLt owns its contents, but a workspace nobody ever wrote would be
+        // the first suspect for any uninitialised read inside the library (initcheck).
+        let workspace = match gpu.alloc_zeros::<u8>(ws_bytes, "the cuBLASLt workspace") {
             Ok(w) => w,
             Err(e) => {
                 // SAFETY: just created, not shared.
@@ -371,6 +381,7 @@ impl Blas {
             handle,
             workspace,
             plans: Mutex::new(HashMap::new()),
+            poison_outputs: std::env::var_os("BLR_POISON_GEMM_OUTPUTS").is_some_and(|v| v != "0"),
         })
     }
 
@@ -540,6 +551,9 @@ impl Blas {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        if self.poison_outputs && beta == 0.0 {
+            self.poison_output(gpu, p)?;
+        }
         let ws_ptr = self.workspace.device_ptr();
         // SAFETY: `prepare` checked every operand extent against its buffer; the plan's
         // layouts describe exactly those extents; the workspace outlives the call (owned by
@@ -566,6 +580,35 @@ impl Blas {
         }
         .result()
         .map_err(Error::cublas(format!("running the GEMM {:?}", p.key.shape)))
+    }
+
+    /// Sets the elements the GEMM owns in Y (rows x cols of each batch, never the gaps between
+    /// rows or matrices, which may hold other data) to 0xFF bytes: see `poison_outputs`.
+    fn poison_output(&self, gpu: &Gpu, p: &Prepared) -> Result<()> {
+        let s = &p.key.shape;
+        let size = if p.key.out_type == lt_sys::cudaDataType::CUDA_R_32F as i32 {
+            4
+        } else {
+            2
+        };
+        for b in 0..s.batch {
+            let start = p.y_ptr + (b * s.stride_y * size) as u64;
+            // SAFETY: `prepare` checked that rows x ld_y (last row: cols) of every batch lie
+            // inside Y's buffer; the memset writes cols elements of each of those rows.
+            unsafe {
+                cudarc::driver::sys::cuMemsetD2D8Async(
+                    start,
+                    s.ld_y * size,
+                    0xFF,
+                    s.cols * size,
+                    s.rows,
+                    gpu.stream().cu_stream(),
+                )
+            }
+            .result()
+            .map_err(Error::driver("poisoning a GEMM output"))?;
+        }
+        Ok(())
     }
 
     fn plan<O: GemmOutput>(&self, key: &PlanKey) -> Result<std::sync::Arc<Plan>> {

@@ -343,6 +343,28 @@ impl Gpu {
         Ok(self.download(buf)?.into_iter().map(bf16::to_f32).collect())
     }
 
+    /// Copies the first `len` elements of `buf` to the host (waits for the stream). Buffers
+    /// are often larger than what they hold (a pool block kept for reuse, a one-element stand-in
+    /// for an empty tensor): copying only the written part keeps unwritten bytes off the bus,
+    /// and out of compute-sanitizer initcheck's reports.
+    pub fn download_prefix<T: Element>(&self, buf: &DeviceBuffer<T>, len: usize) -> Result<Vec<T>> {
+        if len > buf.len() {
+            return Err(Error::Shape(format!(
+                "download of {len} elements from a buffer of {}",
+                buf.len()
+            )));
+        }
+        let mut host = vec![T::default(); len];
+        if len > 0 {
+            let view = buf.slice.slice(0..len);
+            self.stream
+                .memcpy_dtoh(&view, &mut host)
+                .map_err(Error::driver("copying device to host"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
     /// Device-to-device copy of all of `src` into the start of `dst`.
     pub fn copy_device<T: Element>(
         &self,

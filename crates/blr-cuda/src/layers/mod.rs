@@ -471,7 +471,11 @@ impl GpuLinear {
         let alloc = |n: usize, what: &str| gpu.alloc::<bf16>(n.max(8), what);
         Ok(Workspace {
             max_tokens: t,
-            a: alloc(a, "layer workspace (stage-1 output)")?,
+            // Zeroed once: BLAST `partial` keeps Z^T rows padded to round8(T) columns that no
+            // GEMM writes, and blr_blast_mix_tc2 loads them in 16-byte vectors along with the
+            // real columns (their products land only in outputs it never stores). Zero padding
+            // keeps those loads finite and off initcheck's report (docs/reliability.md).
+            a: gpu.alloc_zeros::<bf16>(a.max(8), "layer workspace (stage-1 output)")?,
             b: alloc(b, "layer workspace (mixed intermediate)")?,
             c: alloc(c, "layer workspace (stage-2 output)")?,
             dec: alloc(dec, "decode intermediate")?,

@@ -42,8 +42,16 @@ pub const ROPE_CU: KernelSource = blr_cuda::kernel_source!("rope.cu");
 /// attention.cu: `blr_flash_attn_64`, `blr_flash_attn_128`, `blr_attn_rows`, `blr_attn_combine`.
 pub const ATTENTION_CU: KernelSource = blr_cuda::kernel_source!("attention.cu");
 
+/// sample.cu: `blr_sample` (greedy and top-p next-token choice on the device).
+pub const SAMPLE_CU: KernelSource = blr_cuda::kernel_source!("sample.cu");
+
 /// Every `.cu` file of this backend, for the compile check (tests/cuda_kernels_compile.rs).
-pub const SOURCES: [KernelSource; 4] = [NORM_CU, ELEMENTWISE_CU, ROPE_CU, ATTENTION_CU];
+pub const SOURCES: [KernelSource; 5] = [NORM_CU, ELEMENTWISE_CU, ROPE_CU, ATTENTION_CU, SAMPLE_CU];
+
+/// Threads of `blr_sample` (one block; sample.cu's SAMPLE_THREADS).
+const SAMPLE_THREADS: u32 = 1024;
+/// `blr_sample` keys carry the token index in 20 bits.
+const SAMPLE_MAX_VOCAB: usize = 1 << 20;
 
 /// Up to this many token ids go to the embedding kernel as arguments (decode steps), not
 /// through a host-to-device copy: see `blr_embedding_few` in elementwise.cu.
@@ -138,6 +146,7 @@ struct Kernels {
     decode64: Kernel,
     decode128: Kernel,
     attn_combine: Kernel,
+    sample: Kernel,
 }
 
 impl Kernels {
@@ -147,6 +156,7 @@ impl Kernels {
         let ew = gpu.load_module(&ELEMENTWISE_CU, &opts)?;
         let rope = gpu.load_module(&ROPE_CU, &opts)?;
         let attn = gpu.load_module(&ATTENTION_CU, &opts)?;
+        let sample = gpu.load_module(&SAMPLE_CU, &opts)?;
         Ok(Kernels {
             rms_norm: norm.function("blr_rms_norm")?,
             layer_norm: norm.function("blr_layer_norm")?,
@@ -168,6 +178,7 @@ impl Kernels {
             decode64: attn.function("blr_attn_decode_64")?,
             decode128: attn.function("blr_attn_decode_128")?,
             attn_combine: attn.function("blr_attn_combine")?,
+            sample: sample.function("blr_sample")?,
         })
     }
 }
@@ -614,13 +625,14 @@ impl Backend for Cuda {
     }
 
     fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        let mut v = self
+        // Only the tensor's own elements: an empty tensor keeps a one-element buffer that no
+        // kernel writes.
+        let v = self
             .inner
             .gpu
-            .download_f32(&x.buf)
+            .download_prefix(&x.buf, x.len())
             .map_err(cuda("download"))?;
-        v.truncate(x.len());
-        Ok(v)
+        Ok(v.into_iter().map(bf16::to_f32).collect())
     }
 
     fn dims(&self, x: &CudaTensor) -> (usize, usize) {
@@ -1020,5 +1032,75 @@ impl Backend for Cuda {
         Self::check_attn(q, k, v, spec)?;
         let d = spec.head_dim;
         self.attend(q, &k.buf, &v.buf, d, spec.kv_heads * d, q.rows, 0, spec)
+    }
+
+    fn sample_last(
+        &self,
+        logits: &CudaTensor,
+        temperature: f32,
+        top_p: f32,
+        u: f64,
+    ) -> Result<u32> {
+        let (rows, vocab) = (logits.rows, logits.cols);
+        if rows == 0 || vocab == 0 {
+            return Err(Error::input("sampler", "no logits"));
+        }
+        if vocab > SAMPLE_MAX_VOCAB {
+            // Past the kernel's key width: choose on the host (same result, one row download).
+            let row = self.slice_rows(logits, rows - 1, rows)?;
+            return crate::lm::choose(&self.download(&row)?, temperature, top_p, u);
+        }
+        // Validates temperature and top_p exactly as the host path does.
+        crate::lm::choose(&[0.0], temperature, top_p, u)?;
+        let gpu = self.gpu_ref();
+        let greedy = temperature == 0.0;
+        let row = logits
+            .buf
+            .device_ptr_at((rows - 1) * vocab)
+            .map_err(cuda("sample"))?;
+        let scratch_len = if greedy { 1 } else { vocab };
+        let mut weights = gpu
+            .alloc::<u64>(scratch_len, "sampling weights")
+            .map_err(cuda("sample"))?;
+        let mut out = gpu
+            .alloc::<u32>(2, "sampled token")
+            .map_err(cuda("sample"))?;
+        let v_i = i32_of(vocab, "sample vocabulary")?;
+        let greedy_i = i32::from(greedy);
+        let inv_t = if greedy {
+            0.0
+        } else {
+            1.0 / f64::from(temperature)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: blr_sample(logits, V, greedy, inv_t, top_p, u, weights, out): `row` points at
+        // the last row's V bf16 values inside `logits`; weights holds V u64 when sampling (the
+        // kernel does not touch it when greedy); out holds the 2 u32 the kernel writes.
+        unsafe {
+            gpu.launch(&self.k().sample)
+                .arg(&row)
+                .arg(&v_i)
+                .arg(&greedy_i)
+                .arg(&inv_t)
+                .arg(&top_p)
+                .arg(&u)
+                .arg(&mut weights)
+                .arg(&mut out)
+                .launch(cfg)
+        }
+        .map_err(cuda("sample"))?;
+        let got = gpu.download(&out).map_err(cuda("sample"))?;
+        match got[1] {
+            0 => Ok(got[0]),
+            1 => Err(Error::input(
+                "sampler",
+                "logits contain NaN or +Inf: the model's forward pass diverged",
+            )),
+            _ => Err(Error::input("sampler", "every logit is -Inf")),
+        }
     }
 }
