@@ -197,4 +197,21 @@ pub trait Backend {
         v: &Self::Tensor,
         spec: AttnSpec,
     ) -> Result<Self::Tensor>;
+    /// The token [`crate::lm::choose`] picks from the last row of `logits` `(T, vocab)` with
+    /// the uniform number `u`. This default downloads the row and chooses on the host; a
+    /// device backend overrides it so that only the token id crosses the bus.
+    fn sample_last(
+        &self,
+        logits: &Self::Tensor,
+        temperature: f32,
+        top_p: f32,
+        u: f64,
+    ) -> Result<u32> {
+        let (rows, cols) = self.dims(logits);
+        if rows == 0 {
+            return Err(crate::Error::input("sampler", "no logits rows"));
+        }
+        let all = self.download(logits)?;
+        crate::lm::choose(&all[(rows - 1) * cols..], temperature, top_p, u)
+    }
 }

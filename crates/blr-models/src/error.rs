@@ -88,4 +88,16 @@ impl Error {
             detail: detail.into(),
         }
     }
+
+    /// Names the checkpoint tensor a backend error happened on (a weight that did not fit the
+    /// GPU memory cap says which one).
+    pub(crate) fn loading(self, tensor: &str) -> Self {
+        match self {
+            Error::Cuda { op, error } => Error::Cuda {
+                op: format!("loading {tensor} ({op})"),
+                error,
+            },
+            other => other,
+        }
+    }
 }

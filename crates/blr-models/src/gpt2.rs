@@ -271,16 +271,24 @@ impl<B: Backend> Gpt2<B> {
         } else {
             Linear::Dense(Dense::new(v, e, wte_host.clone())?)
         };
-        let wte = backend.upload(&wte_host, v, e)?;
+        let wte = backend
+            .upload(&wte_host, v, e)
+            .map_err(|err| err.loading("transformer.wte.weight"))?;
         drop(wte_host);
-        let wpe = backend.upload(
-            &take_tensor(&mut ck, "transformer.wpe.weight", &[p, e])?,
-            p,
-            e,
-        )?;
-        let lm_head = backend.load_linear(lm_head)?;
+        let wpe = backend
+            .upload(
+                &take_tensor(&mut ck, "transformer.wpe.weight", &[p, e])?,
+                p,
+                e,
+            )
+            .map_err(|err| err.loading("transformer.wpe.weight"))?;
+        let lm_head = backend
+            .load_linear(lm_head)
+            .map_err(|err| err.loading("lm_head"))?;
         let vec = |ck: &mut Checkpoint, n: &str, len: usize| -> Result<B::Tensor> {
-            backend.upload(&take_tensor(ck, n, &[len])?, 1, len)
+            backend
+                .upload(&take_tensor(ck, n, &[len])?, 1, len)
+                .map_err(|err| err.loading(n))
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -298,7 +306,10 @@ impl<B: Backend> Gpt2<B> {
             let fc_b = vec(&mut ck, &format!("{pf}.mlp.c_fc.bias"), 4 * e)?;
             let fc_proj_b = vec(&mut ck, &format!("{pf}.mlp.c_proj.bias"), e)?;
             let mut lin = |n: &str, m: usize, k: usize| -> Result<B::Linear> {
-                backend.load_linear(take_linear(&mut ck, &format!("{pf}.{n}"), m, k)?)
+                let full = format!("{pf}.{n}");
+                backend
+                    .load_linear(take_linear(&mut ck, &full, m, k)?)
+                    .map_err(|err| err.loading(&full))
             };
             blocks.push(Block {
                 ln1,
@@ -435,6 +446,18 @@ impl<B: Backend> CausalLm for Gpt2<B> {
     fn forward(&self, ids: &[u32], cache: &mut Gpt2Cache<B>, all_logits: bool) -> Result<Vec<f32>> {
         let logits = self.forward_device(ids, cache, all_logits)?;
         self.backend.download(&logits)
+    }
+
+    fn forward_sample(
+        &self,
+        ids: &[u32],
+        cache: &mut Gpt2Cache<B>,
+        sampler: &mut crate::lm::Sampler,
+    ) -> Result<u32> {
+        let logits = self.forward_device(ids, cache, false)?;
+        let u = sampler.draw();
+        self.backend
+            .sample_last(&logits, sampler.temperature, sampler.top_p, u)
     }
 }
 

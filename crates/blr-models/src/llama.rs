@@ -541,17 +541,26 @@ impl<B: Backend> Llama<B> {
         } else {
             take_linear(&mut ck, "lm_head", v, h)?
         };
-        let embed = backend.upload(&embed_host, v, h)?;
+        let embed = backend
+            .upload(&embed_host, v, h)
+            .map_err(|e| e.loading("model.embed_tokens.weight"))?;
         drop(embed_host);
-        let lm_head = backend.load_linear(lm_head)?;
+        let lm_head = backend
+            .load_linear(lm_head)
+            .map_err(|e| e.loading("lm_head"))?;
         let norm_host = take_tensor(&mut ck, "model.norm.weight", &[h])?;
-        let norm = backend.upload(&norm_host, 1, h)?;
+        let norm = backend
+            .upload(&norm_host, 1, h)
+            .map_err(|e| e.loading("model.norm.weight"))?;
         let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, m: usize, n: usize| -> Result<B::Linear> {
-                backend.load_linear(take_linear(&mut ck, &format!("{p}.{name}"), m, n)?)
+                let full = format!("{p}.{name}");
+                backend
+                    .load_linear(take_linear(&mut ck, &full, m, n)?)
+                    .map_err(|e| e.loading(&full))
             };
             let q = lin("self_attn.q_proj", qd, h)?;
             let k = lin("self_attn.k_proj", kvd, h)?;
@@ -566,13 +575,18 @@ impl<B: Backend> Llama<B> {
                 &format!("{p}.post_attention_layernorm.weight"),
                 &[h],
             )?;
+            let norm_up = |data: &[f32], name: &str| {
+                backend
+                    .upload(data, 1, h)
+                    .map_err(|e| e.loading(&format!("{p}.{name}.weight")))
+            };
             blocks.push(Block {
-                attn_norm: backend.upload(&attn_norm, 1, h)?,
+                attn_norm: norm_up(&attn_norm, "input_layernorm")?,
                 q,
                 k,
                 v: vv,
                 o,
-                ffn_norm: backend.upload(&ffn_norm, 1, h)?,
+                ffn_norm: norm_up(&ffn_norm, "post_attention_layernorm")?,
                 gate,
                 up,
                 down,
@@ -706,6 +720,18 @@ impl<B: Backend> CausalLm for Llama<B> {
     ) -> Result<Vec<f32>> {
         let logits = self.forward_device(ids, cache, all_logits)?;
         self.backend.download(&logits)
+    }
+
+    fn forward_sample(
+        &self,
+        ids: &[u32],
+        cache: &mut LlamaCache<B>,
+        sampler: &mut crate::lm::Sampler,
+    ) -> Result<u32> {
+        let logits = self.forward_device(ids, cache, false)?;
+        let u = sampler.draw();
+        self.backend
+            .sample_last(&logits, sampler.temperature, sampler.top_p, u)
     }
 }
 

@@ -18,11 +18,27 @@ pub trait CausalLm {
     /// Runs `ids` at the positions following those in `cache` (appending to it); returns host
     /// logits `(T, vocab)` row-major when `all_logits`, else the last position's `(vocab)`.
     fn forward(&self, ids: &[u32], cache: &mut Self::Cache, all_logits: bool) -> Result<Vec<f32>>;
+    /// Runs `ids` like [`CausalLm::forward`] and picks the next token from the last position's
+    /// logits with `sampler`. Models on a device backend override it to sample there (only the
+    /// token id comes back); this default samples on the host.
+    fn forward_sample(
+        &self,
+        ids: &[u32],
+        cache: &mut Self::Cache,
+        sampler: &mut Sampler,
+    ) -> Result<u32> {
+        let logits = self.forward(ids, cache, false)?;
+        sampler.sample(&logits)
+    }
 }
 
 /// Picks the next token from logits: greedy when `temperature == 0`, else softmax at
 /// `temperature` restricted to the smallest set of tokens whose probability reaches `top_p`
 /// (nucleus sampling), drawn from a seeded generator so that runs are reproducible.
+///
+/// The uniform number of each draw comes from the host generator ([`Sampler::draw`]); the choice
+/// itself is [`choose`], which the CUDA backend reproduces bit for bit on the device
+/// (`cuda/sample.cu`), so a GPU run picks the same tokens as a CPU run given the same logits.
 pub struct Sampler {
     pub temperature: f32,
     pub top_p: f32,
@@ -31,18 +47,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Result<Self> {
-        if !(temperature >= 0.0 && temperature.is_finite()) {
-            return Err(Error::input(
-                "sampler",
-                format!("temperature {temperature} must be >= 0"),
-            ));
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::input(
-                "sampler",
-                format!("top_p {top_p} must be in (0, 1]"),
-            ));
-        }
+        check_sampling(temperature, top_p)?;
         Ok(Sampler {
             temperature,
             top_p,
@@ -58,47 +63,191 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if logits.is_empty() {
-            return Err(Error::input("sampler", "no logits"));
-        }
-        if logits.iter().any(|x| x.is_nan()) {
-            return Err(Error::input(
-                "sampler",
-                "logits contain NaN: the model's forward pass diverged",
-            ));
-        }
+    /// The uniform number in [0, 1) for the next choice; greedy sampling draws none (returns 0
+    /// and leaves the generator where it is).
+    pub fn draw(&mut self) -> f64 {
         if self.temperature == 0.0 {
-            return Ok(argmax(logits));
+            0.0
+        } else {
+            self.rng.uniform()
         }
-        let inv_t = 1.0 / f64::from(self.temperature);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(f64, u32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (((f64::from(l) - f64::from(max)) * inv_t).exp(), i as u32))
-            .collect();
-        let z: f64 = probs.iter().map(|p| p.0).sum();
-        probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        let target = f64::from(self.top_p) * z;
-        let mut keep = 0;
-        let mut mass = 0.0;
-        for p in &probs {
-            mass += p.0;
-            keep += 1;
-            if mass >= target {
-                break;
-            }
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        let u = self.draw();
+        choose(logits, self.temperature, self.top_p, u)
+    }
+}
+
+fn check_sampling(temperature: f32, top_p: f32) -> Result<()> {
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        return Err(Error::input(
+            "sampler",
+            format!("temperature {temperature} must be >= 0"),
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(Error::input(
+            "sampler",
+            format!("top_p {top_p} must be in (0, 1]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Fixed-point scale of the sampling weights: `weight = floor(exp((l - max) / T) * 2^40)`.
+/// Integer weights make every sum exact and independent of the order it is taken in, which is
+/// what lets a parallel GPU reduction agree with this sequential reference to the last bit.
+/// A token under 2^-40 of the most likely one's probability gets weight 0 and is never drawn.
+pub const SAMPLE_WEIGHT_BITS: u32 = 40;
+
+/// `exp(x)` for `x <= 0`, to about 1e-16 relative, from IEEE-rounded +, -, * alone (no fused
+/// multiply-add, no library `exp`), so that `cuda/sample.cu` computes the same bits: Cody-Waite
+/// reduction `x = n ln2 + r`, `|r| <= ln2/2`, a degree-13 Taylor polynomial, exact scaling by
+/// 2^n. Below -30 the result (< 1e-13) is returned as 0: its weight would be 0 anyway.
+pub fn sampling_exp(x: f64) -> f64 {
+    if x < -30.0 || x.is_nan() {
+        return 0.0;
+    }
+    let x = x.min(0.0);
+    let log2e = f64::from_bits(0x3ff7_1547_652b_82fe);
+    let ln2_hi = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    let ln2_lo = f64::from_bits(0x3dea_39ef_3579_3c76);
+    // 1/k! for k = 13 down to 1 (correctly rounded).
+    const INV_FACT: [u64; 13] = [
+        0x3de6_1246_13a8_6d09,
+        0x3e21_eed8_eff8_d898,
+        0x3e5a_e645_67f5_44e4,
+        0x3e92_7e4f_b778_9f5c,
+        0x3ec7_1de3_a556_c734,
+        0x3efa_01a0_1a01_a01a,
+        0x3f2a_01a0_1a01_a01a,
+        0x3f56_c16c_16c1_6c17,
+        0x3f81_1111_1111_1111,
+        0x3fa5_5555_5555_5555,
+        0x3fc5_5555_5555_5555,
+        0x3fe0_0000_0000_0000,
+        0x3ff0_0000_0000_0000,
+    ];
+    let n = (x * log2e + 0.5).floor();
+    let r = (x - n * ln2_hi) - n * ln2_lo;
+    let mut p = f64::from_bits(INV_FACT[0]);
+    for &c in &INV_FACT[1..] {
+        p = p * r + f64::from_bits(c);
+    }
+    p = p * r + 1.0;
+    // n is in [-44, 0]: 2^n is a normal number built from its exponent bits.
+    let scale = f64::from_bits(((1023 + n as i64) as u64) << 52);
+    p * scale
+}
+
+/// The sampling weight of a logit `l` given the row's maximum `max` and `1 / temperature`.
+pub fn sampling_weight(l: f32, max: f32, inv_t: f64) -> u64 {
+    if l == f32::NEG_INFINITY {
+        return 0;
+    }
+    let d = (f64::from(l) - f64::from(max)) * inv_t;
+    (sampling_exp(d) * (1u64 << SAMPLE_WEIGHT_BITS) as f64) as u64
+}
+
+/// The token [`Sampler`] picks from `logits` with the uniform number `u` in [0, 1): the
+/// reference every backend's sampler must match exactly.
+///
+/// - Greedy (`temperature == 0`): the largest logit, the first one on ties.
+/// - Otherwise tokens are ordered by weight ([`sampling_weight`], descending; ties by index,
+///   ascending); the nucleus is the shortest prefix whose weight reaches
+///   `ceil(top_p * total)` (all tokens when `top_p == 1`); the choice is the first token of
+///   the nucleus whose running weight exceeds `floor(u * nucleus weight)`.
+///
+/// NaN or +Inf logits are an error (the forward pass diverged); -Inf logits (masked tokens)
+/// are never drawn.
+pub fn choose(logits: &[f32], temperature: f32, top_p: f32, u: f64) -> Result<u32> {
+    check_sampling(temperature, top_p)?;
+    if logits.is_empty() {
+        return Err(Error::input("sampler", "no logits"));
+    }
+    if logits.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+        return Err(Error::input(
+            "sampler",
+            "logits contain NaN or +Inf: the model's forward pass diverged",
+        ));
+    }
+    if temperature == 0.0 {
+        return Ok(argmax(logits));
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return Err(Error::input("sampler", "every logit is -Inf"));
+    }
+    let inv_t = 1.0 / f64::from(temperature);
+    let mut order: Vec<(u64, u32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (sampling_weight(l, max, inv_t), i as u32))
+        .collect();
+    let total: u64 = order.iter().map(|p| p.0).sum();
+    order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let target = nucleus_target(top_p, total);
+    let mut mass = 0u64;
+    let mut keep = 0;
+    for p in &order {
+        mass += p.0;
+        keep += 1;
+        if mass >= target {
+            break;
         }
-        let u = self.rng.uniform() * mass;
-        let mut acc = 0.0;
-        for p in &probs[..keep] {
-            acc += p.0;
-            if u < acc {
-                return Ok(p.1);
-            }
+    }
+    let r = draw_threshold(u, mass);
+    let mut acc = 0u64;
+    for p in &order[..keep] {
+        acc += p.0;
+        if acc > r {
+            return Ok(p.1);
         }
-        Ok(probs[keep - 1].1)
+    }
+    // Unreachable: r < mass = the nucleus's total weight.
+    Ok(order[keep - 1].1)
+}
+
+/// The weight the nucleus must reach: `ceil(top_p * total)`, at least 1, `total` when
+/// `top_p == 1` (computed as the CUDA kernel computes it).
+pub fn nucleus_target(top_p: f32, total: u64) -> u64 {
+    if top_p >= 1.0 {
+        total
+    } else {
+        ((f64::from(top_p) * total as f64).ceil() as u64).clamp(1, total)
+    }
+}
+
+/// `floor(u * mass)`, kept below `mass`.
+pub fn draw_threshold(u: f64, mass: u64) -> u64 {
+    ((u.max(0.0) * mass as f64) as u64).min(mass.saturating_sub(1))
+}
+
+/// A model whose next-token choice is always made on the host (logits downloaded each step,
+/// [`Sampler::sample`]), even where its backend samples on the device: for comparing the two
+/// (`blr generate --host-sampling`).
+pub struct HostSampling<'a, M>(pub &'a M);
+
+impl<M: CausalLm> CausalLm for HostSampling<'_, M> {
+    type Cache = M::Cache;
+    fn device(&self) -> String {
+        self.0.device()
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn max_positions(&self) -> usize {
+        self.0.max_positions()
+    }
+    fn new_cache(&self, capacity: usize) -> Result<Self::Cache> {
+        self.0.new_cache(capacity)
+    }
+    fn clear_cache(&self, cache: &mut Self::Cache) {
+        self.0.clear_cache(cache)
+    }
+    fn forward(&self, ids: &[u32], cache: &mut Self::Cache, all_logits: bool) -> Result<Vec<f32>> {
+        self.0.forward(ids, cache, all_logits)
     }
 }
 
@@ -172,11 +321,10 @@ pub fn generate<M: CausalLm>(
     if max_new == 0 {
         return Ok(stats);
     }
-    let mut logits = model.forward(prompt, &mut cache, false)?;
+    let mut next = model.forward_sample(prompt, &mut cache, sampler)?;
     stats.prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     loop {
-        let next = sampler.sample(&logits)?;
         stats.generated.push(next);
         if stop.contains(&next) {
             stats.hit_eos = true;
@@ -186,7 +334,7 @@ pub fn generate<M: CausalLm>(
         if stats.generated.len() == max_new {
             break;
         }
-        logits = model.forward(&[next], &mut cache, false)?;
+        next = model.forward_sample(&[next], &mut cache, sampler)?;
     }
     stats.decode_seconds = t1.elapsed().as_secs_f64();
     Ok(stats)
@@ -315,6 +463,46 @@ mod tests {
         assert!(Sampler::new(-1.0, 0.9, 0).is_err());
         assert!(Sampler::new(1.0, 0.0, 0).is_err());
         assert!(Sampler::greedy().sample(&[f32::NAN]).is_err());
+    }
+
+    #[test]
+    fn sampling_exp_is_exp() {
+        let mut worst = 0.0f64;
+        for i in 0..=30_000 {
+            let x = -(i as f64) * 1e-3;
+            let rel = (sampling_exp(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 1e-14, "worst relative error {worst:e}");
+        assert_eq!(sampling_exp(0.0), 1.0);
+        assert_eq!(sampling_exp(-31.0), 0.0);
+        assert_eq!(sampling_exp(f64::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn choose_orders_ties_by_index_and_honours_the_nucleus() {
+        // Three tokens tie for the top: tiny top_p keeps only the first of them.
+        let logits = [1.0f32, 2.0, -1.0, 2.0, 2.0, f32::NEG_INFINITY];
+        for u in [0.0, 0.5, 0.999_999] {
+            assert_eq!(choose(&logits, 1.0, 1e-7, u).unwrap(), 1);
+        }
+        assert_eq!(choose(&logits, 0.0, 1.0, 0.9).unwrap(), 1); // greedy: first maximum
+                                                                // top_p = 1: u walks tokens in (weight desc, index asc) order: 1, 3, 4, 0, 2; the
+                                                                // masked token 5 is never drawn.
+        let w = |l: f32| sampling_weight(l, 2.0, 1.0);
+        let total = 3 * w(2.0) + w(1.0) + w(-1.0);
+        let at = |mass: u64| (mass as f64 + 0.5) / total as f64;
+        assert_eq!(choose(&logits, 1.0, 1.0, 0.0).unwrap(), 1);
+        assert_eq!(choose(&logits, 1.0, 1.0, at(w(2.0))).unwrap(), 3);
+        assert_eq!(choose(&logits, 1.0, 1.0, at(2 * w(2.0))).unwrap(), 4);
+        assert_eq!(choose(&logits, 1.0, 1.0, at(3 * w(2.0))).unwrap(), 0);
+        assert_eq!(choose(&logits, 1.0, 1.0, 0.999_999_999).unwrap(), 2);
+        // A nucleus of exactly the three tied tokens: u near 1 lands on the third.
+        let p = (3 * w(2.0)) as f32 / total as f32;
+        assert_eq!(choose(&logits, 1.0, p * 0.999, 0.999_999).unwrap(), 4);
+        assert!(choose(&[f32::NEG_INFINITY; 3], 1.0, 1.0, 0.5).is_err());
+        assert!(choose(&[0.0, f32::INFINITY], 1.0, 1.0, 0.5).is_err());
+        assert!(choose(&[], 1.0, 1.0, 0.5).is_err());
     }
 
     #[test]

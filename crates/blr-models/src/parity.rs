@@ -299,6 +299,88 @@ pub fn check_ops<B: Backend>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {
     Ok(s.out)
 }
 
+/// Next-token sampling on the backend against [`crate::lm::choose`] on the host, for the same
+/// logits (bf16-representable, so every backend holds them exactly) and the same uniform
+/// numbers: greedy and temperature + top-p (1, 0.9, 0.5, tiny), vocabularies of odd sizes,
+/// logits with many ties and masked (-Inf) tokens, u at 0, near 1 and random. The choice must
+/// be the same token every time; `rel_err` reports the number of mismatched draws.
+pub fn check_sampling<B: Backend>(b: &B, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    let params: [(f32, f32); 7] = [
+        (0.0, 1.0),
+        (1.0, 1.0),
+        (0.7, 0.9),
+        (1.3, 0.5),
+        (1.0, 1e-6),
+        (0.05, 0.95),
+        (2.0, 0.999_999),
+    ];
+    for &vocab in &[49_157usize, 1000, 7, 1] {
+        for ties in [false, true] {
+            let mut logits: Vec<f32> = if ties {
+                // Small integers: hundreds of exact ties at every value, the maximum included.
+                (0..vocab).map(|_| rng.below(7) as f32 - 3.0).collect()
+            } else {
+                rng.normal_vec(vocab, 3.0)
+            };
+            // Round to bf16 as a bf16 backend stores them, so both sides see the same values.
+            for l in &mut logits {
+                *l = half::bf16::from_f32(*l).to_f32();
+            }
+            if vocab > 7 {
+                for _ in 0..vocab / 10 {
+                    let i = rng.below(vocab);
+                    logits[i] = f32::NEG_INFINITY;
+                }
+                logits[vocab / 2] = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            }
+            // Two rows: only the last one is sampled.
+            let mut two = rng.normal_vec(vocab, 1.0);
+            two.extend_from_slice(&logits);
+            let dev = b.upload(&two, 2, vocab)?;
+            let mut draws = 0usize;
+            let mut mismatches = Vec::new();
+            for &(t, p) in &params {
+                let mut us = vec![0.0, 0.5, 0.999_999_999];
+                us.extend((0..8).map(|_| rng.uniform()));
+                for u in us {
+                    let want = crate::lm::choose(&logits, t, p, u)?;
+                    let got = b.sample_last(&dev, t, p, u)?;
+                    draws += 1;
+                    if got != want {
+                        mismatches.push(format!("T={t} p={p} u={u}: {got} vs {want}"));
+                    }
+                }
+            }
+            out.push(Check {
+                op: "sample".into(),
+                shape: format!(
+                    "vocab {vocab}{}, {draws} draws{}",
+                    if ties { ", ties" } else { "" },
+                    mismatches
+                        .first()
+                        .map(|m| format!(", first mismatch {m}"))
+                        .unwrap_or_default()
+                ),
+                rel_err: mismatches.len() as f64,
+                ok: mismatches.is_empty(),
+            });
+        }
+    }
+    // A diverged forward pass is an error on every backend, never a token.
+    let nan = b.upload(&[0.0, f32::NAN, 1.0], 1, 3)?;
+    let refused =
+        b.sample_last(&nan, 0.0, 1.0, 0.0).is_err() && b.sample_last(&nan, 1.0, 0.9, 0.3).is_err();
+    out.push(Check {
+        op: "sample".into(),
+        shape: "NaN logits refused".into(),
+        rel_err: if refused { 0.0 } else { 1.0 },
+        ok: refused,
+    });
+    Ok(out)
+}
+
 /// Tiny random Llama, GPT-2, ViT and DiT (odd shapes; one layer of each in a BLR format) on the
 /// backend under test against the CPU.
 pub fn check_models<B: Backend + Clone>(b: &B, seed: u64, tol: f64) -> Result<Vec<Check>> {

@@ -11,12 +11,13 @@
 //! `blr.reference.arch` and `blr.reference.config` (JSON). BLR layers are exported densified
 //! (PyTorch reference models are dense).
 
+use crate::backend::Backend;
 use crate::cpu::Cpu;
 use crate::lm::CausalLm;
 use crate::{dit, gpt2, llama, vit, Error, Result};
 use blr_core::checkpoint::Checkpoint;
 use blr_core::rng::Rng;
-use blr_core::safetensors::{Dtype, TensorToWrite};
+use blr_core::safetensors::{Dtype, SafeTensors, TensorToWrite};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -349,10 +350,140 @@ pub fn llama_bundle(cfg: &llama::LlamaConfig, ck: &Checkpoint, ids: &[u32]) -> R
     })
 }
 
+/// Runs a bundle's model on `backend`: the weights and input read back from the bundle through
+/// the HF/timm loaders (as PyTorch reads them), the same forward pass as the bundle's CPU
+/// output. `blr eval reference --device cuda` stores the CUDA result beside the CPU one, so the
+/// PyTorch script checks both backends against the same reference.
+pub fn rerun<B: Backend + Clone>(bundle: &Bundle, backend: B) -> Result<Vec<f32>> {
+    let st = SafeTensors::from_bytes("bundle.safetensors", bundle.to_bytes()?)?;
+    let arch = bundle
+        .metadata
+        .get("blr.reference.arch")
+        .map(String::as_str)
+        .unwrap_or("");
+    let config_text = bundle
+        .metadata
+        .get("blr.reference.config")
+        .ok_or_else(|| Error::input("reference", "bundle has no blr.reference.config"))?;
+    let config: serde_json::Value = serde_json::from_str(config_text)
+        .map_err(|e| Error::input("reference", format!("bad config JSON: {e}")))?;
+    let num = |key: &str| -> Result<usize> {
+        config[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::input("reference", format!("config has no integer '{key}'")))
+    };
+    let ids = || -> Result<Vec<u32>> {
+        Ok(st
+            .read_f32("blr.reference.input_ids")?
+            .iter()
+            .map(|&x| x as u32)
+            .collect())
+    };
+    match arch {
+        "llama" | "gpt2" => match crate::hf::parse_config(config_text, "bundle")? {
+            crate::hf::HfConfig::Llama(cfg) => {
+                let ck = llama::from_safetensors(&st, &cfg)?;
+                let ids = ids()?;
+                let m = llama::Llama::load(backend, cfg, ck)?;
+                let mut c = m.new_cache(ids.len())?;
+                m.forward(&ids, &mut c, true)
+            }
+            crate::hf::HfConfig::Gpt2(cfg) => {
+                let ck = gpt2::from_safetensors(&st, &cfg)?;
+                let ids = ids()?;
+                let m = gpt2::Gpt2::load(backend, cfg, ck)?;
+                let mut c = m.new_cache(ids.len())?;
+                m.forward(&ids, &mut c, true)
+            }
+            other => Err(Error::input(
+                "reference",
+                format!("unexpected config for {arch}: {other:?}"),
+            )),
+        },
+        "vit" => {
+            let cfg = vit::VitConfig {
+                image_size: num("img_size")?,
+                patch: num("patch_size")?,
+                channels: num("in_chans")?,
+                hidden: num("embed_dim")?,
+                layers: num("depth")?,
+                heads: num("num_heads")?,
+                mlp: num("mlp_hidden")?,
+                classes: num("num_classes")?,
+                eps: config["eps"].as_f64().unwrap_or(1e-6),
+            };
+            let ck = vit::from_safetensors(&st, &cfg)?;
+            vit::Vit::load(backend, cfg, ck)?.forward(&st.read_f32("blr.reference.image")?)
+        }
+        "dit" => {
+            let cfg = dit::DitConfig {
+                input_size: num("input_size")?,
+                patch: num("patch_size")?,
+                in_channels: num("in_channels")?,
+                hidden: num("hidden_size")?,
+                layers: num("depth")?,
+                heads: num("num_heads")?,
+                mlp: num("mlp_hidden")?,
+                classes: num("num_classes")?,
+                learn_sigma: config["learn_sigma"].as_bool().unwrap_or(true),
+            };
+            let ck = dit::from_safetensors(&st, &cfg)?;
+            let t = st.read_f32("blr.reference.t")?[0];
+            let y = st.read_f32("blr.reference.y")?[0] as usize;
+            dit::Dit::load(backend, cfg, ck)?.forward(&st.read_f32("blr.reference.latent")?, t, y)
+        }
+        other => Err(Error::input(
+            "reference",
+            format!("unknown bundle architecture '{other}'"),
+        )),
+    }
+}
+
+/// Adds `blr.reference.output_<tag>`: the bundle's model run on another backend (see [`rerun`]).
+pub fn add_backend_output<B: Backend + Clone>(
+    bundle: &mut Bundle,
+    backend: B,
+    tag: &str,
+) -> Result<()> {
+    let out = rerun(bundle, backend)?;
+    let shape = bundle
+        .tensors
+        .iter()
+        .find(|t| t.name == "blr.reference.output")
+        .map(|t| t.shape.clone())
+        .ok_or_else(|| Error::input("reference", "bundle has no blr.reference.output"))?;
+    bundle.tensors.push(Owned {
+        name: format!("blr.reference.output_{tag}"),
+        shape,
+        data: out,
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blr_core::safetensors::SafeTensors;
+
+    #[test]
+    fn rerun_reproduces_every_bundle_output() {
+        for (arch, tokens) in [("llama", 7), ("gpt2", 9), ("vit", 0), ("dit", 0)] {
+            let mut b = bundle(arch, "tiny", None, 8, tokens).unwrap();
+            add_backend_output(&mut b, Cpu, "cpu2").unwrap();
+            let get = |name: &str| {
+                b.tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .map(|t| t.data.clone())
+                    .unwrap()
+            };
+            assert_eq!(
+                get("blr.reference.output"),
+                get("blr.reference.output_cpu2"),
+                "{arch}"
+            );
+        }
+    }
 
     #[test]
     fn bundles_reload_into_the_same_outputs() {

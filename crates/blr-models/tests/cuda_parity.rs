@@ -3,7 +3,7 @@
 //! passes. On a GPU machine without Rust, run the same suite as `blr parity --backend cuda`.
 
 use blr_models::cuda::Cuda;
-use blr_models::parity::{check_models, check_ops};
+use blr_models::parity::{check_models, check_ops, check_sampling};
 
 /// bf16 storage with fp32 accumulation: ~1e-3..1e-2 relative error (BRIEF section 6).
 const TOL: f64 = 2e-2;
@@ -19,6 +19,7 @@ fn cuda_backend_matches_cpu_reference() {
     };
     let mut checks = check_ops(&cuda, 11, TOL).expect("ops suite ran");
     checks.extend(check_models(&cuda, 12, TOL).expect("models suite ran"));
+    checks.extend(check_sampling(&cuda, 13).expect("sampling suite ran"));
     for c in &checks {
         println!("{:<28} {:<48} {:.2e}", c.op, c.shape, c.rel_err);
     }

@@ -11,7 +11,10 @@ same input and prints ||blr - torch|| / ||torch||.
 Usage (on a machine with torch, transformers, timm, safetensors):
     python crates/blr-models/tools/torch_reference.py llama.safetensors gpt2.safetensors ...
     python crates/blr-models/tools/torch_reference.py --device cuda --tol 1e-4 *.safetensors
-Exit status 1 when any relative error exceeds --tol (default 1e-4: both sides are f32).
+Bundles written with `blr eval reference --also cuda` also hold blr's CUDA (bf16) output, checked
+against the same PyTorch output with --tol-bf16. Per output it prints the max absolute
+difference, the largest reference magnitude and ||blr - torch|| / ||torch||.
+Exit status 1 when any relative error exceeds its limit (--tol, default 1e-4: both sides f32).
 """
 import argparse
 import json
@@ -235,19 +238,40 @@ def main():
     ap.add_argument("bundles", nargs="+")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--tol-bf16", type=float, default=3e-2,
+                    help="limit for outputs of blr's bf16 backends (blr.reference.output_cuda)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    print(f"torch {torch.__version__} on {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     worst_ok = True
-    print(f"{'bundle':40} {'arch':6} {'output':>18} {'rel. error':>12}  result")
+    rows = []
+    print(f"{'bundle':34} {'arch':5} {'blr backend':12} {'output':>16} {'max abs':>10} {'max |ref|':>10} "
+          f"{'rel. (norm)':>11}  result")
     for path in args.bundles:
         arch, cfg, t = load(path)
-        ref = RUNNERS[arch](cfg, t, args.device)
-        ours = t["blr.reference.output"].reshape(ref.shape)
-        err = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-        ok = math.isfinite(err) and err <= args.tol
-        worst_ok &= ok
-        print(f"{path:40} {arch:6} {str(tuple(ref.shape)):>18} {err:12.3e}  {'ok' if ok else 'FAIL'}")
+        ref = RUNNERS[arch](cfg, t, args.device).double()
+        # blr's CPU (f32) output always; its CUDA (bf16) output when the bundle has one.
+        for key, backend, tol in (("blr.reference.output", "cpu f32", args.tol),
+                                  ("blr.reference.output_cuda", "cuda bf16", args.tol_bf16)):
+            if key not in t:
+                continue
+            ours = t[key].reshape(ref.shape).double()
+            diff = ours - ref
+            err = (diff.norm() / ref.norm()).item()
+            max_abs = diff.abs().max().item()
+            ref_max = ref.abs().max().item()
+            ok = math.isfinite(err) and math.isfinite(max_abs) and err <= tol
+            worst_ok &= ok
+            rows.append({"bundle": path, "arch": arch, "backend": backend, "shape": list(ref.shape),
+                         "max_abs": max_abs, "max_ref": ref_max, "rel_norm": err, "tol": tol, "ok": ok})
+            print(f"{path:34} {arch:5} {backend:12} {str(tuple(ref.shape)):>16} {max_abs:10.3e} "
+                  f"{ref_max:10.3e} {err:11.3e}  {'ok' if ok else 'FAIL'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": args.device, "rows": rows}, f, indent=1)
     sys.exit(0 if worst_ok else 1)
 
 

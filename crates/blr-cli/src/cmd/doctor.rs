@@ -65,7 +65,7 @@ impl GpuArgs {
     }
 }
 
-fn parse_size(text: &str) -> Result<Bytes, String> {
+pub(crate) fn parse_size(text: &str) -> Result<Bytes, String> {
     text.parse::<Bytes>().map_err(|e| e.to_string())
 }
 

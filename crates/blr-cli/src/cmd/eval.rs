@@ -68,6 +68,10 @@ pub struct ReferenceArgs {
     /// Output file (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
+    /// Also run the model on this backend and store its output beside the CPU one
+    /// (`blr.reference.output_cuda`), so the PyTorch script checks the bf16 CUDA backend too.
+    #[arg(long, value_parser = ["cuda"])]
+    pub also: Option<String>,
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +116,10 @@ pub struct PplArgs {
     /// Where to run: cpu (f32 reference) or cuda (bf16).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
+    /// With --device cuda: cap on the device memory blr may allocate, e.g. 6GiB, 512MiB.
+    /// Default: BLR_MAX_GPU_MEM, else no cap beyond the device.
+    #[arg(long, value_name = "SIZE", value_parser = super::doctor::parse_size)]
+    pub max_gpu_mem: Option<blr_cuda::Bytes>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -191,6 +199,12 @@ fn reference(args: ReferenceArgs) -> Result<()> {
             blr_models::reference::llama_bundle(&loaded.cfg, &loaded.weights, &ids)?
         }
     };
+    let mut b = b;
+    if args.also.is_some() {
+        let gpu = Cuda::open_default().context("--also cuda: opening the CUDA backend")?;
+        blr_models::reference::add_backend_output(&mut b, gpu, "cuda")
+            .context("running the bundle on the CUDA backend")?;
+    }
     let bytes = b.to_bytes()?;
     blr_core::safetensors::write_atomic(&args.out, &bytes)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -272,14 +286,21 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
         ids.truncate(args.tokens);
     }
     let source = loaded.source().to_string();
-    let cuda = || Cuda::open_default().context("--device cuda: opening the CUDA backend");
+    let cuda = || {
+        Cuda::new(blr_cuda::GpuOptions {
+            max_mem: args.max_gpu_mem,
+            ..Default::default()
+        })
+        .context("--device cuda: opening the CUDA backend")
+    };
+    let loading = "loading the weights onto the GPU";
     match loaded {
         LoadedLm::Llama(l) if args.device == "cuda" => {
-            let model = Llama::load(cuda()?, l.cfg, l.weights)?;
+            let model = Llama::load(cuda()?, l.cfg, l.weights).context(loading)?;
             ppl_with(&model, &ids, args, source)
         }
         LoadedLm::Gpt2(g) if args.device == "cuda" => {
-            let model = Gpt2::load(cuda()?, g.cfg, g.weights)?;
+            let model = Gpt2::load(cuda()?, g.cfg, g.weights).context(loading)?;
             ppl_with(&model, &ids, args, source)
         }
         LoadedLm::Llama(l) => {
@@ -360,6 +381,7 @@ mod tests {
             ctx,
             stride,
             device: "cpu".into(),
+            max_gpu_mem: None,
             json,
         };
         run(Args {

@@ -58,6 +58,16 @@ pub struct Args {
     /// Where to run: cpu (f32 reference) or cuda (bf16).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
+    /// With --device cuda: cap on the device memory blr may allocate (weights, KV cache,
+    /// activations, workspaces), e.g. 6GiB, 512MiB; an allocation past it fails with a message
+    /// naming what did not fit. Default: BLR_MAX_GPU_MEM, else no cap beyond the device.
+    #[arg(long, value_name = "SIZE", value_parser = super::doctor::parse_size)]
+    pub max_gpu_mem: Option<blr_cuda::Bytes>,
+    /// Choose each token on the host from the downloaded logits, as before device sampling
+    /// existed (with --device cuda the choice is otherwise made on the GPU; same tokens): for
+    /// comparing the two.
+    #[arg(long)]
+    pub host_sampling: bool,
     /// Print one JSON object (text, token ids, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +101,9 @@ struct Report {
     decode_seconds: f64,
     decode_tokens_per_second: f64,
     load_seconds: f64,
+    /// Peak device memory blr allocated (weights, KV cache, activations, workspaces); cuda only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_peak_bytes: Option<u64>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -108,23 +121,32 @@ pub fn run(args: Args) -> Result<()> {
         None => loaded.tokenizer().cloned(),
     };
     let source = loaded.source().to_string();
-    let cuda = || Cuda::open_default().context("--device cuda: opening the CUDA backend");
+    let cuda = || {
+        Cuda::new(blr_cuda::GpuOptions {
+            max_mem: args.max_gpu_mem,
+            ..Default::default()
+        })
+        .context("--device cuda: opening the CUDA backend")
+    };
+    let loading = "loading the weights onto the GPU";
     match loaded {
         LoadedLm::Llama(l) if args.device == "cuda" => {
-            let model = Llama::load(cuda()?, l.cfg, l.weights)?;
-            generate_with(&model, tokenizer, &args, source, t_load)
+            let gpu = cuda()?;
+            let model = Llama::load(gpu.clone(), l.cfg, l.weights).context(loading)?;
+            generate_with(&model, tokenizer, &args, source, t_load, Some(&gpu))
         }
         LoadedLm::Gpt2(g) if args.device == "cuda" => {
-            let model = Gpt2::load(cuda()?, g.cfg, g.weights)?;
-            generate_with(&model, tokenizer, &args, source, t_load)
+            let gpu = cuda()?;
+            let model = Gpt2::load(gpu.clone(), g.cfg, g.weights).context(loading)?;
+            generate_with(&model, tokenizer, &args, source, t_load, Some(&gpu))
         }
         LoadedLm::Llama(l) => {
             let model = Llama::load(Cpu, l.cfg, l.weights)?;
-            generate_with(&model, tokenizer, &args, source, t_load)
+            generate_with(&model, tokenizer, &args, source, t_load, None)
         }
         LoadedLm::Gpt2(g) => {
             let model = Gpt2::load(Cpu, g.cfg, g.weights)?;
-            generate_with(&model, tokenizer, &args, source, t_load)
+            generate_with(&model, tokenizer, &args, source, t_load, None)
         }
     }
 }
@@ -136,6 +158,7 @@ fn generate_with<M: CausalLm>(
     args: &Args,
     source: String,
     t_load: std::time::Instant,
+    gpu: Option<&Cuda>,
 ) -> Result<()> {
     let load_seconds = t_load.elapsed().as_secs_f64();
 
@@ -173,12 +196,17 @@ fn generate_with<M: CausalLm>(
     let mut out = std::io::stdout().lock();
     let mut decoder = StreamDecoder::new();
     let streaming = !args.json;
-    if streaming {
-        write!(out, "{prompt_text}")?;
-        out.flush()?;
-    }
-    let stats = generate(model, &ids, args.max_tokens, &mut sampler, &stop, |id| {
+    // The prompt is echoed with the first generated token, not before: a run that fails before
+    // producing anything (the KV cache or the prefill over the GPU memory cap) prints nothing.
+    let mut echoed = false;
+    let on_token = |id| {
         if streaming {
+            if !echoed {
+                echoed = true;
+                if write!(out, "{prompt_text}").is_err() {
+                    return Err(blr_models::Error::input("stdout", "closed"));
+                }
+            }
             let piece = match &tokenizer {
                 Some(t) => decoder.push(t, id),
                 None => format!(" {id}"),
@@ -189,12 +217,26 @@ fn generate_with<M: CausalLm>(
             }
         }
         Ok(())
-    });
+    };
+    let stats = if args.host_sampling {
+        let host = blr_models::lm::HostSampling(model);
+        generate(&host, &ids, args.max_tokens, &mut sampler, &stop, on_token)
+    } else {
+        generate(model, &ids, args.max_tokens, &mut sampler, &stop, on_token)
+    };
     let stats = match stats {
         Ok(s) => s,
         Err(blr_models::Error::Input { what, .. }) if what == "stdout" => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            return Err(anyhow::Error::from(e).context(match gpu {
+                Some(_) => "generating on the GPU",
+                None => "generating",
+            }))
+        }
     };
+    if streaming && !echoed {
+        write!(out, "{prompt_text}")?;
+    }
     let text = tokenizer.as_ref().map(|t| t.decode(&stats.generated, true));
     let report = Report {
         model: source,
@@ -209,6 +251,7 @@ fn generate_with<M: CausalLm>(
         decode_seconds: stats.decode_seconds,
         decode_tokens_per_second: stats.decode_tokens_per_second(),
         load_seconds,
+        gpu_peak_bytes: gpu.map(|g| g.gpu().mem_usage().peak.0),
     };
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -219,7 +262,7 @@ fn generate_with<M: CausalLm>(
         writeln!(out)?;
         out.flush()?;
         eprintln!(
-            "[{}] prompt {} tokens: prefill {:.3} s ({:.1} tokens/s); generated {} tokens: {:.1} tokens/s{} (load {:.2} s)",
+            "[{}] prompt {} tokens: prefill {:.3} s ({:.1} tokens/s); generated {} tokens: {:.1} tokens/s{} (load {:.2} s{})",
             report.device,
             report.prompt_tokens,
             report.prefill_seconds,
@@ -227,7 +270,11 @@ fn generate_with<M: CausalLm>(
             report.generated_tokens,
             report.decode_tokens_per_second,
             if report.stopped_at_eos { ", stopped at end-of-sequence" } else { "" },
-            load_seconds
+            load_seconds,
+            match report.gpu_peak_bytes {
+                Some(b) => format!("; GPU memory peak {}", blr_cuda::Bytes(b)),
+                None => String::new(),
+            }
         );
     }
     Ok(())
@@ -257,6 +304,8 @@ pub(crate) mod tests {
             top_p: 0.9,
             seed: 5,
             device: "cpu".into(),
+            max_gpu_mem: None,
+            host_sampling: false,
             json: true,
         }
     }

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context};
 use blr_models::cpu::Cpu;
 use blr_models::cuda::Cuda;
-use blr_models::parity::{check_models, check_ops, Check};
+use blr_models::parity::{check_models, check_ops, check_sampling, Check};
 
 use crate::cmd::doctor::GpuArgs;
 
@@ -40,11 +40,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let b = Cuda::new(args.gpu.options()).context("opening the CUDA backend")?;
             let mut c = check_ops(&b, args.seed, args.tol)?;
             c.extend(check_models(&b, args.seed + 1, args.tol)?);
+            c.extend(check_sampling(&b, args.seed + 2)?);
             (blr_models::backend::Backend::name(&b), c)
         }
         "cpu" => {
             let mut c = check_ops(&Cpu, args.seed, args.tol)?;
             c.extend(check_models(&Cpu, args.seed + 1, args.tol)?);
+            c.extend(check_sampling(&Cpu, args.seed + 2)?);
             (blr_models::backend::Backend::name(&Cpu), c)
         }
         other => bail!("unknown backend '{other}': expected cuda or cpu"),
