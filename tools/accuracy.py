@@ -20,6 +20,7 @@ p.add_argument("--blocks", type=int, default=4)
 p.add_argument("--iterations", type=int, default=30)
 p.add_argument("--tokens", type=int, default=4096)
 p.add_argument("--calib-tokens", type=int, default=4096)
+p.add_argument("--calib-mode", default="corrected", help="blr compress --calib-mode for the calibrated rows")
 p.add_argument("--out", default="docs/accuracy")
 p.add_argument("--work", default="/tmp/blr-accuracy")
 a = p.parse_args()
@@ -41,7 +42,12 @@ records = []
 path_json = a.out + ".json"
 if os.path.exists(path_json):
     records = json.load(open(path_json))["records"]
-done = {(r["format"], r["param_ratio_target"], r["calibrated"]) for r in records}
+# Rows written before --calib-mode existed used independent calibration.
+for r in records:
+    if r["calibrated"]:
+        r.setdefault("calib_mode", "independent")
+mode_of = lambda r: r.get("calib_mode") if r["calibrated"] else None
+done = {(r["format"], r["param_ratio_target"], mode_of(r)) for r in records}
 
 def render(meta):
     dense = next((r for r in records if r["format"] == "dense"), None)
@@ -59,19 +65,30 @@ def render(meta):
     if dense:
         lines.append(f"Dense perplexity: **{dense['ppl']:.3f}** ({dense['tokens']} scored tokens).")
         lines.append("")
-    lines += ["| format | target ratio | actual ratio | data-free ppl | calibrated ppl | excess data-free | excess calibrated | seconds (free / cal) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["Calibrated columns: `independent` fits every layer to the dense model's activations; "
+              "`corrected` (the default of `blr compress`) compresses the layers in model order, each fitted to the "
+              "activations of the model compressed so far with its target corrected towards the dense output "
+              "(min ||W X - Ŵ X'||, docs/compression.md).", "",
+              "| format | target ratio | actual ratio | data-free ppl | calibrated ppl, independent | calibrated ppl, corrected | excess data-free | excess independent | excess corrected | seconds (free / indep / corr) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["format"], r["param_ratio_target"]) for r in records if r["format"] != "dense"},
                   key=lambda k: (k[1], k[0]))
     for fmt, ratio in keys:
-        free = next((r for r in records if (r["format"], r["param_ratio_target"], r["calibrated"]) == (fmt, ratio, False)), None)
-        cal = next((r for r in records if (r["format"], r["param_ratio_target"], r["calibrated"]) == (fmt, ratio, True)), None)
+        get = lambda mode: next((r for r in records if (r["format"], r["param_ratio_target"], mode_of(r)) == (fmt, ratio, mode)), None)
+        rows = [get(None), get("independent"), get("corrected")]
         f = lambda r: f"{r['ppl']:.2f}" if r else "-"
         ex = lambda r: f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if (r and dense) else "-"
-        actual = (free or cal)["param_ratio"]
-        secs = f"{free['seconds']:.0f} / {cal['seconds']:.0f}" if (free and cal) else "-"
-        lines.append(f"| {fmt} | {ratio:.2f} | {actual:.3f} | {f(free)} | {f(cal)} | {ex(free)} | {ex(cal)} | {secs} |")
-    open(a.out + ".md", "w").write("\n".join(lines) + "\n")
+        actual = next(r for r in rows if r)["param_ratio"]
+        secs = " / ".join(f"{r['seconds']:.0f}" if r else "-" for r in rows)
+        lines.append(f"| {fmt} | {ratio:.2f} | {actual:.3f} | " + " | ".join(f(r) for r in rows) + " | "
+                     + " | ".join(ex(r) for r in rows) + f" | {secs} |")
+    # Keep the hand-written analysis that follows the generated part.
+    notes = ""
+    if os.path.exists(a.out + ".md"):
+        old = open(a.out + ".md").read()
+        at = old.find("\n## Reading the table")
+        notes = old[at:] if at >= 0 else ""
+    open(a.out + ".md", "w").write("\n".join(lines) + "\n" + notes)
 
 def save():
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -94,22 +111,25 @@ if ("dense", 1.0, False) not in done:
 for ratio in [float(x) for x in a.ratios.split(",")]:
     for fmt in a.formats.split(","):
         for cal in (False, True):
-            if (fmt, ratio, cal) in done:
+            if (fmt, ratio, a.calib_mode if cal else None) in done:
                 continue
-            out = os.path.join(a.work, f"{fmt}-{ratio}-{'cal' if cal else 'free'}.safetensors")
+            out = os.path.join(a.work, f"{fmt}-{ratio}-{a.calib_mode if cal else 'free'}.safetensors")
             args = ["compress", "--model", "smollm2", "--out", out, "--format", fmt, "--ratio", str(ratio),
                     "--blocks", str(a.blocks), "--iterations", str(a.iterations), "--json"]
             if cal:
-                args += ["--calibrate", "data/wikitext-2/valid.txt", "--calib-tokens", str(a.calib_tokens)]
+                args += ["--calibrate", "data/wikitext-2/valid.txt", "--calib-tokens", str(a.calib_tokens),
+                         "--calib-mode", a.calib_mode]
             rep, secs = run(args)
             r = ppl(out)
             rec = {"model": "SmolLM2-135M-Instruct", "format": fmt,
                    "param_ratio": rep["compressed_params"] / rep["dense_params_of_compressed_layers"],
                    "param_ratio_target": ratio, "calibrated": cal, "ppl": r["perplexity"],
                    "tokens": r["scored_tokens"], "seconds": rep["seconds"]}
+            if cal:
+                rec["calib_mode"] = a.calib_mode
             records.append(rec)
             save()
             os.remove(out)
-            print(f"{fmt:8} {ratio:.2f} {'cal ' if cal else 'free'} ppl {rec['ppl']:.3f} ({rec['param_ratio']:.3f} of dense, {secs:.0f}s)", flush=True)
+            print(f"{fmt:8} {ratio:.2f} {a.calib_mode if cal else 'free'} ppl {rec['ppl']:.3f} ({rec['param_ratio']:.3f} of dense, {secs:.0f}s)", flush=True)
 save()
 print("done")
