@@ -131,23 +131,34 @@ pub struct BlastReport {
     pub rel_error: f64,
 }
 
-/// Factorizes `target` into BLAST form (data-free when `calib` is `None`).
-pub fn blast(
-    target: &Target<'_>,
-    opts: &BlastOptions,
-    calib: Option<&Calibration<'_>>,
-    progress: &dyn Progress,
-) -> Result<Linear> {
-    Ok(blast_report(target, opts, calib, progress)?.layer)
+/// The factor `A = W / scale` is normalised by: the standard deviation of the entries (their
+/// RMS when they are all equal; 0 only for `W = 0`). The damping rule and the init scale assume
+/// unit-variance entries.
+fn normalisation(target: &Target<'_>) -> f64 {
+    let count = (target.m * target.n) as f64;
+    let mean = target.weight.iter().map(|&v| v as f64).sum::<f64>() / count;
+    let var = target
+        .weight
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / count;
+    let rms = (target
+        .weight
+        .iter()
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        / count)
+        .sqrt();
+    if var > 0.0 {
+        var.sqrt()
+    } else {
+        rms
+    }
 }
 
-/// Like [`blast`], also returning the per-iteration error history.
-pub fn blast_report(
-    target: &Target<'_>,
-    opts: &BlastOptions,
-    calib: Option<&Calibration<'_>>,
-    progress: &dyn Progress,
-) -> Result<BlastReport> {
+/// The shape and option checks shared by [`blast_report`] and [`blast_start`].
+fn validate(target: &Target<'_>, opts: &BlastOptions) -> Result<()> {
     let name = target.name;
     let (m, n, r) = (target.m, target.n, opts.rank);
     Shape {
@@ -178,26 +189,86 @@ pub fn blast_report(
             format!("BLAST damping must be >= 0, got {}", opts.damping),
         ));
     }
+    Ok(())
+}
+
+/// The starting point of start `k` of a data-free BLAST run, exactly as [`blast_report`] builds
+/// it, for back ends that run the same iteration elsewhere (the GPU path in `blr-cuda`).
+#[derive(Clone, Debug)]
+pub struct BlastStart {
+    /// `A = W / scale` is what the iterations factorize; `s` is multiplied back by it at the end.
+    /// 0 only for `W = 0` (then the factors are all zero and no iteration is needed).
+    pub scale: f64,
+    /// `U (m, r)` row-major: block row `i` is `U_i`.
+    pub u: Vec<f32>,
+    /// `V_j^T (r, q)` row-major for `j` in `0..b_in`, one after the other (the layout of
+    /// `blr_core::Blast`'s `vt`).
+    pub vt: Vec<f32>,
+    /// `s[(i * b_in + j) * r + k]`.
+    pub s: Vec<f64>,
+}
+
+/// The data-free start of restart `k` (`0..opts.restarts`): the seeded random start, or for
+/// `k = 0` the low-rank / spectral start `opts.init` asks for. Validates the shape and options
+/// as [`blast_report`] does.
+pub fn blast_start(target: &Target<'_>, opts: &BlastOptions, k: usize) -> Result<BlastStart> {
+    validate(target, opts)?;
+    let name = target.name;
+    let (m, n, r) = (target.m, target.n, opts.rank);
+    let (b_out, b_in) = (opts.b_out, opts.b_in);
+    let (p, q) = (m / b_out, n / b_in);
+    let scale = normalisation(target);
+    let mut st = State::random(opts.seed.wrapping_add(k as u64), b_out, b_in, p, q, r);
+    if scale != 0.0 && k == 0 && opts.init != BlastInit::Random {
+        let a = Mat::<f32>::from_fn(m, n, |i, j| {
+            (target.weight[i * n + j] as f64 / scale) as f32
+        });
+        match opts.init {
+            BlastInit::LowRank => lowrank_init(&a, &mut st, b_out, b_in, name)?,
+            BlastInit::Spectral => spectral_init(&a, &mut st, b_out, b_in),
+            BlastInit::Random => {}
+        }
+    }
+    let mut u = Vec::with_capacity(m * r);
+    for ui in &st.u {
+        u.extend(linalg::to_row_major(ui.as_ref()));
+    }
+    let mut vt = Vec::with_capacity(n * r);
+    for vj in &st.v {
+        vt.extend(linalg::to_row_major(vj.transpose()));
+    }
+    Ok(BlastStart {
+        scale,
+        u,
+        vt,
+        s: st.s,
+    })
+}
+
+/// Factorizes `target` into BLAST form (data-free when `calib` is `None`).
+pub fn blast(
+    target: &Target<'_>,
+    opts: &BlastOptions,
+    calib: Option<&Calibration<'_>>,
+    progress: &dyn Progress,
+) -> Result<Linear> {
+    Ok(blast_report(target, opts, calib, progress)?.layer)
+}
+
+/// Like [`blast`], also returning the per-iteration error history.
+pub fn blast_report(
+    target: &Target<'_>,
+    opts: &BlastOptions,
+    calib: Option<&Calibration<'_>>,
+    progress: &dyn Progress,
+) -> Result<BlastReport> {
+    validate(target, opts)?;
+    let name = target.name;
+    let (m, n, r) = (target.m, target.n, opts.rank);
     let (b_out, b_in) = (opts.b_out, opts.b_in);
     let (p, q) = (m / b_out, n / b_in);
 
-    // Normalise: the damping rule and the init scale assume unit-variance entries.
-    let count = (m * n) as f64;
-    let mean = target.weight.iter().map(|&v| v as f64).sum::<f64>() / count;
-    let var = target
-        .weight
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / count;
-    let rms = (target
-        .weight
-        .iter()
-        .map(|&v| (v as f64).powi(2))
-        .sum::<f64>()
-        / count)
-        .sqrt();
-    let scale = if var > 0.0 { var.sqrt() } else { rms };
+    let scale = normalisation(target);
     if scale == 0.0 {
         // W = 0 is exactly BLAST with zero factors.
         let layer = Blast::new(

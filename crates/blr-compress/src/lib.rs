@@ -46,7 +46,9 @@ mod progress;
 mod rank;
 mod target;
 
-pub use blast::{blast, blast_report, BlastInit, BlastMethod, BlastOptions, BlastReport};
+pub use blast::{
+    blast, blast_report, blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
+};
 pub use correct::{corrected_target, CrossGram};
 pub use error::{CompressError, Result};
 pub use gram::Gram;

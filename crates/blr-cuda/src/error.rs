@@ -149,6 +149,14 @@ pub enum Error {
     #[error("CUDA graph capture failed while {during}: {reason}")]
     Graph { during: String, reason: String },
 
+    /// A factorization input the compression library rejected (shape, options, values).
+    #[error(transparent)]
+    Compress(#[from] blr_compress::CompressError),
+
+    /// A GPU computation that lost its numerical footing (a failed pivot, a non-finite error).
+    #[error("{during} failed: {reason}")]
+    Numerical { during: String, reason: String },
+
     /// Reading a kernel source file (CI compile check).
     #[error("cannot read kernel source {path}: {source}")]
     Io {

@@ -21,6 +21,9 @@
 //!   [`Graph::replay`] for CUDA graphs; [`Gpu::time_ms`] / [`Event`] for one-off timings.
 //! - [`ceilings`]: the two measured roofline ceilings (copy bandwidth, bf16 GEMM rate).
 //! - [`selftest`]: GPU checks against CPU references, run by `blr doctor --self-test`.
+//! - [`factorize`]: BLAST factorization on the GPU (the iteration of `blr_compress::blast_report`
+//!   in cuBLAS fp32/TF32 with batched Cholesky solves), used by `blr factorize` / `blr compress`
+//!   `--device auto|cuda`.
 //!
 //! Writing a kernel: put `name.cu` next to `name.rs`, embed it with
 //! `const SRC: KernelSource = kernel_source!("name.cu");` (local headers:
@@ -33,6 +36,7 @@ pub mod ceilings;
 pub mod compile;
 pub mod doctor;
 pub mod error;
+pub mod factorize;
 pub mod gemm;
 pub mod gpu;
 pub mod libs;

@@ -6,9 +6,9 @@ use crate::compress::sequential::{HookInput, Twin};
 use crate::table::{bytes, si, Table};
 use anyhow::{bail, Context, Result};
 use blr_compress::{
-    allocate, blast_report, corrected_target, lowrank, lowrank_error_curve, monarch,
-    monarch_error_curve, relative_error, BlastInit, BlastOptions, Calibration, Candidate,
-    CrossGram, Gram, LayerOptions, MonarchOptions, Progress, Target,
+    allocate, corrected_target, lowrank, lowrank_error_curve, monarch, monarch_error_curve,
+    relative_error, BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions,
+    MonarchOptions, Progress, Target,
 };
 use blr_core::format::{FormatKind, Shape};
 use blr_core::safetensors::Dtype;
@@ -105,6 +105,11 @@ pub struct Args {
     /// low-rank at equal rank) or `random` (the published initialisation).
     #[arg(long, default_value = "lowrank", value_parser = ["lowrank", "random"])]
     pub blast_init: String,
+    /// Where BLAST factorizations run: auto (the GPU when one is usable, else the CPU), cpu,
+    /// or cuda (an error when no GPU is usable). Calibrated BLAST runs on the CPU (auto says
+    /// so; cuda refuses); low-rank and Monarch run on the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
     /// Storage type of the output.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
@@ -135,6 +140,8 @@ pub struct LayerReport {
     /// ||(W - Ŵ) X||_F / ||W X||_F over the calibration activations (when calibrated).
     pub rel_output_error: Option<f64>,
     pub seconds: f64,
+    /// Where the factorization ran ("cpu", "cuda (NVIDIA H100 ...)", or "cpu (why not the GPU)").
+    pub device: String,
 }
 
 #[derive(serde::Serialize)]
@@ -595,6 +602,13 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     } else {
         BlastInit::LowRank
     };
+    let device = if plan.iter().any(|p| p.shape.format == FormatKind::Blast) {
+        let d = super::factorize::FactorDevice::pick(&args.device)?;
+        log(format!("BLAST factorizations on {}", d.label));
+        d
+    } else {
+        super::factorize::FactorDevice::cpu()
+    };
 
     // Factorizes planned layer `i` to fit `fit` (the weight, or its sequential correction)
     // under the Gram `gram` of the activations it will see.
@@ -608,6 +622,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             gram: g,
             damping: args.calib_damping,
         });
+        let mut ran_on = "cpu".to_string();
         let layer = match s.format {
             FormatKind::LowRank => lowrank(&target, s.rank, calib.as_ref())?,
             FormatKind::Monarch => monarch(
@@ -622,7 +637,16 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 o.iterations = args.iterations;
                 o.seed = args.seed.wrapping_add(i as u64);
                 o.init = init;
-                blast_report(&target, &o, calib.as_ref(), &stage)?.layer
+                let (report, label) = super::factorize::blast_on(
+                    &device,
+                    &target,
+                    &o,
+                    calib.as_ref(),
+                    super::factorize::DEFAULT_GPU_PRECISION,
+                    &stage,
+                )?;
+                ran_on = label;
+                report.layer
             }
             FormatKind::Dense => bail!("layer {} is planned dense: nothing to factorize", p.name),
         };
@@ -660,6 +684,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             rel_error,
             rel_output_error,
             seconds,
+            device: ran_on,
         };
         Ok((layer, report))
     };

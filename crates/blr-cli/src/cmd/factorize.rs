@@ -119,10 +119,132 @@ pub struct Args {
     /// Factor storage type in --out: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
-    /// Print one JSON object: {"format","m","n","blocks","rank","params","rel_error","seconds"}
-    /// (plus "blocks_in" and, with --calib, "calib_rel_error").
+    /// Where BLAST runs: auto (the GPU when one is usable: driver, device, cuBLAS, NVRTC; else
+    /// the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and --method gd
+    /// run on the CPU (auto says so; cuda refuses). Low-rank and Monarch run on the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub device: String,
+    /// GEMM precision of GPU BLAST: fp32, tf32-data (the two large data GEMM families on TF32
+    /// tensor cores) or tf32 (every GEMM of the iteration; the final error is computed in
+    /// fp32). docs/perf/factorize-h100.md has the time and the error of each.
+    #[arg(long, default_value = DEFAULT_GPU_PRECISION, value_parser = ["fp32", "tf32-data", "tf32"])]
+    pub gpu_precision: String,
+    /// Print one JSON object: {"format","m","n","blocks","rank","params","rel_error","seconds",
+    /// "device"} (plus "blocks_in" and, with --calib, "calib_rel_error").
     #[arg(long)]
     pub json: bool,
+}
+
+/// The GPU BLAST precision `blr factorize` and `blr compress` use unless told otherwise.
+pub(crate) const DEFAULT_GPU_PRECISION: &str = "tf32-data";
+
+/// Where a factorization runs, and the words that say so.
+pub(crate) struct FactorDevice {
+    pub gpu: Option<blr_cuda::Gpu>,
+    pub forced: bool,
+    pub label: String,
+}
+
+impl FactorDevice {
+    /// The CPU, for work that has no GPU path.
+    pub(crate) fn cpu() -> Self {
+        Self {
+            gpu: None,
+            forced: false,
+            label: "cpu".into(),
+        }
+    }
+
+    /// `auto` takes the GPU when `blr_cuda` finds a usable one, `cuda` insists on it.
+    pub(crate) fn pick(flag: &str) -> Result<Self> {
+        match flag {
+            "cpu" => Ok(Self {
+                gpu: None,
+                forced: true,
+                label: "cpu".into(),
+            }),
+            "cuda" => {
+                let gpu = blr_cuda::factorize::open_gpu().context(
+                    "--device cuda: no usable GPU for factorization (use --device cpu or auto)",
+                )?;
+                let label = format!("cuda ({})", gpu.info().name);
+                Ok(Self {
+                    gpu: Some(gpu),
+                    forced: true,
+                    label,
+                })
+            }
+            _ => match blr_cuda::factorize::open_gpu() {
+                Ok(gpu) => {
+                    let label = format!("cuda ({})", gpu.info().name);
+                    Ok(Self {
+                        gpu: Some(gpu),
+                        forced: false,
+                        label,
+                    })
+                }
+                Err(e) => Ok(Self {
+                    gpu: None,
+                    forced: false,
+                    label: format!("cpu (no usable GPU: {e})"),
+                }),
+            },
+        }
+    }
+
+    /// The GPU to run this BLAST request on, or `None` for the CPU; an error when cuda was
+    /// forced for a request the GPU path does not cover.
+    pub(crate) fn for_blast(
+        &self,
+        opts: &BlastOptions,
+        calibrated: bool,
+    ) -> Result<Option<&blr_cuda::Gpu>> {
+        let Some(gpu) = &self.gpu else {
+            return Ok(None);
+        };
+        match blr_cuda::factorize::unsupported(opts, calibrated) {
+            None => Ok(Some(gpu)),
+            Some(why) if self.forced => bail!("--device cuda: {why}; use --device cpu or auto"),
+            Some(_) => Ok(None),
+        }
+    }
+}
+
+/// BLAST on the chosen device; returns the report and the device it ran on.
+pub(crate) fn blast_on(
+    device: &FactorDevice,
+    target: &Target<'_>,
+    opts: &BlastOptions,
+    calib: Option<&Calibration<'_>>,
+    precision: &str,
+    progress: &dyn Progress,
+) -> Result<(blr_compress::BlastReport, String)> {
+    let precision: blr_cuda::factorize::GemmPrecision = precision.parse()?;
+    match device.for_blast(opts, calib.is_some())? {
+        Some(gpu) => Ok((
+            blr_cuda::factorize::blast_report(
+                gpu,
+                target,
+                opts,
+                &blr_cuda::factorize::GpuBlastOptions { precision },
+                progress,
+            )?,
+            device.label.clone(),
+        )),
+        None => {
+            let label = match (
+                &device.gpu,
+                blr_cuda::factorize::unsupported(opts, calib.is_some()),
+            ) {
+                (Some(_), Some(why)) => format!("cpu ({why})"),
+                _ => device.label.clone(),
+            };
+            Ok((
+                blr_compress::blast_report(target, opts, calib, progress)?,
+                label,
+            ))
+        }
+    }
 }
 
 /// Drives an indicatif bar from the library's progress events.
@@ -183,7 +305,16 @@ pub fn run(args: Args) -> Result<()> {
         b
     };
     let progress = Bar(bar);
+    let device = if format == FormatKind::Blast {
+        FactorDevice::pick(&args.device)?
+    } else {
+        FactorDevice::cpu()
+    };
+    let mut ran_on = device.label.clone();
     let start = Instant::now();
+    // BLAST's report already holds ||W - Ŵ||_F / ||W||_F (from the dense residual, on the
+    // device it ran on); recomputing it on the CPU costs 2 m n r flops.
+    let mut blast_error = None;
     let layer = match format {
         FormatKind::LowRank => blr_compress::lowrank(&target, shape.rank, calib.as_ref())?,
         FormatKind::Monarch => {
@@ -214,13 +345,28 @@ pub fn run(args: Args) -> Result<()> {
                 },
                 restarts: args.restarts,
             };
-            blr_compress::blast(&target, &opts, calib.as_ref(), &progress)?
+            let (report, label) = blast_on(
+                &device,
+                &target,
+                &opts,
+                calib.as_ref(),
+                &args.gpu_precision,
+                &progress,
+            )?;
+            ran_on = label;
+            if calib.is_none() {
+                blast_error = Some(report.rel_error);
+            }
+            report.layer
         }
         FormatKind::Dense => bail!("dense is not a factorization target"),
     };
     let seconds = start.elapsed().as_secs_f64();
     progress.0.finish_and_clear();
-    let rel_error = blr_compress::relative_error(&target, &layer, None)?;
+    let rel_error = match blast_error {
+        Some(e) => e,
+        None => blr_compress::relative_error(&target, &layer, None)?,
+    };
     let calib_error = match &gram {
         Some(g) => Some(blr_compress::relative_error(&target, &layer, Some(g))?),
         None => None,
@@ -252,6 +398,7 @@ pub fn run(args: Args) -> Result<()> {
             "params": params,
             "rel_error": rel_error,
             "seconds": seconds,
+            "device": ran_on,
         });
         if let (Some(e), Some(map)) = (calib_error, obj.as_object_mut()) {
             map.insert("calib_rel_error".into(), serde_json::json!(e));
@@ -272,7 +419,7 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(e) = calib_error {
             println!("  calibrated error ||(W - Ŵ) X||_F / ||W X||_F = {e:.6e}");
         }
-        println!("  time {seconds:.3} s");
+        println!("  time {seconds:.3} s on {ran_on}");
         if let Some(out) = &args.out {
             println!("  wrote {}", out.display());
         }
@@ -380,6 +527,8 @@ mod tests {
             out: Some(out),
             name: Some("layer0".into()),
             dtype: "f32".into(),
+            device: "cpu".into(),
+            gpu_precision: DEFAULT_GPU_PRECISION.into(),
             json: true,
         }
     }
@@ -452,6 +601,35 @@ mod tests {
             let err = run(a).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn device_choice_runs_or_says_what_is_missing() {
+        let dir = std::env::temp_dir().join(format!("blr-factorize-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // auto: the GPU where one is usable, else the CPU; either way it succeeds and the
+        // layer is exact on an exactly-BLAST matrix.
+        let mut a = args("blast", 3, 2, dir.join("auto.safetensors"));
+        a.device = "auto".into();
+        run(a).unwrap();
+        // cuda: runs where a GPU is, and where none is the error says so and what to do.
+        let mut a = args("blast", 3, 2, dir.join("cuda.safetensors"));
+        a.device = "cuda".into();
+        a.restarts = 1;
+        if let Err(e) = run(a) {
+            let msg = format!("{e:#}");
+            assert!(
+                msg.contains("--device cuda") && msg.contains("--device cpu"),
+                "{msg}"
+            );
+        }
+        // cuda with a request only the CPU path covers: refused, naming it.
+        let mut a = args("blast", 3, 2, dir.join("gd.safetensors"));
+        a.device = "cuda".into();
+        a.method = "gd".into();
+        let msg = format!("{:#}", run(a).unwrap_err());
+        assert!(msg.contains("--device"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

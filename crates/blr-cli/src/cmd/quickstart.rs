@@ -180,6 +180,7 @@ pub fn run(args: Args) -> Result<()> {
         no_allocate: false,
         iterations: args.iterations,
         blast_init: "lowrank".into(),
+        device: "auto".into(),
         dtype: "f32".into(),
         seed: 0,
         json: false,

@@ -1,0 +1,1085 @@
+//! BLAST factorization on the GPU: the same preconditioned alternating iteration as
+//! `blr_compress::blast_report` (data-free), with every product in cuBLAS fp32 and the damped
+//! Gauss-Newton solves as batched Cholesky factorizations on the device.
+//!
+//! Notation (BRIEF sections 2-3, as in blr-compress's blast.rs): `A = W / scale` (m, n), blocks
+//! `A_ij` (p, q), `p = m / b_out`, `q = n / b_in`; `U_i` (p, r), `V_j` (q, r), `s_ij` (r);
+//! `J_i = U_i^T U_i`, `K_j = V_j^T V_j`. One iteration, at step `2 lr` (lr decayed linearly):
+//! - U: `P_i = sum_j (s_ij s_ij^T) ⊙ K_j`, `grad_i = U_i P_i - sum_j A_ij V_j diag(s_ij)`,
+//!   `U_i -= step grad_i (P_i + eps I)^-1`;
+//! - V: `Q_j = sum_i (s_ij s_ij^T) ⊙ J_i`, `grad_j^T = Q_j V_j^T - sum_i diag(s_ij) U_i^T A_ij`,
+//!   `V_j^T -= step (Q_j + eps I)^-1 grad_j^T`;
+//! - S: `H_ij = J_i ⊙ K_j`, `grad_ij = H_ij s_ij - diag(U_i^T A_ij V_j)`,
+//!   `s_ij -= step (H_ij + eps I)^-1 grad_ij`;
+//!
+//! with `eps = damping * ||A - Â||_F` evaluated before each sub-step from the factored terms
+//! (`||A||^2 - 2 <A, Â> + ||Â||^2`, accumulated in f64 on the device so no step waits for the
+//! host). The start (random, low-rank or spectral) and the normalisation come from
+//! `blr_compress::blast_start`, so both paths begin from the same factors; restarts probe the
+//! same way. Calibrated (Gram-weighted) BLAST and the plain-gradient baseline are not ported:
+//! [`unsupported`] says so and the caller runs the CPU path.
+//!
+//! Cost per iteration at 4096 x 11008, b = 16, r = 1488: the two data GEMM families
+//! `A_j V_j` and `U_i^T A_i` (2 m n r = 134 GFLOP each), the Grams and the gradient GEMMs
+//! (~135 GFLOP), and 16 + 16 + 256 Cholesky factorizations of 1488 x 1488 (~320 GFLOP, 3/4 of
+//! it in the batched trailing-update GEMMs) with their triangular solves (~70 GFLOP).
+//!
+//! Layouts are column-major (cuBLAS's) and chosen so that no transpose is ever copied: `at` =
+//! `A^T` (n, m) ld n, which is `W / scale` as stored row-major; `U^T` (r, m) ld r (= blr's
+//! row-major U) and `V^T` (r, n) ld r, so `U_i^T` and `V_j^T` are column offsets and every
+//! gradient is formed transposed, (r, p) or (r, q), where the preconditioner solves act from
+//! the left; r x r matrices back to back.
+
+mod blas;
+mod chol;
+#[cfg(test)]
+mod tests;
+
+use cudarc::driver::LaunchConfig;
+
+use blr_compress::{
+    blast_start, BlastMethod, BlastOptions, BlastReport, BlastStart, Progress, Target,
+};
+use blr_core::{Blast, Linear};
+
+use crate::compile::{CompileOptions, KernelSource};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Kernel};
+use crate::memory::DeviceBuffer;
+use blas::{Cublas, Op, Operand};
+use chol::BatchedCholesky;
+
+/// The source of `factorize.cu`.
+pub const FACTORIZE_CU: KernelSource = crate::kernel_source!("factorize.cu");
+
+/// Which GEMMs run on TF32 tensor cores (fp32 in and out, 10-bit-mantissa products, fp32
+/// accumulate) instead of fp32 CUDA cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// Every GEMM in fp32.
+    #[default]
+    Fp32,
+    /// The two data GEMM families, `V_j^T A_j^T` and `U_i^T A_i` (2 m n r flops each), on TF32.
+    Tf32Data,
+    /// Every GEMM of the iteration on TF32: data, Grams, gradients, the Cholesky
+    /// factorizations and the solves. The final exact error stays fp32.
+    Tf32,
+}
+
+impl std::str::FromStr for GemmPrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "tf32-data" => Ok(Self::Tf32Data),
+            "tf32" => Ok(Self::Tf32),
+            other => Err(Error::Shape(format!(
+                "unknown GEMM precision '{other}': use fp32, tf32-data or tf32"
+            ))),
+        }
+    }
+}
+
+/// GPU-specific settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuBlastOptions {
+    pub precision: GemmPrecision,
+}
+
+/// Why the GPU path cannot run this request (the caller then runs the CPU path), or `None`.
+pub fn unsupported(opts: &BlastOptions, calibrated: bool) -> Option<&'static str> {
+    if calibrated {
+        return Some("calibrated (Gram-weighted) BLAST runs on the CPU only");
+    }
+    if opts.method != BlastMethod::Preconditioned {
+        return Some("the plain gradient-descent baseline runs on the CPU only");
+    }
+    None
+}
+
+/// Opens device 0 for factorization: the driver, a device, cuBLAS and NVRTC must all be
+/// present; the kernels are compiled (or read from the cache) here so that a missing header or
+/// compiler shows up before any work starts.
+pub fn open_gpu() -> Result<Gpu> {
+    let gpu = Gpu::open_default()?;
+    crate::libs::ensure_cublas()?;
+    Kernels::load(&gpu)?;
+    Ok(gpu)
+}
+
+#[derive(Clone)]
+struct Kernels {
+    u_rhs: Kernel,
+    mix: Kernel,
+    dot: Kernel,
+    add_eps: Kernel,
+    diag: Kernel,
+    v_rhs: Kernel,
+    hadamard: Kernel,
+    s_grad: Kernel,
+    s_update: Kernel,
+    record: Kernel,
+    axpy: Kernel,
+    scale_u: Kernel,
+    chol_diag: Kernel,
+    copy_block: Kernel,
+}
+
+impl Kernels {
+    fn load(gpu: &Gpu) -> Result<Self> {
+        let m = gpu.load_module(&FACTORIZE_CU, &CompileOptions::default())?;
+        Ok(Self {
+            u_rhs: m.function("blast_u_rhs")?,
+            mix: m.function("blast_mix")?,
+            dot: m.function("dot_acc")?,
+            add_eps: m.function("add_eps_diag")?,
+            diag: m.function("blast_diag")?,
+            v_rhs: m.function("blast_v_rhs")?,
+            hadamard: m.function("hadamard_blocks")?,
+            s_grad: m.function("blast_s_grad")?,
+            s_update: m.function("blast_s_update")?,
+            record: m.function("blast_record")?,
+            axpy: m.function("axpy_f32")?,
+            scale_u: m.function("blast_scale_u")?,
+            chol_diag: m.function("chol_diag")?,
+            copy_block: m.function("copy_block")?,
+        })
+    }
+}
+
+/// Grid-stride launch over `n` elements.
+fn grid(gpu: &Gpu, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            Gpu::grid_1d(n, 256).min(gpu.info().sm_count.max(1) * 8),
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+const F: u64 = 4;
+
+/// Slots of the f64 scalars: (cross, quad) of the U, V and S-before losses, the S-after loss
+/// minus `||A||^2`, and the final exact residual.
+const U_LOSS: i32 = 0;
+const V_LOSS: i32 = 2;
+const S_LOSS: i32 = 4;
+const S_AFTER: i32 = 6;
+const RESIDUAL: i32 = 7;
+const SLOTS: usize = 8;
+
+/// All device state of one factorization.
+struct Solver<'g> {
+    gpu: &'g Gpu,
+    k: Kernels,
+    blas: Cublas,
+    /// TF32 for the two data GEMM families.
+    tf32: bool,
+    /// TF32 for every other GEMM of the iteration (Grams, gradients, Cholesky, solves).
+    tf32_rest: bool,
+    m: usize,
+    n: usize,
+    r: usize,
+    b_out: usize,
+    b_in: usize,
+    p: usize,
+    q: usize,
+    norm_sq: f64,
+    damping: f64,
+    at: DeviceBuffer<f32>,
+    u: DeviceBuffer<f32>,
+    vt: DeviceBuffer<f32>,
+    s: DeviceBuffer<f32>,
+    jm: DeviceBuffer<f32>,
+    km: DeviceBuffer<f32>,
+    /// `A_j V_j` (U step), `U_i^T A_i` (V and S steps), `U_i diag(s_ij)` (final residual).
+    big: DeviceBuffer<f32>,
+    rhs: DeviceBuffer<f32>,
+    pm: DeviceBuffer<f32>,
+    qm: DeviceBuffer<f32>,
+    gv: DeviceBuffer<f32>,
+    h: DeviceBuffer<f32>,
+    d: DeviceBuffer<f32>,
+    hs: DeviceBuffer<f32>,
+    g: DeviceBuffer<f32>,
+    g_keep: DeviceBuffer<f32>,
+    scal: DeviceBuffer<f64>,
+    history: DeviceBuffer<f64>,
+    chol: BatchedCholesky,
+    /// Scratch for the blocked solves (the forward pass's result).
+    ysolve: DeviceBuffer<f32>,
+    /// `BLR_FACTORIZE_PROFILE=1`: events between the phases of each iteration, summed per
+    /// phase and printed to stderr at the end (a measurement aid; it adds no synchronisation
+    /// inside an iteration).
+    profile: Option<std::cell::RefCell<Profile>>,
+}
+
+#[derive(Default)]
+struct Profile {
+    marks: Vec<(&'static str, crate::gpu::Event)>,
+    totals: Vec<(&'static str, f64)>,
+}
+
+impl Solver<'_> {
+    fn mark(&self, name: &'static str) -> Result<()> {
+        if let Some(p) = &self.profile {
+            let ev = self.gpu.event()?;
+            ev.record(self.gpu)?;
+            if let Ok(mut p) = p.try_borrow_mut() {
+                p.marks.push((name, ev));
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the recorded marks into per-phase totals (waits for the events).
+    fn fold_profile(&self) -> Result<()> {
+        let Some(p) = &self.profile else {
+            return Ok(());
+        };
+        let Ok(mut p) = p.try_borrow_mut() else {
+            return Ok(());
+        };
+        let marks = std::mem::take(&mut p.marks);
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1)?;
+            let name = w[1].0;
+            match p.totals.iter_mut().find(|(n, _)| *n == name) {
+                Some(t) => t.1 += ms,
+                None => p.totals.push((name, ms)),
+            }
+        }
+        Ok(())
+    }
+
+    fn print_profile(&self) {
+        if let Some(p) = &self.profile {
+            if let Ok(p) = p.try_borrow() {
+                let total: f64 = p.totals.iter().map(|t| t.1).sum();
+                for (name, ms) in &p.totals {
+                    eprintln!(
+                        "profile {name:>14}: {ms:10.1} ms ({:5.1}%)",
+                        100.0 * ms / total.max(1e-9)
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl<'g> Solver<'g> {
+    fn new(
+        gpu: &'g Gpu,
+        a: &[f32],
+        shape: Shape,
+        iterations: usize,
+        damping: f64,
+        gpu_opts: &GpuBlastOptions,
+    ) -> Result<Self> {
+        let Shape {
+            m,
+            n,
+            r,
+            b_out,
+            b_in,
+        } = shape;
+        let (p, q) = (m / b_out, n / b_in);
+        let k = Kernels::load(gpu)?;
+        let blas = Cublas::new(gpu)?;
+        let rr = r * r;
+        let nblk = b_out * b_in;
+        let norm_sq: f64 = a.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let pm = gpu.alloc_zeros::<f32>(b_out * rr, "BLAST P_i")?;
+        let qm = gpu.alloc_zeros::<f32>(b_in * rr, "BLAST Q_j")?;
+        let h = gpu.alloc_zeros::<f32>(nblk * rr, "BLAST S Hessians")?;
+        let rhs = gpu.alloc_zeros::<f32>(m * r, "BLAST U gradient (transposed)")?;
+        let gv = gpu.alloc_zeros::<f32>(r * n, "BLAST V gradient")?;
+        let g = gpu.alloc_zeros::<f32>(nblk * r, "BLAST S gradient")?;
+        let chol = BatchedCholesky::new(
+            gpu,
+            &k.chol_diag,
+            &k.copy_block,
+            r,
+            nblk.max(b_out).max(b_in),
+        )?;
+        Ok(Self {
+            gpu,
+            blas,
+            tf32: gpu_opts.precision != GemmPrecision::Fp32,
+            tf32_rest: gpu_opts.precision == GemmPrecision::Tf32,
+            m,
+            n,
+            r,
+            b_out,
+            b_in,
+            p,
+            q,
+            norm_sq,
+            damping,
+            at: gpu.upload(a, "BLAST target A^T")?,
+            u: gpu.alloc_zeros::<f32>(m * r, "BLAST U^T")?,
+            vt: gpu.alloc_zeros::<f32>(r * n, "BLAST V^T")?,
+            s: gpu.alloc_zeros::<f32>(nblk * r, "BLAST S")?,
+            jm: gpu.alloc_zeros::<f32>(b_out * rr, "BLAST U_i^T U_i")?,
+            km: gpu.alloc_zeros::<f32>(b_in * rr, "BLAST V_j^T V_j")?,
+            big: gpu.alloc_zeros::<f32>((b_in * m * r).max(b_out * r * n), "BLAST A V / U^T A")?,
+            rhs,
+            pm,
+            qm,
+            gv,
+            h,
+            d: gpu.alloc_zeros::<f32>(nblk * r, "BLAST diag(U^T A V)")?,
+            hs: gpu.alloc_zeros::<f32>(nblk * r, "BLAST H s")?,
+            g,
+            g_keep: gpu.alloc_zeros::<f32>(nblk * r, "BLAST S gradient copy")?,
+            scal: gpu.alloc_zeros::<f64>(SLOTS, "BLAST loss terms")?,
+            history: gpu.alloc_zeros::<f64>(iterations.max(1), "BLAST error history")?,
+            chol,
+            ysolve: gpu
+                .alloc_zeros::<f32>((r * m).max(r * n).max(nblk * r), "BLAST solve scratch")?,
+            k,
+            profile: std::env::var_os("BLR_FACTORIZE_PROFILE")
+                .filter(|v| v != "0")
+                .map(|_| std::cell::RefCell::new(Profile::default())),
+        })
+    }
+
+    /// Uploads a start (host layouts of [`BlastStart`]) into the column-major device factors.
+    fn set_state(&mut self, start: &BlastStart) -> Result<()> {
+        let (n, r, q) = (self.n, self.r, self.q);
+        let mut vt = vec![0f32; r * n];
+        for j in 0..self.b_in {
+            for k in 0..r {
+                for c in 0..q {
+                    vt[(j * q + c) * r + k] = start.vt[j * r * q + k * q + c];
+                }
+            }
+        }
+        let s: Vec<f32> = start.s.iter().map(|&v| v as f32).collect();
+        // Row-major U (m, r) is the column-major U^T this solver keeps.
+        self.gpu.copy_to_device(&start.u, &mut self.u)?;
+        self.gpu.copy_to_device(&vt, &mut self.vt)?;
+        self.gpu.copy_to_device(&s, &mut self.s)?;
+        Ok(())
+    }
+
+    /// The factors in blr's layout: `U (m, r)` row-major, `V_j^T (r, q)` blocks, `s`.
+    fn get_state(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (n, r, q) = (self.n, self.r, self.q);
+        let u = self.gpu.download(&self.u)?;
+        let vt_cm = self.gpu.download(&self.vt)?;
+        let mut vt = vec![0f32; r * n];
+        for j in 0..self.b_in {
+            for k in 0..r {
+                for c in 0..q {
+                    vt[j * r * q + k * q + c] = vt_cm[(j * q + c) * r + k];
+                }
+            }
+        }
+        Ok((u, vt, self.gpu.download(&self.s)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ops: (Op, Op),
+        dims: (usize, usize, usize),
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+        batch: usize,
+    ) -> Result<()> {
+        self.blas.gemm(
+            ops.0,
+            ops.1,
+            dims,
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            batch,
+            self.tf32_rest,
+        )
+    }
+
+    fn dot(&self, x: u64, y: u64, len: usize, slot: i32, weight: f64) -> Result<()> {
+        let n = len as i64;
+        let scal = self.scal.device_ptr();
+        // SAFETY: dot_acc(const float* x, const float* y, i64 n, double* scal, int slot,
+        // double weight): x and y are live buffers of >= len floats; slot < SLOTS.
+        unsafe {
+            self.gpu
+                .launch(&self.k.dot)
+                .arg(&x)
+                .arg(&y)
+                .arg(&n)
+                .arg(&scal)
+                .arg(&slot)
+                .arg(&weight)
+                .launch(grid(self.gpu, len))
+        }
+    }
+
+    fn mix(&self, out: u64, g: u64, nx: usize, ny: usize, sx: usize, sy: usize) -> Result<()> {
+        let rr = self.r * self.r;
+        let cfg = LaunchConfig {
+            grid_dim: (Gpu::grid_1d(rr, 256), nx.div_ceil(8) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (s, r, nx, ny, sx, sy) = (
+            self.s.device_ptr(),
+            self.r as i32,
+            nx as i32,
+            ny as i32,
+            sx as i32,
+            sy as i32,
+        );
+        // SAFETY: blast_mix(float* out, const float* g, const float* s, int r, int nx, int ny,
+        // int sx, int sy): out holds nx r x r matrices, g ny, s the b_out*b_in*r scales with
+        // every index (x*sx + y*sy) < b_out*b_in.
+        unsafe {
+            self.gpu
+                .launch(&self.k.mix)
+                .arg(&out)
+                .arg(&g)
+                .arg(&s)
+                .arg(&r)
+                .arg(&nx)
+                .arg(&ny)
+                .arg(&sx)
+                .arg(&sy)
+                .launch(cfg)
+        }
+    }
+
+    fn add_eps(&self, a: u64, batch: usize, base: i32) -> Result<()> {
+        let (stride, r, b) = ((self.r * self.r) as i64, self.r as i32, batch as i32);
+        let scal = self.scal.device_ptr();
+        // SAFETY: add_eps_diag(float* a, i64 stride, int r, int batch, const double* scal,
+        // int base, double norm_sq, double damping): a holds batch r x r matrices.
+        unsafe {
+            self.gpu
+                .launch(&self.k.add_eps)
+                .arg(&a)
+                .arg(&stride)
+                .arg(&r)
+                .arg(&b)
+                .arg(&scal)
+                .arg(&base)
+                .arg(&self.norm_sq)
+                .arg(&self.damping)
+                .launch(grid(self.gpu, self.r * batch))
+        }
+    }
+
+    fn axpy(&self, y: u64, x: u64, alpha: f32, len: usize) -> Result<()> {
+        let n = len as i64;
+        // SAFETY: axpy_f32(float* y, const float* x, float alpha, i64 n): both hold len floats.
+        unsafe {
+            self.gpu
+                .launch(&self.k.axpy)
+                .arg(&y)
+                .arg(&x)
+                .arg(&alpha)
+                .arg(&n)
+                .launch(grid(self.gpu, len))
+        }
+    }
+
+    fn diag_products(&self) -> Result<()> {
+        let (r, n, q, b_in) = (
+            self.r as i32,
+            self.n as i32,
+            self.q as i32,
+            self.b_in as i32,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (
+                Gpu::grid_1d(self.r, 128),
+                (self.b_out * self.b_in) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (d, ut, vt) = (
+            self.d.device_ptr(),
+            self.big.device_ptr(),
+            self.vt.device_ptr(),
+        );
+        // SAFETY: blast_diag(float* d, const float* ut, const float* vt, int r, int n, int q,
+        // int b_in): d holds b_out*b_in*r, ut b_out (r, n) matrices, vt (r, n).
+        unsafe {
+            self.gpu
+                .launch(&self.k.diag)
+                .arg(&d)
+                .arg(&ut)
+                .arg(&vt)
+                .arg(&r)
+                .arg(&n)
+                .arg(&q)
+                .arg(&b_in)
+                .launch(cfg)
+        }
+    }
+
+    /// `J_i = U_i^T U_i = U^T_i (U^T_i)^T`.
+    fn u_gram(&self) -> Result<()> {
+        let (p, r) = (self.p, self.r);
+        let u = self.u.device_ptr();
+        self.gemm(
+            (Op::N, Op::T),
+            (r, r, p),
+            1.0,
+            Operand::new(u, r, p * r),
+            Operand::new(u, r, p * r),
+            0.0,
+            Operand::new(self.jm.device_ptr(), r, r * r),
+            self.b_out,
+        )
+    }
+
+    /// `K_j = V_j^T V_j = V^T_j (V^T_j)^T`.
+    fn v_gram(&self) -> Result<()> {
+        let (q, r) = (self.q, self.r);
+        let vt = self.vt.device_ptr();
+        self.gemm(
+            (Op::N, Op::T),
+            (r, r, q),
+            1.0,
+            Operand::new(vt, r, q * r),
+            Operand::new(vt, r, q * r),
+            0.0,
+            Operand::new(self.km.device_ptr(), r, r * r),
+            self.b_in,
+        )
+    }
+
+    fn step_u(&mut self, step: f32) -> Result<()> {
+        let (m, n, p, q, r, b_out, b_in) = (
+            self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
+        );
+        let (at, u, vt, big, rhs, pm) = (
+            self.at.device_ptr(),
+            self.u.device_ptr(),
+            self.vt.device_ptr(),
+            self.big.device_ptr(),
+            self.rhs.device_ptr(),
+            self.pm.device_ptr(),
+        );
+        // TVt_j = V_j^T A_j^T (r, m): A_j^T = rows jq.. of at.
+        self.blas.gemm(
+            Op::N,
+            Op::N,
+            (r, m, q),
+            1.0,
+            Operand::new(vt, r, q * r),
+            Operand::new(at, n, q),
+            0.0,
+            Operand::new(big, r, r * m),
+            b_in,
+            self.tf32,
+        )?;
+        self.mark("u: A V")?;
+        let (mi, ri, pi, bi) = (m as i32, r as i32, p as i32, b_in as i32);
+        let s = self.s.device_ptr();
+        // SAFETY: blast_u_rhs(float* rhs, const float* tv, const float* s, int m, int r,
+        // int p, int b_in): rhs (r, m), tv b_in (r, m) matrices, s b_out*b_in*r.
+        unsafe {
+            self.gpu
+                .launch(&self.k.u_rhs)
+                .arg(&rhs)
+                .arg(&big)
+                .arg(&s)
+                .arg(&mi)
+                .arg(&ri)
+                .arg(&pi)
+                .arg(&bi)
+                .launch(grid(self.gpu, m * r))?;
+        }
+        self.mix(pm, self.km.device_ptr(), b_out, b_in, b_in, 1)?;
+        self.dot(u, rhs, m * r, U_LOSS, 1.0)?;
+        self.dot(self.jm.device_ptr(), pm, b_out * r * r, U_LOSS + 1, 1.0)?;
+        // grad_i^T = P_i U_i^T - rhs_i^T, in place of rhs.
+        self.gemm(
+            (Op::N, Op::N),
+            (r, p, r),
+            1.0,
+            Operand::new(pm, r, r * r),
+            Operand::new(u, r, p * r),
+            -1.0,
+            Operand::new(rhs, r, p * r),
+            b_out,
+        )?;
+        self.mark("u: rhs/P/grad")?;
+        self.add_eps(pm, b_out, U_LOSS)?;
+        self.chol
+            .factor(self.gpu, &self.blas, pm, r * r, b_out, self.tf32_rest)?;
+        self.mark("u: chol")?;
+        // (grad (P + eps I)^-1)^T = (P + eps I)^-1 grad^T, P symmetric.
+        self.chol.solve(
+            &self.blas,
+            pm,
+            r * r,
+            b_out,
+            Operand::new(rhs, r, p * r),
+            Operand::new(self.ysolve.device_ptr(), r, p * r),
+            p,
+            self.tf32_rest,
+        )?;
+        self.mark("u: solve")?;
+        self.axpy(u, rhs, -step, m * r)?;
+        self.u_gram()?;
+        self.mark("u: gram")
+    }
+
+    fn step_v(&mut self, step: f32) -> Result<()> {
+        let (n, p, q, r, b_out, b_in) = (self.n, self.p, self.q, self.r, self.b_out, self.b_in);
+        let (at, u, vt, big, gv, qm) = (
+            self.at.device_ptr(),
+            self.u.device_ptr(),
+            self.vt.device_ptr(),
+            self.big.device_ptr(),
+            self.gv.device_ptr(),
+            self.qm.device_ptr(),
+        );
+        // UT_i = U_i^T A_i (r, n): A_i = (columns ip.. of at)^T.
+        self.blas.gemm(
+            Op::N,
+            Op::T,
+            (r, n, p),
+            1.0,
+            Operand::new(u, r, p * r),
+            Operand::new(at, n, p * n),
+            0.0,
+            Operand::new(big, r, r * n),
+            b_out,
+            self.tf32,
+        )?;
+        self.mark("v: U^T A")?;
+        self.mix(qm, self.jm.device_ptr(), b_in, b_out, 1, b_in)?;
+        self.diag_products()?;
+        let nblk = b_out * b_in;
+        self.dot(
+            self.s.device_ptr(),
+            self.d.device_ptr(),
+            nblk * r,
+            V_LOSS,
+            1.0,
+        )?;
+        self.dot(qm, self.km.device_ptr(), b_in * r * r, V_LOSS + 1, 1.0)?;
+        let (ri, ni, qi, bo, bi) = (r as i32, n as i32, q as i32, b_out as i32, b_in as i32);
+        let s = self.s.device_ptr();
+        // SAFETY: blast_v_rhs(float* g, const float* ut, const float* s, int r, int n, int q,
+        // int b_out, int b_in): g (r, n), ut b_out (r, n) matrices, s b_out*b_in*r.
+        unsafe {
+            self.gpu
+                .launch(&self.k.v_rhs)
+                .arg(&gv)
+                .arg(&big)
+                .arg(&s)
+                .arg(&ri)
+                .arg(&ni)
+                .arg(&qi)
+                .arg(&bo)
+                .arg(&bi)
+                .launch(grid(self.gpu, r * n))?;
+        }
+        // grad_j^T = Q_j V_j^T - sum_i diag(s_ij) UT_ij.
+        self.gemm(
+            (Op::N, Op::N),
+            (r, q, r),
+            1.0,
+            Operand::new(qm, r, r * r),
+            Operand::new(vt, r, q * r),
+            1.0,
+            Operand::new(gv, r, q * r),
+            b_in,
+        )?;
+        self.mark("v: rhs/Q/grad")?;
+        self.add_eps(qm, b_in, V_LOSS)?;
+        self.chol
+            .factor(self.gpu, &self.blas, qm, r * r, b_in, self.tf32_rest)?;
+        self.mark("v: chol")?;
+        self.chol.solve(
+            &self.blas,
+            qm,
+            r * r,
+            b_in,
+            Operand::new(gv, r, q * r),
+            Operand::new(self.ysolve.device_ptr(), r, q * r),
+            q,
+            self.tf32_rest,
+        )?;
+        self.mark("v: solve")?;
+        self.axpy(vt, gv, -step, r * n)?;
+        self.v_gram()?;
+        self.mark("v: gram")
+    }
+
+    fn step_s(&mut self, step: f32) -> Result<()> {
+        let (r, b_in) = (self.r, self.b_in);
+        let nblk = self.b_out * b_in;
+        let rr = r * r;
+        self.diag_products()?;
+        let (h, s, d, hs, g, gk) = (
+            self.h.device_ptr(),
+            self.s.device_ptr(),
+            self.d.device_ptr(),
+            self.hs.device_ptr(),
+            self.g.device_ptr(),
+            self.g_keep.device_ptr(),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (Gpu::grid_1d(r, 128), nblk as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (jm, km, ri, bi) = (
+            self.jm.device_ptr(),
+            self.km.device_ptr(),
+            r as i32,
+            b_in as i32,
+        );
+        // SAFETY: hadamard_blocks(float* h, float* hs, const float* jm, const float* km,
+        // const float* s, int r, int b_in): h holds b_out*b_in r x r matrices, hs and s
+        // b_out*b_in*r, jm b_out and km b_in r x r matrices.
+        unsafe {
+            self.gpu
+                .launch(&self.k.hadamard)
+                .arg(&h)
+                .arg(&hs)
+                .arg(&jm)
+                .arg(&km)
+                .arg(&s)
+                .arg(&ri)
+                .arg(&bi)
+                .launch(cfg)?;
+        }
+        self.dot(s, d, nblk * r, S_LOSS, 1.0)?;
+        self.dot(s, hs, nblk * r, S_LOSS + 1, 1.0)?;
+        let len = (nblk * r) as i64;
+        // SAFETY: blast_s_grad(float* g, float* g_keep, const float* hs, const float* d, i64 n):
+        // all hold nblk*r floats.
+        unsafe {
+            self.gpu
+                .launch(&self.k.s_grad)
+                .arg(&g)
+                .arg(&gk)
+                .arg(&hs)
+                .arg(&d)
+                .arg(&len)
+                .launch(grid(self.gpu, nblk * r))?;
+        }
+        self.mark("s: H/grad")?;
+        self.add_eps(h, nblk, S_LOSS)?;
+        self.chol
+            .factor(self.gpu, &self.blas, h, rr, nblk, self.tf32_rest)?;
+        self.mark("s: chol")?;
+        self.chol.solve(
+            &self.blas,
+            h,
+            rr,
+            nblk,
+            Operand::new(g, r, r),
+            Operand::new(self.ysolve.device_ptr(), r, r),
+            1,
+            self.tf32_rest,
+        )?;
+        self.mark("s: solve")?;
+        let scal = self.scal.device_ptr();
+        let (base, slot) = (S_LOSS, S_AFTER);
+        // SAFETY: blast_s_update(float* s, const float* dir, const float* g, const float* hs,
+        // const float* d, i64 n, float step, const double* scal_eps, int base, double norm_sq,
+        // double damping, double* scal, int slot): all vectors hold nblk*r floats.
+        unsafe {
+            self.gpu
+                .launch(&self.k.s_update)
+                .arg(&s)
+                .arg(&g)
+                .arg(&gk)
+                .arg(&hs)
+                .arg(&d)
+                .arg(&len)
+                .arg(&step)
+                .arg(&scal)
+                .arg(&base)
+                .arg(&self.norm_sq)
+                .arg(&self.damping)
+                .arg(&scal)
+                .arg(&slot)
+                .launch(grid(self.gpu, nblk * r))
+        }
+    }
+
+    fn record(&self, it: usize) -> Result<()> {
+        let (hist, scal, it, slot) = (
+            self.history.device_ptr(),
+            self.scal.device_ptr(),
+            it as i32,
+            S_AFTER,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: blast_record(double* history, int it, const double* scal, int slot,
+        // double norm_sq): it < history.len(), slot < SLOTS.
+        unsafe {
+            self.gpu
+                .launch(&self.k.record)
+                .arg(&hist)
+                .arg(&it)
+                .arg(&scal)
+                .arg(&slot)
+                .arg(&self.norm_sq)
+                .launch(cfg)
+        }
+    }
+
+    /// `||A - Â||_F / ||A||_F` from the dense residual, formed in place of `at` (which is
+    /// therefore unusable afterwards).
+    fn exact_error(&mut self) -> Result<f64> {
+        let (m, n, p, q, r, b_out, b_in) = (
+            self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
+        );
+        let (us, u, s) = (
+            self.big.device_ptr(),
+            self.u.device_ptr(),
+            self.s.device_ptr(),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (Gpu::grid_1d(p * r, 256).min(1024), (b_out * b_in) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, pi, bi) = (r as i32, p as i32, b_in as i32);
+        // SAFETY: blast_scale_u(float* us, const float* ut, const float* s, int r, int p,
+        // int b_in): us holds b_out*b_in (r, p) blocks (big >= b_in*m*r), ut (r, m).
+        unsafe {
+            self.gpu
+                .launch(&self.k.scale_u)
+                .arg(&us)
+                .arg(&u)
+                .arg(&s)
+                .arg(&ri)
+                .arg(&pi)
+                .arg(&bi)
+                .launch(cfg)?;
+        }
+        let (at, vt) = (self.at.device_ptr(), self.vt.device_ptr());
+        for i in 0..b_out {
+            // A_ij^T (q, p) at at[jq.., ip..] -= V_j (diag(s_ij) U_i^T).
+            self.blas.gemm(
+                Op::T,
+                Op::N,
+                (q, p, r),
+                -1.0,
+                Operand::new(vt, r, q * r),
+                Operand::new(us + F * (i * b_in * p * r) as u64, r, p * r),
+                1.0,
+                Operand::new(at + F * (i * p * n) as u64, n, q),
+                b_in,
+                false,
+            )?;
+        }
+        self.dot(at, at, m * n, RESIDUAL, 1.0)?;
+        let scal = self.gpu.download(&self.scal)?;
+        let e2 = scal[RESIDUAL as usize].max(0.0);
+        Ok(if self.norm_sq > 0.0 {
+            (e2 / self.norm_sq).sqrt()
+        } else {
+            e2.sqrt()
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    m: usize,
+    n: usize,
+    r: usize,
+    b_out: usize,
+    b_in: usize,
+}
+
+/// Data-free BLAST on `gpu`: the iteration of `blr_compress::blast_report`, same start, same
+/// schedule, same damping, same restarts. Fails with a message naming the alternative when
+/// [`unsupported`] (calibration or the gradient-descent method) applies.
+pub fn blast_report(
+    gpu: &Gpu,
+    target: &Target<'_>,
+    opts: &BlastOptions,
+    gpu_opts: &GpuBlastOptions,
+    progress: &dyn Progress,
+) -> Result<BlastReport> {
+    if let Some(why) = unsupported(opts, false) {
+        return Err(Error::Shape(format!("{why}: use --device cpu")));
+    }
+    let first = blast_start(target, opts, 0)?;
+    let (m, n, r, b_out, b_in) = (target.m, target.n, opts.rank, opts.b_out, opts.b_in);
+    if first.scale == 0.0 {
+        // W = 0: the CPU path's answer (zero factors) costs nothing.
+        return Ok(blr_compress::blast_report(target, opts, None, progress)?);
+    }
+    let a: Vec<f32> = target
+        .weight
+        .iter()
+        .map(|&v| (f64::from(v) / first.scale) as f32)
+        .collect();
+    let shape = Shape {
+        m,
+        n,
+        r,
+        b_out,
+        b_in,
+    };
+    let mut solver = Solver::new(gpu, &a, shape, opts.iterations, opts.damping, gpu_opts)?;
+    drop(a);
+
+    let restarts = opts.restarts.max(1);
+    let probe = if restarts > 1 {
+        (opts.iterations / 10).clamp(1, opts.iterations.max(1))
+    } else {
+        0
+    };
+    progress.begin("blast", opts.iterations + (restarts - 1) * probe);
+    let mut done = 0usize;
+    let mut best: Option<(Option<BlastStart>, Vec<f64>)> = None;
+    for k in 0..restarts {
+        let start = if k == 0 {
+            first.clone()
+        } else {
+            blast_start(target, opts, k)?
+        };
+        solver.set_state(&start)?;
+        let history = run(
+            &mut solver,
+            opts,
+            0..probe,
+            &mut done,
+            progress,
+            target.name,
+        )?;
+        let better = match &best {
+            None => true,
+            Some((_, h)) => history.last() < h.last(),
+        };
+        if better {
+            let (u, vt, s) = solver.get_state()?;
+            let kept = BlastStart {
+                scale: first.scale,
+                u,
+                vt,
+                s: s.iter().map(|&v| f64::from(v)).collect(),
+            };
+            best = Some((Some(kept), history));
+        }
+    }
+    let Some((Some(kept), mut history)) = best else {
+        return Err(Error::Shape(format!(
+            "{}: BLAST needs at least one start",
+            target.name
+        )));
+    };
+    solver.set_state(&kept)?;
+    history.extend(run(
+        &mut solver,
+        opts,
+        probe..opts.iterations,
+        &mut done,
+        progress,
+        target.name,
+    )?);
+
+    let (u, vt, s) = solver.get_state()?;
+    let rel_error = solver.exact_error()?;
+    let s: Vec<f32> = s
+        .iter()
+        .map(|&v| (f64::from(v) * first.scale) as f32)
+        .collect();
+    let layer = Linear::Blast(
+        Blast::new(m, n, b_out, b_in, r, u, vt, s).map_err(|e| Error::Shape(e.to_string()))?,
+    );
+    Ok(BlastReport {
+        layer,
+        history,
+        rel_error,
+    })
+}
+
+/// Runs iterations `iters` from the state on the device; returns their relative errors.
+fn run(
+    solver: &mut Solver<'_>,
+    opts: &BlastOptions,
+    iters: std::ops::Range<usize>,
+    done: &mut usize,
+    progress: &dyn Progress,
+    name: &str,
+) -> Result<Vec<f64>> {
+    let gpu = solver.gpu;
+    let first = iters.start;
+    let mut out = Vec::with_capacity(iters.len());
+    if iters.is_empty() {
+        return Ok(out);
+    }
+    solver.u_gram()?;
+    solver.v_gram()?;
+    solver.chol.reset(gpu)?;
+    // Read the errors back every few iterations (a synchronisation), not after each.
+    let every = 10usize;
+    let mut read = first;
+    for it in iters.clone() {
+        let lr = opts.lr * (1.0 - it as f64 / opts.iterations as f64);
+        let step = (2.0 * lr) as f32;
+        gpu.memset_bytes(&mut solver.scal, 0)?;
+        solver.mark("start")?;
+        solver.step_u(step)?;
+        solver.mark("start")?;
+        solver.step_v(step)?;
+        solver.mark("start")?;
+        solver.step_s(step)?;
+        solver.record(it)?;
+        solver.mark("s: update")?;
+        if it + 1 == iters.end || (it + 1 - first).is_multiple_of(every) {
+            let hist = gpu.download(&solver.history)?;
+            if solver.chol.failed(gpu)? {
+                return Err(Error::Numerical {
+                    during: format!("BLAST factorization of {name} on the GPU"),
+                    reason: format!(
+                        "a preconditioner was not positive definite by iteration {it} \
+                         (damping {}); raise --damping or use --device cpu",
+                        opts.damping
+                    ),
+                });
+            }
+            for (i, &rel) in hist.iter().enumerate().take(it + 1).skip(read) {
+                if !rel.is_finite() {
+                    return Err(Error::Numerical {
+                        during: format!("BLAST factorization of {name} on the GPU"),
+                        reason: format!(
+                            "error became {rel} at iteration {i}; lower the lr or raise the damping"
+                        ),
+                    });
+                }
+                out.push(rel);
+                *done += 1;
+                progress.advance(*done, Some(rel));
+            }
+            read = it + 1;
+            solver.fold_profile()?;
+        }
+    }
+    if iters.end == opts.iterations {
+        solver.print_profile();
+    }
+    Ok(out)
+}
