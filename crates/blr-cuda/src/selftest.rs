@@ -45,8 +45,15 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
 /// the rest.
 pub fn run_all(gpu: &Gpu, seed: u64) -> Vec<Check> {
     let mut checks = Vec::new();
-    let mut record = |name: &str, outcome: Result<String>| {
-        checks.push(match outcome {
+    // BLR_SELFTEST_ONLY=TEXT runs only the checks whose name contains TEXT: for attributing a
+    // compute-sanitizer report to one check (docs/reliability.md).
+    let only = std::env::var("BLR_SELFTEST_ONLY").ok();
+    let want = |name: &str| only.as_deref().is_none_or(|f| name.contains(f));
+    let mut record = |name: &str, outcome: &dyn Fn() -> Result<String>| {
+        if !want(name) {
+            return;
+        }
+        checks.push(match outcome() {
             Ok(detail) => Check {
                 name: name.into(),
                 passed: true,
@@ -59,11 +66,10 @@ pub fn run_all(gpu: &Gpu, seed: u64) -> Vec<Check> {
             },
         });
     };
-    record("upload/download round trip", roundtrip(gpu, seed));
-    record(
-        "NVRTC kernel: random fill matches host",
-        fill_matches_host(gpu, seed),
-    );
+    record("upload/download round trip", &|| roundtrip(gpu, seed));
+    record("NVRTC kernel: random fill matches host", &|| {
+        fill_matches_host(gpu, seed)
+    });
     for (i, (label, shape)) in gemm_cases().into_iter().enumerate() {
         let s = seed.wrapping_add(100 + i as u64);
         // Every other case starts its operands at odd element offsets (2-byte alignment).
@@ -73,36 +79,36 @@ pub fn run_all(gpu: &Gpu, seed: u64) -> Vec<Check> {
         } else {
             label
         };
-        record(
-            &format!("cuBLASLt GEMM {label} (bf16 out)"),
-            gemm_case::<bf16>(gpu, &shape, offsets, s, 1.0, 0.0),
-        );
+        record(&format!("cuBLASLt GEMM {label} (bf16 out)"), &|| {
+            gemm_case::<bf16>(gpu, &shape, offsets, s, 1.0, 0.0)
+        });
     }
     record(
         "cuBLASLt GEMM f32 out, alpha=0.5 beta=1 (accumulate)",
-        gemm_case::<f32>(
-            gpu,
-            &GemmShape::linear(19, 77, 301),
-            (0, 0, 0),
-            seed ^ 0xacc,
-            0.5,
-            1.0,
-        ),
+        &|| {
+            gemm_case::<f32>(
+                gpu,
+                &GemmShape::linear(19, 77, 301),
+                (0, 0, 0),
+                seed ^ 0xacc,
+                0.5,
+                1.0,
+            )
+        },
     );
     record(
         "cuBLASLt tuned plan (fastest of the heuristic's algorithms)",
-        tuned_gemm(gpu, seed),
+        &|| tuned_gemm(gpu, seed),
     );
-    record("CUDA graph capture + replay", graph_replay(gpu, seed));
+    record("CUDA graph capture + replay", &|| graph_replay(gpu, seed));
     record(
         "cooperative launch: grid-wide barrier over all SMs",
-        cooperative(gpu),
+        &|| cooperative(gpu),
     );
-    record("memory cap gives a clear error", memory_cap(gpu));
-    record(
-        "launch config checked before launch",
-        bad_launch_rejected(gpu),
-    );
+    record("memory cap gives a clear error", &|| memory_cap(gpu));
+    record("launch config checked before launch", &|| {
+        bad_launch_rejected(gpu)
+    });
     checks
 }
 

@@ -83,7 +83,11 @@ static __device__ void select_key(const u64* __restrict__ weights, int V, u64 th
     for (int shift = 56; shift >= 0; shift -= 8) {
         if (tid < 256) hist[tid] = 0ull;
         __syncthreads();
+        // Read the state once here, between two barriers: warp 0 rewrites it below, and lanes
+        // of one warp are not ordered by the ballot (racecheck flags a read of st->below by one
+        // lane racing the write by another).
         const u64 prefix = st->prefix;
+        const u64 below = st->below;
         const int hi = shift + 8;  // bits at and above `hi` are decided
         int run_bucket = -1;
         u64 run = 0ull;
@@ -116,7 +120,6 @@ static __device__ void select_key(const u64* __restrict__ weights, int V, u64 th
                 u64 v = __shfl_up_sync(0xffffffffu, incl, off);
                 if (lane >= off) incl += v;
             }
-            const u64 below = st->below;
             unsigned hit = __ballot_sync(0xffffffffu, below + incl > thr);
             int first = hit ? __ffs(hit) - 1 : 31;
             if (lane == first) {
