@@ -81,6 +81,10 @@ pub struct LayerArgs {
     /// GEMMs and pin the fastest (in this process only; prints heuristic -> best ms per GEMM).
     #[arg(long)]
     pub tune_gemms: bool,
+    /// Tokens per chunk of the partial paths' first two passes (BLAST stage 1 + mixing,
+    /// Monarch stage 1 + chunk copy), instead of blr's rule (experiments).
+    #[arg(long, value_name = "TOKENS")]
+    pub prefill_chunk: Option<usize>,
     #[command(flatten)]
     pub gpu: GpuArgs,
 }
@@ -286,6 +290,7 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
             let want = layer.forward(&x_host[..check_t * n], check_t)?;
             let dev = GpuLinear::upload(&gpu, &layer)?;
             let mut ws = dev.workspace(&gpu, t_max)?;
+            ws.set_prefill_chunk(a.prefill_chunk);
             let params = shape.params();
             // GRAPH_SETS distinct weight sets of this layer, made when a small row needs them.
             let mut sets: Option<Vec<GpuLinear>> = None;

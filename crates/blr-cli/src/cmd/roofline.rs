@@ -72,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             autotune: None,
             no_autotune: false,
             tune_gemms: false,
+            prefill_chunk: None,
             gpu: args.gpu.clone(),
         })?,
     };

@@ -163,18 +163,14 @@ constexpr int BKR = 32;
 constexpr int SMEM_BYTES = Mix2Cfg<64>::SMEM_BYTES;
 }  // namespace blr_mix2
 
+// Issues (does not commit or wait for) the cp.async copies of one (BT tokens x 32 ranks) tile:
+// the 16 Z planes into zs and S for the 32 ranks into ss.
 template <int BT>
-static __device__ __forceinline__ void blast_mix_tc2_block(const bf16* __restrict__ Zt, const bf16* __restrict__ S,
-                                                           bf16* __restrict__ W, int T, int ldz, int r, int b_in,
-                                                           int b_out) {
+static __device__ __forceinline__ void mix2_load_tile(bf16* zs, bf16* ss, const bf16* __restrict__ Zt,
+                                                      const bf16* __restrict__ S, int t0, int k0, int ldz, int r,
+                                                      int b_in) {
     using C = Mix2Cfg<BT>;
-    constexpr int BKR = C::BKR, JP = C::JP, PLANE = C::PLANE, WROW = C::WROW, WPLANE = C::WPLANE;
-    extern __shared__ __align__(128) unsigned char blr_mix2_smem[];
-    bf16* zs = reinterpret_cast<bf16*>(blr_mix2_smem);
-    bf16* ss = reinterpret_cast<bf16*>(blr_mix2_smem + C::ZW_BYTES);
-
-    const int t0 = blockIdx.x * BT;
-    const int k0 = blockIdx.y * BKR;
+    constexpr int BKR = C::BKR, JP = C::JP, PLANE = C::PLANE;
     for (int idx = threadIdx.x; idx < JP * BKR * (BT / 8); idx += 256) {
         int ch = idx % (BT / 8);
         int k = (idx / (BT / 8)) % BKR;
@@ -190,9 +186,16 @@ static __device__ __forceinline__ void blast_mix_tc2_block(const bf16* __restric
         const bf16* src = pred ? S + (long)(k0 + k) * 256 + (idx & 31) * 8 : S;
         cp_async16(smem_addr(ss + idx * 8), src, pred);
     }
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+}
+
+// Mixes the tile in zs/ss (loaded and visible to every thread) and writes W[i][t][k0..k0+32]
+// through a staging tile that reuses zs. Ends with every thread past its shared-memory reads
+// of the staging tile only after the caller's next __syncthreads.
+template <int BT>
+static __device__ __forceinline__ void mix2_compute_store(bf16* zs, const bf16* ss, bf16* __restrict__ W, int t0,
+                                                          int k0, int T, int r, int b_out, long ldwi) {
+    using C = Mix2Cfg<BT>;
+    constexpr int BKR = C::BKR, PLANE = C::PLANE, WROW = C::WROW, WPLANE = C::WPLANE;
 
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -252,8 +255,63 @@ static __device__ __forceinline__ void blast_mix_tc2_block(const bf16* __restric
         int gt = t0 + t;
         int gk = k0 + ch * 8;
         if (i < b_out && gt < T && gk < r)
-            *reinterpret_cast<uint4*>(W + ((long)i * T + gt) * r + gk) =
+            *reinterpret_cast<uint4*>(W + (long)i * ldwi + (long)gt * r + gk) =
                 *reinterpret_cast<const uint4*>(ws + i * WPLANE + t * WROW + ch * 8);
+    }
+}
+
+template <int BT>
+static __device__ __forceinline__ void blast_mix_tc2_block(const bf16* __restrict__ Zt, const bf16* __restrict__ S,
+                                                           bf16* __restrict__ W, int T, int ldz, int r, int b_in,
+                                                           int b_out) {
+    using C = Mix2Cfg<BT>;
+    extern __shared__ __align__(128) unsigned char blr_mix2_smem[];
+    bf16* zs = reinterpret_cast<bf16*>(blr_mix2_smem);
+    bf16* ss = reinterpret_cast<bf16*>(blr_mix2_smem + C::ZW_BYTES);
+    const int t0 = blockIdx.x * BT;
+    const int k0 = blockIdx.y * C::BKR;
+    mix2_load_tile<BT>(zs, ss, Zt, S, t0, k0, ldz, r, b_in);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    mix2_compute_store<BT>(zs, ss, W, t0, k0, T, r, b_out, (long)T * r);
+}
+
+// v4: persistent and double-buffered. One block per SM (2 x (82 + 16) KB of shared memory) walks
+// the (token tile, rank tile) grid with stride gridDim.x, copying tile i+1 into the other stage
+// while it mixes and stores tile i, so loads, math and stores of consecutive tiles overlap inside
+// the block (v2 relies on 2 resident blocks per SM being out of phase). Tiles are ordered token
+// tile fastest, so the blocks in flight together read the same 32 ranks of S and adjacent Zt
+// row segments. Shared memory: 2 * Mix2Cfg<64>::SMEM_BYTES.
+// W[i] planes are `ldwi` elements apart (T*r for a whole pass; the full T*r when the launcher
+// mixes a chunk of T tokens into a larger W, with W pointing at the chunk's first row).
+extern "C" __global__ void __launch_bounds__(256, 1) blr_blast_mix_tc4(const bf16* __restrict__ Zt,
+                                                                       const bf16* __restrict__ S,
+                                                                       bf16* __restrict__ W, int T, int ldz,
+                                                                       int r, int b_in, int b_out,
+                                                                       long long ldwi) {
+    using C = Mix2Cfg<64>;
+    extern __shared__ __align__(128) unsigned char blr_mix2_smem[];
+    const int ntt = (T + 63) / 64;
+    const int ntiles = ntt * ((r + C::BKR - 1) / C::BKR);
+    int tile = blockIdx.x;
+    if (tile >= ntiles) return;
+    auto zs_of = [&](int st) { return reinterpret_cast<bf16*>(blr_mix2_smem + st * C::SMEM_BYTES); };
+    auto ss_of = [&](int st) { return reinterpret_cast<bf16*>(blr_mix2_smem + st * C::SMEM_BYTES + C::ZW_BYTES); };
+    mix2_load_tile<64>(zs_of(0), ss_of(0), Zt, S, (tile % ntt) * 64, (tile / ntt) * C::BKR, ldz, r, b_in);
+    cp_async_commit();
+    for (int it = 0; tile < ntiles; ++it, tile += gridDim.x) {
+        const int cur = it & 1;
+        const int next = tile + gridDim.x;
+        __syncthreads();  // the other stage's staging tile (iteration it-1) is fully read
+        if (next < ntiles)
+            mix2_load_tile<64>(zs_of(cur ^ 1), ss_of(cur ^ 1), Zt, S, (next % ntt) * 64, (next / ntt) * C::BKR, ldz,
+                               r, b_in);
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group is complete (the newest may still be in flight)
+        __syncthreads();
+        mix2_compute_store<64>(zs_of(cur), ss_of(cur), W, (tile % ntt) * 64, (tile / ntt) * C::BKR, T, r, b_out,
+                               (long)ldwi);
     }
 }
 

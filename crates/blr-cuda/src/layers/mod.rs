@@ -8,11 +8,15 @@
 //! - [`Strategy::Unfused`]: what the PyTorch reference code does. cuBLASLt strided-batched GEMMs
 //!   for the block stages, simple kernels in between (BLAST's mixing one thread per `(t, k)`,
 //!   Monarch's permutation copies), every intermediate materialised in its natural layout.
-//! - [`Strategy::Partial`]: BLAST only for now. Stage 1 is a cuBLASLt batched GEMM that writes
-//!   `Z` already transposed, `Zt (b_in, r, T)` (operands swapped, no copy), so the tensor-core
-//!   mixing kernel `blr_blast_mix_tc2` (blast.cu) can feed `ldmatrix.trans` straight from shared
-//!   memory and write `W (b_out, T, r)`, exactly the A operand of stage 3 (cuBLASLt again).
-//!   Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
+//! - [`Strategy::Partial`]: BLAST: stage 1 is a cuBLASLt batched GEMM that writes `Z` already
+//!   transposed, `Zt (b_in, r, T)` (operands swapped, no copy), so the tensor-core mixing kernel
+//!   (blast.cu: `blr_blast_mix_tc4`, persistent and double-buffered, where its tiles fill the SMs
+//!   and its 197 KB of shared memory fit; `blr_blast_mix_tc2` otherwise) can feed
+//!   `ldmatrix.trans` straight from shared memory and write `W (b_out, T, r)`, exactly the A
+//!   operand of stage 3 (cuBLASLt again). Monarch: `w1` is uploaded a second time with its rows
+//!   reordered ([`reorder_monarch_w1`]) so that stage 1 (cuBLASLt) writes rank chunks that a
+//!   16-byte chunk copy turns into stage 2's input, and the output permutation is a per-token
+//!   shared-memory transpose (monarch.cu): no per-element gathers. Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
 //!   but on H100 2-4x slower than cuBLASLt today, so [`GpuLinear::auto_strategy`] never picks it.
 //! - [`Strategy::Decode`]: `T <= 16`. One cooperative persistent kernel (decode.cu,
 //!   `blr_decode2`) streams every weight once with 16-byte loads: phase 1 (stage 1 + mixing or
@@ -34,7 +38,8 @@
 //! [`pack_blast_s`]). Hence `b_out, b_in <= 16` for BLAST on the GPU.
 //!
 //! Tensor-core strategies load rows with 16-byte copies, so they need `n, m, q, p, r` (Monarch:
-//! `n/b`, `R`) to be multiples of 8; [`GpuLinear::check`] says which requirement failed.
+//! `n/b`, `R`, and for `partial` `R/b`, with `R % b == 0`) to be multiples of 8;
+//! [`GpuLinear::check`] says which requirement failed.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -151,6 +156,15 @@ pub fn pack_blast_s(s: &[f32], b_out: usize, b_in: usize, r: usize) -> Result<Ve
     Ok(out)
 }
 
+/// Tokens per chunk of the first two passes of the partial paths (BLAST, Monarch): the
+/// workspace's override if set, else blr's rule.
+fn prefill_chunk(ws: &Workspace, t: usize) -> usize {
+    match ws.prefill_chunk {
+        Some(c) if c > 0 => c.min(t),
+        _ => t,
+    }
+}
+
 /// Monarch `w1 (b, R, n/b)` with the rows of each block reordered for the `partial` strategy:
 /// `w1p[k][l*rb + a] = w1[k][a*b + l]`, `rb = R / b`. Stage 1 on `w1p` then writes every
 /// (token, k, l) run of rb outputs as one contiguous piece of the row stage 2 reads (monarch.cu).
@@ -251,7 +265,9 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
 }
 
 /// The strategy used when none is named and the autotune cache has no entry: BLAST's partial
-/// path where it applies, otherwise unfused (cuBLASLt), at every token count.
+/// path where it applies at every token count; Monarch's partial path where it applies for
+/// T > 16 (2.1-2.6x faster than unfused at T >= 128 on the H100, equal below, where the two
+/// GEMVs dominate); otherwise unfused (cuBLASLt).
 ///
 /// Why not decode for small T: on the H100 (docs/perf/layers-h100.md, all 15 reference configs)
 /// the decode kernel won only 2 of 60 (config, T <= 16) BLAST rows, by <= 6%, and never for
@@ -278,6 +294,9 @@ pub struct LayerKernels {
     gemm_128x128: Kernel,
     gemm_128x256: Kernel,
     mix_tc2: Kernel,
+    mix_tc4: Kernel,
+    /// Whether this device's shared memory holds blr_blast_mix_tc4's two stages.
+    mix_tc4_fits: bool,
     mix_naive: Kernel,
     decode2: Kernel,
     perm_mid: Kernel,
@@ -293,10 +312,12 @@ impl LayerKernels {
         let blast = gpu.load_module(&BLAST_CU, &opts)?;
         let decode = gpu.load_module(&DECODE_CU, &opts)?;
         let monarch = gpu.load_module(&MONARCH_CU, &opts)?;
-        let k = Self {
+        let mut k = Self {
             gemm_128x128: gemm.function("blr_gemm_nt_128x128")?,
             gemm_128x256: gemm.function("blr_gemm_nt_128x256")?,
             mix_tc2: blast.function("blr_blast_mix_tc2")?,
+            mix_tc4: blast.function("blr_blast_mix_tc4")?,
+            mix_tc4_fits: false,
             mix_naive: blast.function("blr_blast_mix_naive")?,
             decode2: decode.function("blr_decode2")?,
             perm_mid: monarch.function("blr_monarch_perm_mid")?,
@@ -308,6 +329,10 @@ impl LayerKernels {
         k.gemm_128x256.set_max_dynamic_smem(GEMM_SMEM_128X256)?;
         k.mix_tc2.set_max_dynamic_smem(MIX2_SMEM)?;
         let optin = u32::try_from(gpu.info().max_smem_per_block_optin.0).unwrap_or(u32::MAX);
+        if optin >= 2 * MIX2_SMEM {
+            k.mix_tc4.set_max_dynamic_smem(2 * MIX2_SMEM)?;
+            k.mix_tc4_fits = true;
+        }
         k.decode2.set_max_dynamic_smem(optin)?;
         Ok(k)
     }
@@ -359,12 +384,20 @@ pub struct Workspace {
     /// algorithm the heuristic offers is timed and the fastest pinned for that shape) instead of
     /// run once, and `(heuristic ms, best ms)` is recorded here.
     tune: Option<Vec<(f64, f64)>>,
+    /// Tokens per chunk of the partial paths' first two passes, instead of blr's rule.
+    prefill_chunk: Option<usize>,
 }
 
 impl Workspace {
     /// Turns GEMM autotuning of the following forwards on (see the `tune` field) or off.
     pub fn set_tuning(&mut self, on: bool) {
         self.tune = if on { Some(Vec::new()) } else { None };
+    }
+
+    /// Overrides the token chunk of the partial paths' stage 1 + middle pass (BLAST: stage 1
+    /// and mixing; Monarch: stage 1 and the chunk copy); `None` restores blr's rule.
+    pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
+        self.prefill_chunk = tokens;
     }
 
     /// `(heuristic ms, best ms)` of every stage GEMM tuned since tuning was turned on.
@@ -481,6 +514,7 @@ impl GpuLinear {
             dec: alloc(dec, "decode intermediate")?,
             barrier: gpu.alloc_zeros::<u32>(2, "decode grid barrier")?,
             tune: None,
+            prefill_chunk: None,
         })
     }
 
@@ -670,33 +704,44 @@ impl GpuLinear {
         let s = &self.shape;
         let (b, rr) = (s.b_in, s.rank);
         let (nb, mb, rb) = (s.n / b, s.m / b, rr / b);
-        let st1 = GemmShape::linear(t, rr, nb)
-            .batched(b, nb, rr * nb, rr)
-            .with_ld(s.n, nb, b * rr);
-        stage_gemm(gpu, &mut ws.tune, &st1, x, w1p, &mut ws.a)?;
         let (ti, bi, rbi, mbi) = (
             i32_of(t, "T")?,
             i32_of(b, "b")?,
             i32_of(rb, "R/b")?,
             i32_of(mb, "m/b")?,
         );
-        let vectors = t * b * rr / 8;
-        let grid = Gpu::grid_1d(vectors, 256).min(gpu.info().sm_count.max(1) * 16);
-        // SAFETY: chunk_perm(const bf16* out1p, bf16* P, int T, int b, int rb) reads and writes
-        // T*b*b*rb = T*b*R elements as 16-byte vectors (rb % 8 == 0, checked by
-        // `check_strategy`); both workspace buffers hold T*b*R for T <= max_tokens.
-        unsafe {
-            gpu.launch(&k.chunk_perm)
-                .arg(&ws.a)
-                .arg(&mut ws.b)
-                .arg(&ti)
-                .arg(&bi)
-                .arg(&rbi)
-                .launch(LaunchConfig {
-                    grid_dim: (grid, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })?;
+        // Stage 1 and the chunk copy run per token chunk: out1p of one chunk (reusing the front
+        // of ws.a) is still in L2 when the copy reads it.
+        let chunk = prefill_chunk(ws, t);
+        let mut c0 = 0;
+        while c0 < t {
+            let tc = chunk.min(t - c0);
+            let st1 = GemmShape::linear(tc, rr, nb)
+                .batched(b, nb, rr * nb, rr)
+                .with_ld(s.n, nb, b * rr);
+            stage_gemm(gpu, &mut ws.tune, &st1, x.at(c0 * s.n), w1p, &mut ws.a)?;
+            let p_chunk = ws.b.device_ptr_at(c0 * b * rr)?;
+            let tci = i32_of(tc, "T")?;
+            let vectors = tc * b * rr / 8;
+            let grid = Gpu::grid_1d(vectors, 256).min(gpu.info().sm_count.max(1) * 16);
+            // SAFETY: chunk_perm(const bf16* out1p, bf16* P, int T, int b, int rb) reads
+            // tc*b*R elements of ws.a and writes tc*b*R of ws.b from element c0*b*R on, as
+            // 16-byte vectors (rb % 8 == 0, checked by `check_strategy`); c0 + tc <= T <=
+            // max_tokens and both buffers hold max_tokens*b*R elements.
+            unsafe {
+                gpu.launch(&k.chunk_perm)
+                    .arg(&ws.a)
+                    .arg(&p_chunk)
+                    .arg(&tci)
+                    .arg(&bi)
+                    .arg(&rbi)
+                    .launch(LaunchConfig {
+                        grid_dim: (grid, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })?;
+            }
+            c0 += tc;
         }
         let st2 = GemmShape::linear(t, mb, rr)
             .batched(b, rr, mb * rr, mb)
@@ -774,38 +819,80 @@ impl GpuLinear {
                 .with_ld(r, r, s.m);
             return stage_gemm(gpu, &mut ws.tune, &st3, &ws.b, u, y);
         }
-        // Partial, one pass over all T tokens (token chunks small enough for Zt and W to stay
-        // in L2 between the three kernels measured slower on the H100: kernel-notes.md).
-        // Zt (b_in, r, ldz): Zt_j = V_j^T X_j^T, the GEMM with its operands swapped.
-        let ldz = round8(t);
-        let st1 = GemmShape::linear(r, t, q)
-            .batched(bi, r * q, q, r * ldz)
-            .with_ld(q, s.n, ldz);
-        stage_gemm(gpu, &mut ws.tune, &st1, vt, x, &mut ws.a)?;
-        let ldzi = i32_of(ldz, "T rounded up to 8")?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(t.div_ceil(MIX2_BT)).unwrap_or(u32::MAX),
-                u32::try_from(r.div_ceil(MIX2_BKR)).unwrap_or(u32::MAX),
-                1,
-            ),
-            block_dim: (MIX2_THREADS, 1, 1),
-            shared_mem_bytes: MIX2_SMEM,
+        // Partial: stage 1 and the mixing per token chunk (Zt of one chunk, reusing the front
+        // of ws.a, is still in L2 when the mixing reads it; W for all T), then one stage 3.
+        // Chunks need blr_blast_mix_tc4, which takes W's plane stride.
+        let sms = usize::try_from(gpu.info().sm_count.max(1)).unwrap_or(1);
+        let chunk = if k.mix_tc4_fits {
+            prefill_chunk(ws, t)
+        } else {
+            t
         };
-        // SAFETY: mix_tc2(const bf16* Zt, const bf16* S, bf16* W, int T, int ldz, int r,
-        // int b_in, int b_out) reads Zt (b_in, r, ldz), S (r,16,16), writes W (b_out, T, r);
-        // sizes as allocated by `workspace` (ldz = T rounded to 8 <= round8(max_tokens)).
-        unsafe {
-            gpu.launch(&k.mix_tc2)
-                .arg(&ws.a)
-                .arg(s_dev)
-                .arg(&mut ws.b)
-                .arg(&ti)
-                .arg(&ldzi)
-                .arg(&ri)
-                .arg(&bii)
-                .arg(&boi)
-                .launch(cfg)?;
+        let mut c0 = 0;
+        while c0 < t {
+            let tc = chunk.min(t - c0);
+            // Zt (b_in, r, ldz): Zt_j = V_j^T X_j^T, the GEMM with its operands swapped.
+            let ldz = round8(tc);
+            let st1 = GemmShape::linear(r, tc, q)
+                .batched(bi, r * q, q, r * ldz)
+                .with_ld(q, s.n, ldz);
+            stage_gemm(gpu, &mut ws.tune, &st1, vt, x.at(c0 * s.n), &mut ws.a)?;
+            let (tci, ldzi) = (i32_of(tc, "T")?, i32_of(ldz, "T rounded up to 8")?);
+            let tiles = tc.div_ceil(MIX2_BT) * r.div_ceil(MIX2_BKR);
+            if k.mix_tc4_fits && (tc < t || tiles >= sms) {
+                let w_chunk = ws.b.device_ptr_at(c0 * r)?;
+                let ldwi = i64::try_from(t * r)
+                    .map_err(|_| Error::Shape(format!("T*r = {} exceeds i64", t * r)))?;
+                let cfg = LaunchConfig {
+                    grid_dim: (u32::try_from(tiles.min(sms)).unwrap_or(1), 1, 1),
+                    block_dim: (MIX2_THREADS, 1, 1),
+                    shared_mem_bytes: 2 * MIX2_SMEM,
+                };
+                // SAFETY: mix_tc4(const bf16* Zt, const bf16* S, bf16* W, int T, int ldz, int r,
+                // int b_in, int b_out, long long ldwi) reads Zt (b_in, r, ldz) from ws.a (which
+                // holds b_in*r*round8(max_tokens)), S (r,16,16), and writes W[i][t][k] at
+                // i*ldwi + t*r + k for i < b_out, t < tc, k < r from element c0*r of ws.b, i.e.
+                // rows c0..c0+tc of W (b_out, T, r), inside ws.b's b_out*max_tokens*r elements.
+                unsafe {
+                    gpu.launch(&k.mix_tc4)
+                        .arg(&ws.a)
+                        .arg(s_dev)
+                        .arg(&w_chunk)
+                        .arg(&tci)
+                        .arg(&ldzi)
+                        .arg(&ri)
+                        .arg(&bii)
+                        .arg(&boi)
+                        .arg(&ldwi)
+                        .launch(cfg)?;
+                }
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        u32::try_from(tc.div_ceil(MIX2_BT)).unwrap_or(u32::MAX),
+                        u32::try_from(r.div_ceil(MIX2_BKR)).unwrap_or(u32::MAX),
+                        1,
+                    ),
+                    block_dim: (MIX2_THREADS, 1, 1),
+                    shared_mem_bytes: MIX2_SMEM,
+                };
+                // SAFETY: mix_tc2(const bf16* Zt, const bf16* S, bf16* W, int T, int ldz, int r,
+                // int b_in, int b_out) reads Zt (b_in, r, ldz), S (r,16,16), writes W (b_out, T, r);
+                // here tc == T (chunks only run with tc4); sizes as allocated by `workspace`.
+                unsafe {
+                    gpu.launch(&k.mix_tc2)
+                        .arg(&ws.a)
+                        .arg(s_dev)
+                        .arg(&mut ws.b)
+                        .arg(&tci)
+                        .arg(&ldzi)
+                        .arg(&ri)
+                        .arg(&bii)
+                        .arg(&boi)
+                        .launch(cfg)?;
+                }
+            }
+            c0 += tc;
         }
         let st3 = GemmShape::linear(t, p, r)
             .batched(bo, t * r, p * r, p)
