@@ -335,7 +335,9 @@ fn graph_replay(gpu: &Gpu, seed: u64) -> Result<String> {
     let shape = GemmShape::linear(t, m, n);
     let w_host = round_bf16(&uniform_vec(seed ^ 1, m * n, 1.0));
     let w = gpu.upload_bf16(&w_host, "graph W")?;
-    let mut x = gpu.alloc::<bf16>(t * n, "graph X")?;
+    // Zeroed: the warm-up GEMM below reads X before the first replay's copy writes it
+    // (compute-sanitizer initcheck reported those reads: 5,460 of them, all of this check's).
+    let mut x = gpu.alloc_zeros::<bf16>(t * n, "graph X")?;
     let mut y = gpu.alloc::<f32>(t * m, "graph Y")?;
     let mut acc = gpu.alloc_zeros::<f32>(t * m, "graph acc")?;
     // Warm the plan and the module outside the capture (capture must not compile or plan).
