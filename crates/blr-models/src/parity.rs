@@ -570,8 +570,14 @@ mod tests {
 
     /// The CPU backend with one op broken on purpose: RoPE turns the wrong way. (An off-by-one
     /// position would not do: it shifts q and k alike, and attention only sees differences.)
+    /// `bad_ties`: greedy sampling also broken, taking the last of tied maxima instead of the
+    /// first (a plausible GPU reduction bug the sampling check must catch).
     #[derive(Clone, Copy)]
-    struct BackwardsRope;
+    struct BackwardsRope {
+        bad_ties: bool,
+    }
+
+    const BROKEN: BackwardsRope = BackwardsRope { bad_ties: false };
 
     impl Backend for BackwardsRope {
         type Tensor = CpuTensor;
@@ -672,6 +678,15 @@ mod tests {
         ) -> Result<CpuTensor> {
             Cpu.attention(q, k, v, s)
         }
+        fn sample_last(&self, l: &CpuTensor, t: f32, p: f32, u: f64) -> Result<u32> {
+            let (rows, cols) = (l.rows, l.cols);
+            let row = &l.data[(rows - 1) * cols..];
+            if self.bad_ties && t == 0.0 {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                return Ok(row.iter().rposition(|&v| v == max).unwrap_or(0) as u32);
+            }
+            crate::lm::choose(row, t, p, u)
+        }
     }
 
     #[test]
@@ -686,15 +701,32 @@ mod tests {
 
     #[test]
     fn a_broken_op_is_caught_and_named() {
-        let ops = check_ops(&BackwardsRope, 1, 1e-3).unwrap();
+        let ops = check_ops(&BROKEN, 1, 1e-3).unwrap();
         let failed: Vec<&Check> = ops.iter().filter(|c| !c.ok).collect();
         assert!(!failed.is_empty());
         assert!(failed.iter().all(|c| c.op == "rope"), "{failed:?}");
         // In the models only Llama uses RoPE; GPT-2, ViT and DiT still pass.
-        let models = check_models(&BackwardsRope, 2, 1e-3).unwrap();
+        let models = check_models(&BROKEN, 2, 1e-3).unwrap();
         for c in &models {
             assert_eq!(c.ok, !c.op.starts_with("llama"), "{c:?}");
         }
         assert_eq!(rel_err(&[f32::NAN], &[1.0]), f64::INFINITY);
+    }
+
+    #[test]
+    fn sampling_check_passes_the_reference_and_catches_a_tie_bug() {
+        let good = check_sampling(&Cpu, 3).unwrap();
+        assert_eq!(good.len(), 9);
+        assert!(good.iter().all(|c| c.ok), "{good:?}");
+        // Every row with several maxima fails: the tie-heavy ones and the large vocabularies
+        // (their maximum is copied to the middle on purpose); the 7 distinct random logits and
+        // the 1-token vocabulary have one maximum and pass. The broken greedy path also skips
+        // the NaN check, which is caught too.
+        let bad = check_sampling(&BackwardsRope { bad_ties: true }, 3).unwrap();
+        let verdict: Vec<(&str, bool)> = bad.iter().map(|c| (c.shape.as_str(), c.ok)).collect();
+        for (shape, ok) in &verdict {
+            let single_max = shape.starts_with("vocab 7, 77") || shape.starts_with("vocab 1,");
+            assert_eq!(*ok, single_max, "{verdict:?}");
+        }
     }
 }
