@@ -78,7 +78,9 @@ const AFTER_HELP: &str = "\
 The prompt is prefilled in one forward pass, then tokens are decoded one at a time against the
 KV cache and printed as they come; speed is reported on stderr at the end. Sampling is greedy
 with --temperature 0 (the default), else softmax at that temperature restricted to the top-p
-nucleus, drawn from a generator seeded by --seed: the same command prints the same text.
+nucleus, drawn from a generator seeded by --seed: the same command prints the same text. With
+--device cuda the token is chosen on the GPU (only its id comes back), exactly as the host would
+choose it from the same logits; --max-gpu-mem caps the device memory blr may use.
 
 Examples:
   scripts/fetch-smollm2.sh        # once: SmolLM2-135M-Instruct (98 MB) into ~/.cache/blr
