@@ -258,6 +258,11 @@ pub fn collect_grams(
     Ok((grams, used))
 }
 
+/// Factorizes planned layer `i` to fit a weight under an optional Gram.
+type FactorizeFn<'a> = dyn Fn(usize, &[f32], Option<&Gram>) -> Result<(Linear, LayerReport)> + 'a;
+/// A factorized layer: its plan index, the layer, its report.
+type Factorized = (usize, Linear, LayerReport);
+
 /// Sequential calibration (see `compress::sequential`): one forward pass of the dense and the
 /// compressed model in lockstep over the calibration text, factorizing each planned layer in
 /// `todo` when the pass first reaches it. Returns the layers (by plan index) and the tokens used.
@@ -268,8 +273,8 @@ fn run_sequential(
     weights: &[Vec<f32>],
     text_path: &std::path::Path,
     args: &Args,
-    factorize: &dyn Fn(usize, &[f32], Option<&Gram>) -> Result<(Linear, LayerReport)>,
-) -> Result<(Vec<(usize, Linear, LayerReport)>, usize)> {
+    factorize: &FactorizeFn<'_>,
+) -> Result<(Vec<Factorized>, usize)> {
     let corrected = args.calib_mode == "corrected";
     let mut ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
     ids.truncate(loaded.cfg.max_positions);
@@ -692,7 +697,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     let todo: Vec<usize> = (0..plan.len())
         .filter(|&i| plan[i].shape.format != FormatKind::Dense)
         .collect();
-    let mut done: Vec<(usize, Linear, LayerReport)> = Vec::with_capacity(todo.len());
+    let mut done: Vec<Factorized> = Vec::with_capacity(todo.len());
     match (&args.calibrate, sequential) {
         (Some(path), true) => {
             let tc = Instant::now();
