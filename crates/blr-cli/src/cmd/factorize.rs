@@ -125,8 +125,9 @@ pub struct Args {
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// GEMM precision of GPU BLAST: fp32, tf32-data (the two large data GEMM families on TF32
-    /// tensor cores) or tf32 (every GEMM of the iteration; the final error is computed in
-    /// fp32). docs/perf/factorize-h100.md has the time and the error of each.
+    /// tensor cores) or tf32 (every large GEMM, the Cholesky factorizations included; the
+    /// triangular solves and the final error stay fp32). docs/perf/factorize-h100.md has the
+    /// time and the error of each.
     #[arg(long, default_value = DEFAULT_GPU_PRECISION, value_parser = ["fp32", "tf32-data", "tf32"])]
     pub gpu_precision: String,
     /// Print one JSON object: {"format","m","n","blocks","rank","params","rel_error","seconds",
@@ -136,7 +137,7 @@ pub struct Args {
 }
 
 /// The GPU BLAST precision `blr factorize` and `blr compress` use unless told otherwise.
-pub(crate) const DEFAULT_GPU_PRECISION: &str = "tf32-data";
+pub(crate) const DEFAULT_GPU_PRECISION: &str = "tf32";
 
 /// Where a factorization runs, and the words that say so.
 pub(crate) struct FactorDevice {
@@ -221,16 +222,35 @@ pub(crate) fn blast_on(
 ) -> Result<(blr_compress::BlastReport, String)> {
     let precision: blr_cuda::factorize::GemmPrecision = precision.parse()?;
     match device.for_blast(opts, calib.is_some())? {
-        Some(gpu) => Ok((
-            blr_cuda::factorize::blast_report(
-                gpu,
-                target,
-                opts,
-                &blr_cuda::factorize::GpuBlastOptions { precision },
-                progress,
-            )?,
-            device.label.clone(),
-        )),
+        Some(gpu) => {
+            let run = |precision| {
+                blr_cuda::factorize::blast_report(
+                    gpu,
+                    target,
+                    opts,
+                    &blr_cuda::factorize::GpuBlastOptions { precision },
+                    progress,
+                )
+            };
+            match run(precision) {
+                Ok(report) => Ok((report, device.label.clone())),
+                // TF32 Cholesky factors are those of a matrix ~1e-3 away: a preconditioner
+                // that close to singular can lose definiteness where fp32 keeps it.
+                Err(blr_cuda::Error::Numerical { .. })
+                    if precision == blr_cuda::factorize::GemmPrecision::Tf32 =>
+                {
+                    let report = run(blr_cuda::factorize::GemmPrecision::Tf32Data)?;
+                    Ok((
+                        report,
+                        format!(
+                            "{} (TF32 Cholesky lost definiteness; reran with tf32-data)",
+                            device.label
+                        ),
+                    ))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         None => {
             let label = match (
                 &device.gpu,

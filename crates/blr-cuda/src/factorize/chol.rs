@@ -32,8 +32,7 @@ fn diag_smem(nb: usize) -> usize {
 pub struct BatchedCholesky {
     r: usize,
     batch: usize,
-    /// Panel width: 128 where `chol_diag` fits (132 KB of shared memory: sm_80, sm_90), else
-    /// 64. At 128 the trailing GEMMs run at K = 128, compute- rather than memory-bound.
+    /// Panel width (64; 33 KB of shared memory for `chol_diag`).
     nb: usize,
     /// `L11^-1` of every panel of every matrix of the last factorization:
     /// `[panel][matrix][nb x nb]`, kept for the solves.
@@ -47,13 +46,14 @@ pub struct BatchedCholesky {
 impl BatchedCholesky {
     pub fn new(gpu: &Gpu, diag: &Kernel, copy: &Kernel, r: usize, batch: usize) -> Result<Self> {
         let optin = gpu.info().max_smem_per_block_optin.0 as usize;
-        let widest = if diag_smem(128) <= optin { 128 } else { 64 };
-        // BLR_FACTORIZE_NB=32|64|128 overrides the panel width (a measurement aid).
+        // Panel width 64, measured best on H100 at r = 1488 (docs/perf/factorize-h100.md):
+        // 128 halves the diagonal-block steps' count but each is 4x the latency-bound work,
+        // 32 makes the GEMMs too thin. BLR_FACTORIZE_NB=32|64|128 overrides (a measurement aid).
         let nb = std::env::var("BLR_FACTORIZE_NB")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&v| [32, 64, 128].contains(&v) && diag_smem(v) <= optin)
-            .unwrap_or(widest);
+            .unwrap_or(64);
         diag.set_max_dynamic_smem(diag_smem(nb) as u32)?;
         let panels = r.div_ceil(nb);
         Ok(Self {
@@ -162,7 +162,8 @@ impl BatchedCholesky {
     /// `B_b <- (L_b L_b^T)^-1 B_b` for the factors of the last [`BatchedCholesky::factor`]
     /// (`l`, `stride` as given there), `B_b` (r, nrhs); `y` is scratch of the same layout.
     /// Blocked substitution with the stored `L11^-1`: every step is a strided-batched GEMM
-    /// (forward `Y_k = L11^-1 (B_k - L_k,<k Y_<k)`, then backward from Y into B).
+    /// (forward `Y_k = L11^-1 (B_k - L_k,<k Y_<k)`, then backward from Y into B). Always fp32:
+    /// these GEMMs are thin (nb rows) and memory-bound, and TF32 measured slower here.
     #[allow(clippy::too_many_arguments)]
     pub fn solve(
         &self,
@@ -173,7 +174,6 @@ impl BatchedCholesky {
         b: Operand,
         y: Operand,
         nrhs: usize,
-        tf32: bool,
     ) -> Result<()> {
         let (r, nb) = (self.r, self.nb);
         let panels = r.div_ceil(nb);
@@ -205,7 +205,7 @@ impl BatchedCholesky {
                 0.0,
                 at(y, k0),
                 batch,
-                tf32,
+                false,
             )?;
         }
         for k in (0..panels).rev() {
@@ -236,7 +236,7 @@ impl BatchedCholesky {
                 0.0,
                 at(b, k0),
                 batch,
-                tf32,
+                false,
             )?;
         }
         Ok(())

@@ -61,8 +61,8 @@ pub enum GemmPrecision {
     Fp32,
     /// The two data GEMM families, `V_j^T A_j^T` and `U_i^T A_i` (2 m n r flops each), on TF32.
     Tf32Data,
-    /// Every GEMM of the iteration on TF32: data, Grams, gradients, the Cholesky
-    /// factorizations and the solves. The final exact error stays fp32.
+    /// Every large GEMM of the iteration on TF32: data, Grams, gradients and the Cholesky
+    /// factorizations. The triangular solves and the final exact error stay fp32.
     Tf32,
 }
 
@@ -632,7 +632,6 @@ impl<'g> Solver<'g> {
             Operand::new(rhs, r, p * r),
             Operand::new(self.ysolve.device_ptr(), r, p * r),
             p,
-            self.tf32_rest,
         )?;
         self.mark("u: solve")?;
         self.axpy(u, rhs, -step, m * r)?;
@@ -716,7 +715,6 @@ impl<'g> Solver<'g> {
             Operand::new(gv, r, q * r),
             Operand::new(self.ysolve.device_ptr(), r, q * r),
             q,
-            self.tf32_rest,
         )?;
         self.mark("v: solve")?;
         self.axpy(vt, gv, -step, r * n)?;
@@ -791,7 +789,6 @@ impl<'g> Solver<'g> {
             Operand::new(g, r, r),
             Operand::new(self.ysolve.device_ptr(), r, r),
             1,
-            self.tf32_rest,
         )?;
         self.mark("s: solve")?;
         let scal = self.scal.device_ptr();

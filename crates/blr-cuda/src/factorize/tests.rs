@@ -108,7 +108,6 @@ fn batched_cholesky_reconstructs_spd_matrices() {
             blas::Operand::new(bbuf.device_ptr(), r, r * nrhs),
             blas::Operand::new(ybuf.device_ptr(), r, r * nrhs),
             nrhs,
-            false,
         )
         .unwrap();
         let x = gpu.download(&bbuf).unwrap();
