@@ -28,12 +28,15 @@ enum What {
 unfused  cuBLAS GEMMs per block stage + simple kernels, every intermediate in memory (the \
 PyTorch reference)\n  \
 partial  BLAST: stage 1 writes Z transposed, tensor-core mixing writes W in the layout stage 3 \
-reads; lowrank: blr's own tensor-core GEMMs\n  \
+reads; Monarch: stage 1 on reordered w1 rows, a 16-byte chunk copy instead of the per-element \
+permutation, a per-token transpose for the output; lowrank: blr's own tensor-core GEMMs\n  \
 decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byte loads\n\
 Each row shows the median time (CUDA events, L2 flushed by reads before every run, CUDA graphs \
 for T <= 16), the roofline floor max(bytes/BW, FLOPs/peak) with BW and peak measured in the same \
 run, the fraction of the floor reached, the speedup over dense cuBLAS at the same T, and the \
-relative error of the first tokens against the CPU reference. '*' marks the strategy blr's \
+relative error of the first tokens against the CPU reference. Where some format's floor is \
+under 5 us, every row is also timed as one CUDA graph over 24 weight sets of that layer (per-layer \
+time; how a model runs small layers). '*' marks the strategy blr's \
 heuristic picks. The fastest strategy of each (format, shape, T) is recorded in the autotune cache \
 (--autotune, default ~/.cache/blr/autotune.tsv), which blr then uses instead of the heuristic.\n\n\
 Examples:\n  blr bench layer\n  blr bench layer --config all --tokens 1,16,128,native\n  \
