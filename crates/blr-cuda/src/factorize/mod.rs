@@ -620,8 +620,15 @@ impl<'g> Solver<'g> {
         )?;
         self.mark("u: rhs/P/grad")?;
         self.add_eps(pm, b_out, U_LOSS)?;
-        self.chol
-            .factor(self.gpu, &self.blas, pm, r * r, b_out, self.tf32_rest)?;
+        self.chol.factor(
+            self.gpu,
+            &self.blas,
+            pm,
+            r * r,
+            b_out,
+            self.tf32_rest,
+            &|n| self.mark(n),
+        )?;
         self.mark("u: chol")?;
         // (grad (P + eps I)^-1)^T = (P + eps I)^-1 grad^T, P symmetric.
         self.chol.solve(
@@ -704,8 +711,15 @@ impl<'g> Solver<'g> {
         )?;
         self.mark("v: rhs/Q/grad")?;
         self.add_eps(qm, b_in, V_LOSS)?;
-        self.chol
-            .factor(self.gpu, &self.blas, qm, r * r, b_in, self.tf32_rest)?;
+        self.chol.factor(
+            self.gpu,
+            &self.blas,
+            qm,
+            r * r,
+            b_in,
+            self.tf32_rest,
+            &|n| self.mark(n),
+        )?;
         self.mark("v: chol")?;
         self.chol.solve(
             &self.blas,
@@ -779,7 +793,9 @@ impl<'g> Solver<'g> {
         self.mark("s: H/grad")?;
         self.add_eps(h, nblk, S_LOSS)?;
         self.chol
-            .factor(self.gpu, &self.blas, h, rr, nblk, self.tf32_rest)?;
+            .factor(self.gpu, &self.blas, h, rr, nblk, self.tf32_rest, &|n| {
+                self.mark(n)
+            })?;
         self.mark("s: chol")?;
         self.chol.solve(
             &self.blas,

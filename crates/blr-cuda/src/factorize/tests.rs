@@ -63,8 +63,10 @@ fn batched_cholesky_reconstructs_spd_matrices() {
         }
         let mut buf = gpu.upload(&host, "test SPD matrices").unwrap();
         let mut chol = BatchedCholesky::new(&gpu, &k.chol_diag, &k.copy_block, r, batch).unwrap();
-        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false)
-            .unwrap();
+        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
+            Ok(())
+        })
+        .unwrap();
         assert!(!chol.failed(&gpu).unwrap());
         let l = gpu.download(&buf).unwrap();
         buf = gpu.upload(&l, "reuse").unwrap();
@@ -93,13 +95,23 @@ fn batched_cholesky_reconstructs_spd_matrices() {
         let lbuf = gpu.upload(&l, "factors").unwrap();
         let mut bbuf = gpu.upload(&rhs, "rhs").unwrap();
         let ybuf = gpu.alloc_zeros::<f32>(batch * r * nrhs, "y").unwrap();
-        chol.factor(&gpu, &blas, lbuf.device_ptr(), r * r, batch, false)
-            .unwrap_or(());
+        chol.factor(&gpu, &blas, lbuf.device_ptr(), r * r, batch, false, &|_| {
+            Ok(())
+        })
+        .unwrap_or(());
         let _ = &mut bbuf;
         drop(lbuf);
         let mut fresh = gpu.upload(&host, "refactor").unwrap();
-        chol.factor(&gpu, &blas, fresh.device_ptr(), r * r, batch, false)
-            .unwrap();
+        chol.factor(
+            &gpu,
+            &blas,
+            fresh.device_ptr(),
+            r * r,
+            batch,
+            false,
+            &|_| Ok(()),
+        )
+        .unwrap();
         chol.solve(
             &blas,
             fresh.device_ptr(),
@@ -130,8 +142,16 @@ fn batched_cholesky_reconstructs_spd_matrices() {
         }
         // TF32 GEMMs inside: a factor of a nearby matrix.
         let tf = gpu.upload(&host, "tf32").unwrap();
-        chol.factor(&gpu, &blas, tf.device_ptr(), r * r, batch, true)
-            .unwrap();
+        chol.factor(
+            &gpu,
+            &blas,
+            tf.device_ptr(),
+            r * r,
+            batch,
+            true,
+            &|_| Ok(()),
+        )
+        .unwrap();
         let lt = gpu.download(&tf).unwrap();
         for b in 0..batch {
             let lb = &lt[b * r * r..(b + 1) * r * r];
@@ -156,8 +176,10 @@ fn batched_cholesky_reconstructs_spd_matrices() {
         bad[0] = -1.0;
         let buf = gpu.upload(&bad, "indefinite").unwrap();
         chol.reset(&gpu).unwrap();
-        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false)
-            .unwrap();
+        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
+            Ok(())
+        })
+        .unwrap();
         assert!(chol.failed(&gpu).unwrap());
     }
 }
