@@ -352,7 +352,9 @@ enum Factors {
         w1: DeviceBuffer<bf16>,
         w2: DeviceBuffer<bf16>,
         /// `w1` with the rows of each block reordered for `partial` ([`reorder_monarch_w1`]);
-        /// uploaded only when that strategy applies to the shape.
+        /// uploaded only when that strategy applies to the shape. A second copy of `w1`: +50%
+        /// of the layer's device weight memory (unfused and decode still index the original
+        /// order; moving them to `w1p` would remove the copy).
         w1p: Option<DeviceBuffer<bf16>>,
     },
     Blast {
