@@ -90,9 +90,13 @@ impl CrossGram {
     }
 }
 
-/// The corrected target `W~ = W C (G' + λ I)^-1` (row-major `(m, n)`), with
-/// `λ = damping * tr(G') / n`; see the module docs. `gram` is `G'`, the Gram of the compressed
-/// model's activations, accumulated over the same tokens as `cross`.
+/// The corrected target `W~ = W (C + λ I)(G' + λ I)^-1` (row-major `(m, n)`), with
+/// `λ = damping * tr(G') / n`: the minimiser of `||W X - W~ X'||^2 + λ ||W~ - W||^2`, a ridge
+/// that pulls the correction towards `W` (never towards zero), so a large `λ` gives back plain
+/// sequential calibration and a small one the full least-squares correction. The correction
+/// has `n` free coefficients per output, estimated from the calibration tokens: with few tokens
+/// per feature it overfits them, which the ridge controls. `gram` is `G'`, the Gram of the
+/// compressed model's activations, accumulated over the same tokens as `cross`.
 pub fn corrected_target(
     layer: &str,
     weight: &[f32],
@@ -146,11 +150,16 @@ pub fn corrected_target(
         });
     }
     let w = linalg::to_f64(weight, m, n);
-    // (G' + λI) W~^T = C^T W^T.
-    let rhs = linalg::mul64(cross.sum.transpose(), w.transpose());
+    let lambda = damping * trace / n as f64;
+    // (G' + λI) W~^T = (C + λI)^T W^T.
+    let mut ct = cross.sum.transpose().to_owned();
+    for i in 0..n {
+        ct[(i, i)] += lambda;
+    }
+    let rhs = linalg::mul64(ct.as_ref(), w.transpose());
     let sol = linalg::spd_solve(
         g.as_ref(),
-        damping * trace / n as f64,
+        lambda,
         rhs.as_ref(),
         layer,
         "error-propagation correction",
@@ -228,6 +237,26 @@ mod tests {
         for (a, b) in w.iter().zip(&wt) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
+    }
+
+    /// The ridge pulls towards W: a huge damping gives W back.
+    #[test]
+    fn large_ridge_gives_back_the_weight() {
+        let (m, n, t) = (4, 6, 30);
+        let mut rng = Rng::new(5);
+        let w = rng.normal_vec(m * n, 1.0);
+        let x = rng.normal_vec(t * n, 1.0);
+        let xc = rng.normal_vec(t * n, 1.0);
+        let mut g = Gram::new(n);
+        g.accumulate(&xc, t).unwrap();
+        let mut c = CrossGram::new(n);
+        c.accumulate(&x, &xc, t).unwrap();
+        let wt = corrected_target("l", &w, m, n, &c, &g, 1e9).unwrap();
+        for (a, b) in w.iter().zip(&wt) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let wt = corrected_target("l", &w, m, n, &c, &g, 0.0).unwrap();
+        assert!(w.iter().zip(&wt).any(|(a, b)| (a - b).abs() > 1e-2));
     }
 
     #[test]

@@ -84,8 +84,7 @@ pub struct Args {
     /// calibration text, large moves towards the data-free fit.
     #[arg(long, default_value_t = Calibration::DEFAULT_DAMPING)]
     pub calib_damping: f64,
-    /// Context window of the calibration forward passes (independent mode; the sequential
-    /// modes run the calibration tokens as one window).
+    /// Context window of the calibration forward passes.
     #[arg(long, default_value_t = 512)]
     pub calib_ctx: usize,
     /// How layers see calibration text: `independent` (every layer fitted to the dense
@@ -94,6 +93,11 @@ pub struct Args {
     /// target corrected so its output tracks the dense model's: min ||W X - Ŵ X'||).
     #[arg(long, default_value = "corrected", value_parser = ["independent", "sequential", "corrected"])]
     pub calib_mode: String,
+    /// `corrected` mode: ridge pulling each layer's corrected target towards its weight,
+    /// relative to the Gram's mean eigenvalue (large: plain sequential; small: the full
+    /// least-squares correction, which overfits short calibration texts).
+    #[arg(long, default_value_t = 0.1)]
+    pub correction_ridge: f64,
     /// With --calibrate and --ratio, keep every layer at the uniform rank instead of
     /// re-allocating ranks across layers under the global budget.
     #[arg(long)]
@@ -276,8 +280,8 @@ fn run_sequential(
     factorize: &FactorizeFn<'_>,
 ) -> Result<(Vec<Factorized>, usize)> {
     let corrected = args.calib_mode == "corrected";
-    let mut ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
-    ids.truncate(loaded.cfg.max_positions);
+    let ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
+    let window = args.calib_ctx.min(loaded.cfg.max_positions).max(2);
     let mut fps = Vec::with_capacity(todo.len());
     for &i in todo {
         let p = &plan[i];
@@ -304,7 +308,7 @@ fn run_sequential(
                 p.shape.n,
                 &c,
                 &g,
-                args.calib_damping,
+                args.correction_ridge,
             )?
         } else {
             weights[i].clone()
@@ -317,11 +321,11 @@ fn run_sequential(
         Ok(layer)
     };
     let model = Llama::load(
-        Twin::new(Cpu, &fps, &hook),
+        Twin::new(Cpu, window, &fps, &hook),
         loaded.cfg.clone(),
         loaded.weights.clone(),
     )?;
-    let mut cache = model.new_cache(ids.len())?;
+    let mut cache = model.new_cache(window)?;
     if let Err(e) = model.forward(&ids, &mut cache, false) {
         return Err(match model.backend().take_failure() {
             Some(f) => f,

@@ -12,7 +12,9 @@
 //! model; the model code is untouched.
 //!
 //! Because a layer is factorized the first time it runs, every calibration token must pass
-//! through it in that one call: the calibration text is one window (no multi-window batches).
+//! through it in that one call: the twin tensors hold all calibration windows side by side
+//! (`--calib-ctx` tokens each, positions restarting per window, each with its own KV cache),
+//! and one forward pass over the whole calibration text runs them together.
 
 use crate::compress::calibrate::fingerprint;
 use blr_models::backend::{AttnSpec, Backend};
@@ -38,6 +40,14 @@ pub struct Pair<T> {
     compressed: T,
 }
 
+/// A twin tensor: one [`Pair`] per calibration window (rows of window `w` are tokens
+/// `w * window ..`), or a single shared pair for parameters (norm weights, the embedding
+/// table), which every window uses.
+pub struct Streams<T> {
+    parts: Vec<Pair<T>>,
+    shared: bool,
+}
+
 /// A layer of the twin model: the dense layer, and for planned layers their slot and, once
 /// factorized, the compressed layer.
 pub struct TwinLinear<L> {
@@ -46,9 +56,18 @@ pub struct TwinLinear<L> {
     compressed: Mutex<Option<L>>,
 }
 
-/// Runs every op on both streams; see the module docs.
+/// Per-window KV caches, created as windows first attend.
+pub struct TwinCache<C> {
+    parts: Vec<Pair<C>>,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+/// Runs every op on both streams of every window; see the module docs.
 pub struct Twin<'a, B: Backend> {
     inner: B,
+    window: usize,
     slots: HashMap<u64, usize>,
     hook: &'a Hook<'a>,
     /// The hook's error (the trait's ops carry only the models' error type).
@@ -57,10 +76,13 @@ pub struct Twin<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Twin<'a, B> {
-    /// `layers`: fingerprints of the planned layers' dense weights, in slot order.
-    pub fn new(inner: B, layers: &[u64], hook: &'a Hook<'a>) -> Self {
+    /// `layers`: fingerprints of the planned layers' dense weights, in slot order. A forward
+    /// pass over `ids` runs them as independent windows of `window` tokens (positions restart
+    /// at each window, as in the sliding-window evaluation).
+    pub fn new(inner: B, window: usize, layers: &[u64], hook: &'a Hook<'a>) -> Self {
         Twin {
             inner,
+            window: window.max(1),
             slots: layers.iter().enumerate().map(|(i, f)| (*f, i)).collect(),
             hook,
             failure: Mutex::new(None),
@@ -81,22 +103,88 @@ impl<'a, B: Backend> Twin<'a, B> {
         )
     }
 
-    fn pair(
+    /// Applies `f` to both streams of every window of `x`.
+    fn map(
         &self,
-        x: &Pair<B::Tensor>,
+        x: &Streams<B::Tensor>,
         f: impl Fn(&B, &B::Tensor) -> Result<B::Tensor>,
-    ) -> Result<Pair<B::Tensor>> {
-        Ok(Pair {
-            dense: f(&self.inner, &x.dense)?,
-            compressed: f(&self.inner, &x.compressed)?,
+    ) -> Result<Streams<B::Tensor>> {
+        let parts = x
+            .parts
+            .iter()
+            .map(|p| {
+                Ok(Pair {
+                    dense: f(&self.inner, &p.dense)?,
+                    compressed: f(&self.inner, &p.compressed)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Streams {
+            parts,
+            shared: x.shared,
         })
+    }
+
+    /// Window `w` of `y`, or its single part when `y` is a shared parameter.
+    fn part<T>(y: &Streams<T>, w: usize) -> Result<&Pair<T>> {
+        let i = if y.shared { 0 } else { w };
+        y.parts.get(i).ok_or_else(|| {
+            Error::input("sequential calibration", "operands have different windows")
+        })
+    }
+
+    /// Applies `f(x_w, y_w)` to both streams of every window of `x`.
+    fn zip(
+        &self,
+        x: &Streams<B::Tensor>,
+        y: &Streams<B::Tensor>,
+        f: impl Fn(&B, &B::Tensor, &B::Tensor) -> Result<B::Tensor>,
+    ) -> Result<Streams<B::Tensor>> {
+        let mut parts = Vec::with_capacity(x.parts.len());
+        for (w, p) in x.parts.iter().enumerate() {
+            let q = Self::part(y, w)?;
+            parts.push(Pair {
+                dense: f(&self.inner, &p.dense, &q.dense)?,
+                compressed: f(&self.inner, &p.compressed, &q.compressed)?,
+            });
+        }
+        Ok(Streams {
+            parts,
+            shared: x.shared && y.shared,
+        })
+    }
+
+    /// `f(x_w, y_w)` in place on both streams of every window of `x`.
+    fn zip_mut(
+        &self,
+        x: &mut Streams<B::Tensor>,
+        y: &Streams<B::Tensor>,
+        f: impl Fn(&B, &mut B::Tensor, &B::Tensor) -> Result<()>,
+    ) -> Result<()> {
+        for (w, p) in x.parts.iter_mut().enumerate() {
+            let q = Self::part(y, w)?;
+            f(&self.inner, &mut p.dense, &q.dense)?;
+            f(&self.inner, &mut p.compressed, &q.compressed)?;
+        }
+        Ok(())
+    }
+
+    /// Both streams' rows of every window, concatenated (host, row-major).
+    fn gather(&self, x: &Streams<B::Tensor>) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+        let (mut dense, mut compressed, mut rows) = (Vec::new(), Vec::new(), 0);
+        for p in &x.parts {
+            dense.extend(self.inner.download(&p.dense)?);
+            compressed.extend(self.inner.download(&p.compressed)?);
+            rows += self.inner.dims(&p.compressed).0;
+        }
+        Ok((dense, compressed, rows))
     }
 
     fn compress_layer(
         &self,
         layer: &TwinLinear<B::Linear>,
         slot: usize,
-        x: &Pair<B::Tensor>,
+        x: &Streams<B::Tensor>,
     ) -> Result<()> {
         let mut held = layer
             .compressed
@@ -105,9 +193,7 @@ impl<'a, B: Backend> Twin<'a, B> {
         if held.is_some() {
             return Ok(());
         }
-        let (tokens, _) = self.inner.dims(&x.compressed);
-        let dense = self.inner.download(&x.dense)?;
-        let compressed = self.inner.download(&x.compressed)?;
+        let (dense, compressed, tokens) = self.gather(x)?;
         let result = (self.hook)(HookInput {
             slot,
             dense: &dense,
@@ -134,31 +220,65 @@ impl<'a, B: Backend> Twin<'a, B> {
 }
 
 impl<B: Backend> Backend for Twin<'_, B> {
-    type Tensor = Pair<B::Tensor>;
+    type Tensor = Streams<B::Tensor>;
     type Linear = TwinLinear<B::Linear>;
-    type KvCache = Pair<B::KvCache>;
+    type KvCache = TwinCache<B::KvCache>;
 
     fn name(&self) -> String {
         format!("{} (dense and compressed streams)", self.inner.name())
     }
+    /// Uploads a parameter, shared by every window.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.upload(data, rows, cols)?,
-            compressed: self.inner.upload(data, rows, cols)?,
+        Ok(Streams {
+            parts: vec![Pair {
+                dense: self.inner.upload(data, rows, cols)?,
+                compressed: self.inner.upload(data, rows, cols)?,
+            }],
+            shared: true,
         })
     }
-    /// The compressed stream (what the compressed model computes).
+    /// The compressed stream (what the compressed model computes), windows concatenated.
     fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>> {
-        self.inner.download(&x.compressed)
+        let mut out = Vec::new();
+        for p in &x.parts {
+            out.extend(self.inner.download(&p.compressed)?);
+        }
+        Ok(out)
     }
     fn dims(&self, x: &Self::Tensor) -> (usize, usize) {
-        self.inner.dims(&x.compressed)
+        let cols = x
+            .parts
+            .first()
+            .map_or(0, |p| self.inner.dims(&p.compressed).1);
+        let rows = x
+            .parts
+            .iter()
+            .map(|p| self.inner.dims(&p.compressed).0)
+            .sum();
+        (rows, cols)
     }
+    /// Rows `start..end` of the windows concatenated.
     fn slice_rows(&self, x: &Self::Tensor, start: usize, end: usize) -> Result<Self::Tensor> {
-        self.pair(x, |b, t| b.slice_rows(t, start, end))
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for p in &x.parts {
+            let rows = self.inner.dims(&p.compressed).0;
+            let (lo, hi) = (start.max(at), end.min(at + rows));
+            if lo < hi {
+                parts.push(Pair {
+                    dense: self.inner.slice_rows(&p.dense, lo - at, hi - at)?,
+                    compressed: self.inner.slice_rows(&p.compressed, lo - at, hi - at)?,
+                });
+            }
+            at += rows;
+        }
+        Ok(Streams {
+            parts,
+            shared: x.shared,
+        })
     }
     fn slice_cols(&self, x: &Self::Tensor, start: usize, end: usize) -> Result<Self::Tensor> {
-        self.pair(x, |b, t| b.slice_cols(t, start, end))
+        self.map(x, |b, t| b.slice_cols(t, start, end))
     }
     fn load_linear(&self, layer: blr_core::Linear) -> Result<Self::Linear> {
         let slot = self.slots.get(&fingerprint(&layer)).copied();
@@ -172,42 +292,54 @@ impl<B: Backend> Backend for Twin<'_, B> {
         self.inner.linear_dims(&layer.dense)
     }
     fn linear(&self, layer: &Self::Linear, x: &Self::Tensor) -> Result<Self::Tensor> {
-        let dense = self.inner.linear(&layer.dense, &x.dense)?;
         let Some(slot) = layer.slot else {
-            return Ok(Pair {
-                dense,
-                compressed: self.inner.linear(&layer.dense, &x.compressed)?,
-            });
+            return self.map(x, |b, t| b.linear(&layer.dense, t));
         };
         self.compress_layer(layer, slot, x)?;
         let held = layer
             .compressed
             .lock()
             .map_err(|_| Error::input("sequential calibration", "a layer lock was poisoned"))?;
-        let compressed = match held.as_ref() {
-            Some(l) => self.inner.linear(l, &x.compressed)?,
-            None => {
-                return Err(Error::input(
-                    "sequential calibration",
-                    "layer not compressed",
-                ))
-            }
+        let Some(compressed) = held.as_ref() else {
+            return Err(Error::input(
+                "sequential calibration",
+                "layer not compressed",
+            ));
         };
-        Ok(Pair { dense, compressed })
+        let parts = x
+            .parts
+            .iter()
+            .map(|p| {
+                Ok(Pair {
+                    dense: self.inner.linear(&layer.dense, &p.dense)?,
+                    compressed: self.inner.linear(compressed, &p.compressed)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Streams {
+            parts,
+            shared: x.shared,
+        })
     }
+    /// Splits `ids` into windows.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.embedding(&table.dense, ids)?,
-            compressed: self.inner.embedding(&table.compressed, ids)?,
+        let t = Self::part(table, 0)?;
+        let parts = ids
+            .chunks(self.window)
+            .map(|w| {
+                Ok(Pair {
+                    dense: self.inner.embedding(&t.dense, w)?,
+                    compressed: self.inner.embedding(&t.compressed, w)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Streams {
+            parts,
+            shared: false,
         })
     }
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.rms_norm(&x.dense, &weight.dense, eps)?,
-            compressed: self
-                .inner
-                .rms_norm(&x.compressed, &weight.compressed, eps)?,
-        })
+        self.zip(x, weight, |b, x, w| b.rms_norm(x, w, eps))
     }
     fn layer_norm(
         &self,
@@ -216,25 +348,29 @@ impl<B: Backend> Backend for Twin<'_, B> {
         bias: &Self::Tensor,
         eps: f32,
     ) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self
-                .inner
-                .layer_norm(&x.dense, &weight.dense, &bias.dense, eps)?,
-            compressed: self.inner.layer_norm(
-                &x.compressed,
-                &weight.compressed,
-                &bias.compressed,
-                eps,
-            )?,
+        let mut parts = Vec::with_capacity(x.parts.len());
+        for (i, p) in x.parts.iter().enumerate() {
+            let (w, c) = (Self::part(weight, i)?, Self::part(bias, i)?);
+            parts.push(Pair {
+                dense: self.inner.layer_norm(&p.dense, &w.dense, &c.dense, eps)?,
+                compressed: self.inner.layer_norm(
+                    &p.compressed,
+                    &w.compressed,
+                    &c.compressed,
+                    eps,
+                )?,
+            });
+        }
+        Ok(Streams {
+            parts,
+            shared: x.shared,
         })
     }
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
-        self.inner.add_assign(&mut x.dense, &y.dense)?;
-        self.inner.add_assign(&mut x.compressed, &y.compressed)
+        self.zip_mut(x, y, |b, x, y| b.add_assign(x, y))
     }
     fn add_row(&self, x: &mut Self::Tensor, row: &Self::Tensor) -> Result<()> {
-        self.inner.add_row(&mut x.dense, &row.dense)?;
-        self.inner.add_row(&mut x.compressed, &row.compressed)
+        self.zip_mut(x, row, |b, x, r| b.add_row(x, r))
     }
     fn modulate(
         &self,
@@ -242,30 +378,41 @@ impl<B: Backend> Backend for Twin<'_, B> {
         shift: &Self::Tensor,
         scale: &Self::Tensor,
     ) -> Result<()> {
-        self.inner
-            .modulate(&mut x.dense, &shift.dense, &scale.dense)?;
-        self.inner
-            .modulate(&mut x.compressed, &shift.compressed, &scale.compressed)
+        for (i, p) in x.parts.iter_mut().enumerate() {
+            let (sh, sc) = (Self::part(shift, i)?, Self::part(scale, i)?);
+            self.inner.modulate(&mut p.dense, &sh.dense, &sc.dense)?;
+            self.inner
+                .modulate(&mut p.compressed, &sh.compressed, &sc.compressed)?;
+        }
+        Ok(())
     }
     fn add_gated(&self, x: &mut Self::Tensor, y: &Self::Tensor, gate: &Self::Tensor) -> Result<()> {
-        self.inner.add_gated(&mut x.dense, &y.dense, &gate.dense)?;
-        self.inner
-            .add_gated(&mut x.compressed, &y.compressed, &gate.compressed)
+        for (i, p) in x.parts.iter_mut().enumerate() {
+            let (yy, g) = (Self::part(y, i)?, Self::part(gate, i)?);
+            self.inner.add_gated(&mut p.dense, &yy.dense, &g.dense)?;
+            self.inner
+                .add_gated(&mut p.compressed, &yy.compressed, &g.compressed)?;
+        }
+        Ok(())
     }
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.silu_mul(&gate.dense, &up.dense)?,
-            compressed: self.inner.silu_mul(&gate.compressed, &up.compressed)?,
-        })
+        self.zip(gate, up, |b, g, u| b.silu_mul(g, u))
     }
     fn gelu(&self, x: &mut Self::Tensor, tanh_approx: bool) -> Result<()> {
-        self.inner.gelu(&mut x.dense, tanh_approx)?;
-        self.inner.gelu(&mut x.compressed, tanh_approx)
+        for p in &mut x.parts {
+            self.inner.gelu(&mut p.dense, tanh_approx)?;
+            self.inner.gelu(&mut p.compressed, tanh_approx)?;
+        }
+        Ok(())
     }
     fn silu(&self, x: &mut Self::Tensor) -> Result<()> {
-        self.inner.silu(&mut x.dense)?;
-        self.inner.silu(&mut x.compressed)
+        for p in &mut x.parts {
+            self.inner.silu(&mut p.dense)?;
+            self.inner.silu(&mut p.compressed)?;
+        }
+        Ok(())
     }
+    /// Positions restart at `pos0` in every window.
     fn rope(
         &self,
         x: &mut Self::Tensor,
@@ -273,8 +420,11 @@ impl<B: Backend> Backend for Twin<'_, B> {
         pos0: usize,
         inv_freq: &[f32],
     ) -> Result<()> {
-        self.inner.rope(&mut x.dense, heads, pos0, inv_freq)?;
-        self.inner.rope(&mut x.compressed, heads, pos0, inv_freq)
+        for p in &mut x.parts {
+            self.inner.rope(&mut p.dense, heads, pos0, inv_freq)?;
+            self.inner.rope(&mut p.compressed, heads, pos0, inv_freq)?;
+        }
+        Ok(())
     }
     fn new_kv_cache(
         &self,
@@ -282,17 +432,21 @@ impl<B: Backend> Backend for Twin<'_, B> {
         head_dim: usize,
         capacity: usize,
     ) -> Result<Self::KvCache> {
-        Ok(Pair {
-            dense: self.inner.new_kv_cache(kv_heads, head_dim, capacity)?,
-            compressed: self.inner.new_kv_cache(kv_heads, head_dim, capacity)?,
+        Ok(TwinCache {
+            parts: Vec::new(),
+            kv_heads,
+            head_dim,
+            capacity: capacity.min(self.window),
         })
     }
     fn kv_len(&self, cache: &Self::KvCache) -> usize {
-        self.inner.kv_len(&cache.compressed)
+        cache
+            .parts
+            .first()
+            .map_or(0, |p| self.inner.kv_len(&p.compressed))
     }
     fn kv_clear(&self, cache: &mut Self::KvCache) {
-        self.inner.kv_clear(&mut cache.dense);
-        self.inner.kv_clear(&mut cache.compressed);
+        cache.parts.clear();
     }
     fn attention_cached(
         &self,
@@ -302,21 +456,37 @@ impl<B: Backend> Backend for Twin<'_, B> {
         cache: &mut Self::KvCache,
         spec: AttnSpec,
     ) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.attention_cached(
-                &q.dense,
-                &k.dense,
-                &v.dense,
-                &mut cache.dense,
-                spec,
-            )?,
-            compressed: self.inner.attention_cached(
-                &q.compressed,
-                &k.compressed,
-                &v.compressed,
-                &mut cache.compressed,
-                spec,
-            )?,
+        let mut parts = Vec::with_capacity(q.parts.len());
+        for (i, p) in q.parts.iter().enumerate() {
+            while cache.parts.len() <= i {
+                let (h, d, c) = (cache.kv_heads, cache.head_dim, cache.capacity);
+                cache.parts.push(Pair {
+                    dense: self.inner.new_kv_cache(h, d, c)?,
+                    compressed: self.inner.new_kv_cache(h, d, c)?,
+                });
+            }
+            let (kk, vv) = (Self::part(k, i)?, Self::part(v, i)?);
+            let c = &mut cache.parts[i];
+            parts.push(Pair {
+                dense: self.inner.attention_cached(
+                    &p.dense,
+                    &kk.dense,
+                    &vv.dense,
+                    &mut c.dense,
+                    spec,
+                )?,
+                compressed: self.inner.attention_cached(
+                    &p.compressed,
+                    &kk.compressed,
+                    &vv.compressed,
+                    &mut c.compressed,
+                    spec,
+                )?,
+            });
+        }
+        Ok(Streams {
+            parts,
+            shared: q.shared,
         })
     }
     fn attention(
@@ -326,11 +496,22 @@ impl<B: Backend> Backend for Twin<'_, B> {
         v: &Self::Tensor,
         spec: AttnSpec,
     ) -> Result<Self::Tensor> {
-        Ok(Pair {
-            dense: self.inner.attention(&q.dense, &k.dense, &v.dense, spec)?,
-            compressed: self
-                .inner
-                .attention(&q.compressed, &k.compressed, &v.compressed, spec)?,
+        let mut parts = Vec::with_capacity(q.parts.len());
+        for (i, p) in q.parts.iter().enumerate() {
+            let (kk, vv) = (Self::part(k, i)?, Self::part(v, i)?);
+            parts.push(Pair {
+                dense: self.inner.attention(&p.dense, &kk.dense, &vv.dense, spec)?,
+                compressed: self.inner.attention(
+                    &p.compressed,
+                    &kk.compressed,
+                    &vv.compressed,
+                    spec,
+                )?,
+            });
+        }
+        Ok(Streams {
+            parts,
+            shared: q.shared,
         })
     }
 }
@@ -367,7 +548,7 @@ mod tests {
                 vec![0.0; m * n],
             )?))
         };
-        let twin = Twin::new(Cpu, &fps, &hook);
+        let twin = Twin::new(Cpu, 2, &fps, &hook);
         let l1 = twin.load_linear(w1).unwrap();
         let l2 = twin.load_linear(w2).unwrap();
         let x = twin.upload(&rng.normal_vec(t * n, 1.0), t, n).unwrap();
@@ -392,13 +573,69 @@ mod tests {
         );
     }
 
+    /// A whole Llama through the twin, windows of 5 over 13 tokens, every layer "compressed" to
+    /// itself: the compressed stream equals the dense model run on each window separately, and
+    /// every hook sees all 13 tokens with identical streams.
+    #[test]
+    fn windows_match_separate_forward_passes() {
+        use blr_models::llama::{self, Llama, LlamaConfig, RopeScaling};
+        use blr_models::lm::CausalLm;
+        let cfg = LlamaConfig {
+            vocab_size: 41,
+            hidden: 20,
+            intermediate: 28,
+            layers: 2,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rope_scaling: RopeScaling::None,
+            rms_eps: 1e-5,
+            tie_embeddings: true,
+            max_positions: 64,
+        };
+        let (cfg, ck) = llama::random(&cfg, 7, None).unwrap();
+        let ids: Vec<u32> = (0..13u32).map(|i| (i * 7 + 3) % 41).collect();
+        let planned: Vec<blr_core::Linear> = ck
+            .layers
+            .iter()
+            .filter(|(n, _)| n.contains("layers."))
+            .map(|(_, l)| l.clone())
+            .collect();
+        let fps: Vec<u64> = planned.iter().map(fingerprint).collect();
+        let calls = Mutex::new(0usize);
+        let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
+            assert_eq!(x.tokens, 13);
+            assert_eq!(x.dense, x.compressed);
+            *calls.lock().unwrap() += 1;
+            Ok(planned[x.slot].clone())
+        };
+        let twin = Llama::load(Twin::new(Cpu, 5, &fps, &hook), cfg.clone(), ck.clone()).unwrap();
+        let mut cache = twin.new_cache(13).unwrap();
+        let got = twin.forward(&ids, &mut cache, true).unwrap();
+        assert!(twin.backend().missing().is_empty());
+
+        let dense = Llama::load(Cpu, cfg, ck).unwrap();
+        let mut want = Vec::new();
+        for w in ids.chunks(5) {
+            let mut c = dense.new_cache(5).unwrap();
+            want.extend(dense.forward(w, &mut c, true).unwrap());
+        }
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        drop(twin);
+        assert_eq!(calls.into_inner().unwrap(), fps.len());
+    }
+
     #[test]
     fn hook_failure_is_kept() {
         let w = blr_core::Linear::Dense(blr_core::Dense::new(2, 2, vec![1.0; 4]).unwrap());
         let hook = |_: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
             anyhow::bail!("rank too large for layer")
         };
-        let twin = Twin::new(Cpu, &[fingerprint(&w)], &hook);
+        let twin = Twin::new(Cpu, 4, &[fingerprint(&w)], &hook);
         let l = twin.load_linear(w).unwrap();
         let x = twin.upload(&[1.0, 2.0], 1, 2).unwrap();
         let e = twin.linear(&l, &x).err().unwrap();
