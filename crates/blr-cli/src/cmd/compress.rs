@@ -96,7 +96,7 @@ pub struct Args {
     /// `corrected` mode: ridge pulling each layer's corrected target towards its weight,
     /// relative to the Gram's mean eigenvalue (large: plain sequential; small: the full
     /// least-squares correction, which overfits short calibration texts).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 1.0)]
     pub correction_ridge: f64,
     /// With --calibrate and --ratio, keep every layer at the uniform rank instead of
     /// re-allocating ranks across layers under the global budget.

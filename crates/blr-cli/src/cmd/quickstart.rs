@@ -176,7 +176,7 @@ pub fn run(args: Args) -> Result<()> {
         calib_tokens: args.calib_tokens,
         calib_ctx: 512,
         calib_mode: "corrected".into(),
-        correction_ridge: 0.1,
+        correction_ridge: 1.0,
         calib_damping: blr_compress::Calibration::DEFAULT_DAMPING,
         no_allocate: false,
         iterations: args.iterations,
