@@ -100,7 +100,7 @@ def save():
     os.replace(tmp, path_json)
     render(meta)
 
-if ("dense", 1.0, False) not in done:
+if ("dense", 1.0, None) not in done:
     t = time.time()
     r = ppl("smollm2")
     records.append({"model": "SmolLM2-135M-Instruct", "format": "dense", "param_ratio": 1.0, "param_ratio_target": 1.0,

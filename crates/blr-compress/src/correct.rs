@@ -17,7 +17,7 @@
 //! `X'` is rank-deficient and pulls it towards `W` when the calibration text is short.
 
 use crate::error::{CompressError, Result};
-use crate::gram::Gram;
+use crate::gram::{check_activations, Gram};
 use crate::linalg;
 use faer::Mat;
 
@@ -57,28 +57,14 @@ impl CrossGram {
     /// `compressed` from the model being compressed, same tokens in the same order.
     pub fn accumulate(&mut self, dense: &[f32], compressed: &[f32], tokens: usize) -> Result<()> {
         let n = self.n;
-        for (what, x) in [("dense", dense), ("compressed", compressed)] {
-            if x.len() != tokens * n {
-                return Err(CompressError::Gram {
-                    source_name: "cross accumulate".into(),
-                    detail: format!(
-                        "{what} activations hold {} values, expected tokens * n = {tokens} * {n}",
-                        x.len()
-                    ),
-                });
-            }
-            if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
-                return Err(CompressError::Gram {
-                    source_name: "cross accumulate".into(),
-                    detail: format!(
-                        "{what} activation at token {}, feature {} is {} (NaN/inf)",
-                        pos / n,
-                        pos % n,
-                        x[pos]
-                    ),
-                });
-            }
-        }
+        check_activations(dense, tokens, n, "cross accumulate", "dense activation")?;
+        check_activations(
+            compressed,
+            tokens,
+            n,
+            "cross accumulate",
+            "compressed activation",
+        )?;
         for start in (0..tokens).step_by(CHUNK_TOKENS) {
             let rows = CHUNK_TOKENS.min(tokens - start);
             let d = linalg::to_f64(&dense[start * n..(start + rows) * n], rows, n);

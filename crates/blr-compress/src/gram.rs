@@ -19,6 +19,38 @@ use std::path::Path;
 /// Tokens per accumulation chunk: bounds the f64 copy of the activations to 2048 * n doubles.
 const CHUNK_TOKENS: usize = 2048;
 
+/// Checks that `x` holds `tokens` finite rows of `n` features (`what`: which activations, for
+/// the message; `source`: the operation).
+pub(crate) fn check_activations(
+    x: &[f32],
+    tokens: usize,
+    n: usize,
+    source: &str,
+    what: &str,
+) -> Result<()> {
+    if x.len() != tokens * n {
+        return Err(CompressError::Gram {
+            source_name: source.into(),
+            detail: format!(
+                "{what} rows hold {} values, expected tokens * n = {tokens} * {n}",
+                x.len()
+            ),
+        });
+    }
+    if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
+        return Err(CompressError::Gram {
+            source_name: source.into(),
+            detail: format!(
+                "{what} value at token {}, feature {} is {} (NaN/inf)",
+                pos / n,
+                pos % n,
+                x[pos]
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A streaming accumulator of `sum_t x_t x_t^T` over activation rows `x_t` (n).
 #[derive(Clone, Debug)]
 pub struct Gram {
@@ -55,26 +87,7 @@ impl Gram {
     /// Adds `tokens` activation rows given row-major as `x (tokens, n)`.
     pub fn accumulate(&mut self, x: &[f32], tokens: usize) -> Result<()> {
         let n = self.n;
-        if x.len() != tokens * n {
-            return Err(CompressError::Gram {
-                source_name: "accumulate".into(),
-                detail: format!(
-                    "activations hold {} values, expected tokens * n = {tokens} * {n}",
-                    x.len()
-                ),
-            });
-        }
-        if let Some(pos) = x.iter().position(|v| !v.is_finite()) {
-            return Err(CompressError::Gram {
-                source_name: "accumulate".into(),
-                detail: format!(
-                    "activation value at token {}, feature {} is {} (NaN/inf)",
-                    pos / n,
-                    pos % n,
-                    x[pos]
-                ),
-            });
-        }
+        check_activations(x, tokens, n, "accumulate", "activation")?;
         for start in (0..tokens).step_by(CHUNK_TOKENS) {
             let rows = CHUNK_TOKENS.min(tokens - start);
             let chunk = linalg::to_f64(&x[start * n..(start + rows) * n], rows, n);

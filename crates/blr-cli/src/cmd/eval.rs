@@ -286,13 +286,7 @@ fn measure_ppl(args: &PplArgs) -> Result<Report> {
         ids.truncate(args.tokens);
     }
     let source = loaded.source().to_string();
-    let cuda = || {
-        Cuda::new(blr_cuda::GpuOptions {
-            max_mem: args.max_gpu_mem,
-            ..Default::default()
-        })
-        .context("--device cuda: opening the CUDA backend")
-    };
+    let cuda = || super::open_cuda(args.max_gpu_mem);
     let loading = "loading the weights onto the GPU";
     match loaded {
         LoadedLm::Llama(l) if args.device == "cuda" => {

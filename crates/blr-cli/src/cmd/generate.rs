@@ -123,13 +123,7 @@ pub fn run(args: Args) -> Result<()> {
         None => loaded.tokenizer().cloned(),
     };
     let source = loaded.source().to_string();
-    let cuda = || {
-        Cuda::new(blr_cuda::GpuOptions {
-            max_mem: args.max_gpu_mem,
-            ..Default::default()
-        })
-        .context("--device cuda: opening the CUDA backend")
-    };
+    let cuda = || super::open_cuda(args.max_gpu_mem);
     let loading = "loading the weights onto the GPU";
     match loaded {
         LoadedLm::Llama(l) if args.device == "cuda" => {
