@@ -350,6 +350,15 @@ pub fn llama_bundle(cfg: &llama::LlamaConfig, ck: &Checkpoint, ids: &[u32]) -> R
     })
 }
 
+/// The bundle's input token ids (stored as f32 so one tensor dtype serves every bundle).
+fn input_ids(st: &SafeTensors) -> Result<Vec<u32>> {
+    Ok(st
+        .read_f32("blr.reference.input_ids")?
+        .iter()
+        .map(|&x| x as u32)
+        .collect())
+}
+
 /// Runs a bundle's model on `backend`: the weights and input read back from the bundle through
 /// the HF/timm loaders (as PyTorch reads them), the same forward pass as the bundle's CPU
 /// output. `blr eval reference --device cuda` stores the CUDA result beside the CPU one, so the
@@ -373,13 +382,7 @@ pub fn rerun<B: Backend + Clone>(bundle: &Bundle, backend: B) -> Result<Vec<f32>
             .map(|v| v as usize)
             .ok_or_else(|| Error::input("reference", format!("config has no integer '{key}'")))
     };
-    let ids = || -> Result<Vec<u32>> {
-        Ok(st
-            .read_f32("blr.reference.input_ids")?
-            .iter()
-            .map(|&x| x as u32)
-            .collect())
-    };
+    let ids = || input_ids(&st);
     match arch {
         "llama" | "gpt2" => match crate::hf::parse_config(config_text, "bundle")? {
             crate::hf::HfConfig::Llama(cfg) => {
@@ -496,12 +499,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let ck = gpt2::from_safetensors(&st, &cfg).unwrap();
-        let ids: Vec<u32> = st
-            .read_f32("blr.reference.input_ids")
-            .unwrap()
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let ids = input_ids(&st).unwrap();
         let m = gpt2::Gpt2::load(Cpu, cfg, ck).unwrap();
         let mut c = m.new_cache(9).unwrap();
         assert_eq!(
@@ -517,12 +515,7 @@ mod tests {
             panic!("not llama")
         };
         let ck = llama::from_safetensors(&st, &cfg).unwrap();
-        let ids: Vec<u32> = st
-            .read_f32("blr.reference.input_ids")
-            .unwrap()
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let ids = input_ids(&st).unwrap();
         let m = llama::Llama::load(Cpu, cfg, ck).unwrap();
         let mut c = m.new_cache(7).unwrap();
         assert_eq!(
