@@ -89,16 +89,24 @@ pub enum Strategy {
     Unfused,
     Partial,
     Decode,
+    /// BLAST only: all three stages in one kernel (blast_fused.rs).
+    Fused,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 3] = [Strategy::Unfused, Strategy::Partial, Strategy::Decode];
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Unfused,
+        Strategy::Partial,
+        Strategy::Decode,
+        Strategy::Fused,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Unfused => "unfused",
             Strategy::Partial => "partial",
             Strategy::Decode => "decode",
+            Strategy::Fused => "fused",
         }
     }
 }
@@ -116,13 +124,9 @@ impl std::str::FromStr for Strategy {
             "unfused" => Ok(Strategy::Unfused),
             "partial" => Ok(Strategy::Partial),
             "decode" => Ok(Strategy::Decode),
-            "fused" => Err(Error::Shape(
-                "strategy 'fused' (all three BLAST stages in one kernel) is not implemented yet; \
-                 use unfused, partial or decode"
-                    .into(),
-            )),
+            "fused" => Ok(Strategy::Fused),
             other => Err(Error::Shape(format!(
-                "unknown strategy '{other}': expected unfused, partial or decode"
+                "unknown strategy '{other}': expected unfused, partial, decode or fused"
             ))),
         }
     }
@@ -215,6 +219,9 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
     }
     match (s.format, strategy) {
         (_, Strategy::Unfused) => Ok(()),
+        (_, Strategy::Fused) if s.format != FormatKind::Blast => {
+            unsupported("is BLAST only; use 'partial' or 'unfused'".into())
+        }
         (FormatKind::Dense, _) => unsupported(
             "is not defined for dense layers (they run as one cuBLASLt GEMM: use 'unfused')".into(),
         ),
@@ -259,7 +266,11 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
                 ("q = n/b_in", s.n / s.b_in),
                 ("p = m/b_out", s.m / s.b_out),
                 ("r", s.rank),
-            ])
+            ])?;
+            match blast_fused::fused_shape_problem(s) {
+                Some(why) if strategy == Strategy::Fused => unsupported(why),
+                _ => Ok(()),
+            }
         }
     }
 }
@@ -303,9 +314,16 @@ pub struct LayerKernels {
     perm_out: Kernel,
     chunk_perm: Kernel,
     out_transpose: Kernel,
+    /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
+    fused: Option<blast_fused::FusedKernel>,
 }
 
 impl LayerKernels {
+    /// The fused BLAST kernel, where this device has one (sm_90+).
+    pub fn fused(&self) -> Option<&blast_fused::FusedKernel> {
+        self.fused.as_ref()
+    }
+
     pub fn load(gpu: &Gpu) -> Result<Self> {
         let opts = CompileOptions::default();
         let gemm = gpu.load_module(&GEMM_CU, &opts)?;
@@ -324,6 +342,7 @@ impl LayerKernels {
             perm_out: monarch.function("blr_monarch_perm_out")?,
             chunk_perm: monarch.function("blr_monarch_chunk_perm")?,
             out_transpose: monarch.function("blr_monarch_out_transpose")?,
+            fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
         k.gemm_128x256.set_max_dynamic_smem(GEMM_SMEM_128X256)?;
@@ -629,6 +648,12 @@ impl GpuLinear {
                 };
                 decode(gpu, k, &s, t, d, x, vt, s_dev, u, y, ws)
             }
+            (Factors::Blast { u, vt, s_dev }, Strategy::Fused) => {
+                blast_fused::blast_fused(gpu, k.fused(), &s, t, x, u, vt, s_dev, y)
+            }
+            (Factors::LowRank { .. }, Strategy::Fused) => Err(Error::Shape(
+                "strategy 'fused' is BLAST only; use 'partial' or 'unfused'".into(),
+            )),
             (Factors::Blast { u, vt, s_dev }, strat) => {
                 self.blast_prefill(gpu, k, t, x, u, vt, s_dev, y, ws, strat)
             }
@@ -1133,6 +1158,7 @@ fn decode(
 }
 
 pub mod autotune;
+pub mod blast_fused;
 pub mod timing;
 
 #[cfg(test)]

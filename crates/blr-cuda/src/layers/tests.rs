@@ -46,12 +46,13 @@ fn strategy_names_round_trip_and_fused_is_explained() {
         let back: Strategy = st.name().parse().expect("own name parses");
         assert_eq!(back, st);
     }
-    let err = "fused"
-        .parse::<Strategy>()
+    assert_eq!("fused".parse::<Strategy>().ok(), Some(Strategy::Fused));
+    let lr = shape(FormatKind::LowRank, 128, 128, 1, 1, 32);
+    let err = check_strategy(&lr, Strategy::Fused, 128)
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not implemented"), "{err}");
+    assert!(err.contains("BLAST only"), "{err}");
     assert!("nonsense".parse::<Strategy>().is_err());
 }
 

@@ -1,0 +1,444 @@
+//! [`Strategy::Fused`](super::Strategy::Fused) for BLAST prefill: all three stages in one kernel
+//! (blast_fused.cu, `blr_blast_fused`), every intermediate in shared memory or registers.
+//!
+//! Notation of ../shared/BRIEF.md section 2 (`q = n / b_in`, `p = m / b_out`, rank `r`). One
+//! thread-block cluster of `B = max(b_in, b_out)` CTAs (up to 16: the non-portable cluster size
+//! on sm_90) owns a tile of 128 tokens and one pass of up to 256 columns of every output block;
+//! the b x b mixing is exchanged over distributed shared memory. See the kernel's header for
+//! the tiles and the pipeline, docs/perf/kernel-notes.md for what it measures.
+//!
+//! Where it applies: BLAST with `b_out, b_in <= 16`, `q, p, r` multiples of 8, and the kernel's
+//! shared memory ([`fused_smem_bytes`], dominated by the resident `128 x q` tile of X) within
+//! the sm_90 opt-in limit; on the device also compute capability >= 9.0 and a resident cluster.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use half::bf16;
+
+use blr_core::format::Shape;
+
+use crate::compile::{CompileOptions, KernelSource};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Kernel};
+use crate::memory::DeviceBuffer;
+
+/// blast_fused.cu: `blr_blast_fused`.
+pub const BLAST_FUSED_CU: KernelSource =
+    crate::kernel_source!("blast_fused.cu", headers: ["common.cuh"]);
+
+// Mirrored from blast_fused.cu (namespace blr_fused); a change there must be made here too.
+/// Tokens per cluster.
+pub const FUSED_TOKENS: usize = 128;
+const RC: usize = 64;
+/// Output columns per output block and pass; p > 256 runs ceil(p / 256) passes.
+pub const FUSED_PASS_COLS: usize = 256;
+const THREADS: u32 = 256;
+const ZLD: usize = FUSED_TOKENS + 8;
+const ULD: usize = RC + 8;
+/// The opt-in shared memory per block of sm_90 (H100/H200): 227 KiB.
+pub const SM90_SMEM_OPTIN: usize = 227 * 1024;
+/// Largest cluster on sm_90 with the non-portable size allowed.
+const MAX_CLUSTER: usize = 16;
+
+/// Dynamic shared memory of `blr_blast_fused` for input block width `q` (the kernel's
+/// `FusedSmem`): X tile, two weight-tile slots (with S), the Z/W staging tile, gathered Z, two W
+/// buffers.
+pub fn fused_smem_bytes(q: usize, b_in: usize, b_out: usize) -> usize {
+    let cluster = b_in.max(b_out).max(1);
+    let q16 = q.div_ceil(16) * 16;
+    let xld = q16 + 8;
+    let kown = 4 * 16usize.div_ceil(cluster);
+    // A weight tile (V chunk or U chunk) plus the S rows of the CTA's rank units.
+    let slot = (RC * xld).max(FUSED_PASS_COLS * ULD) + kown * 256;
+    let st_rows = RC.max(b_out * kown);
+    let elems =
+        FUSED_TOKENS * xld + 2 * slot + st_rows * ZLD + b_in * kown * ZLD + 2 * RC * ZLD + 8;
+    elems * 2
+}
+
+/// Why the fused kernel cannot run a BLAST layer of shape `s` (on any device), or None.
+/// The caller has checked the format and the multiples of 8.
+pub(crate) fn fused_shape_problem(s: &Shape) -> Option<String> {
+    let cluster = s.b_in.max(s.b_out);
+    if cluster == 0 || cluster > MAX_CLUSTER {
+        return Some(format!(
+            "runs one cluster of max(b_in, b_out) CTAs, at most {MAX_CLUSTER}"
+        ));
+    }
+    let smem = fused_smem_bytes(s.n / s.b_in, s.b_in, s.b_out);
+    if smem > SM90_SMEM_OPTIN {
+        return Some(format!(
+            "needs {} KiB of shared memory per CTA (a 128-token tile of X_j with q = {} stays on \
+             chip), over the {} KiB of sm_90; use 'partial'",
+            smem.div_ceil(1024),
+            s.n / s.b_in,
+            SM90_SMEM_OPTIN / 1024
+        ));
+    }
+    None
+}
+
+/// The fused kernel, loaded on devices with thread-block clusters (sm_90 and newer).
+#[derive(Debug, Clone)]
+pub struct FusedKernel {
+    kernel: Kernel,
+    optin: usize,
+    /// Clusters of size `B` (index B - 1) resident at once with the full opt-in shared memory.
+    max_clusters: Vec<u32>,
+}
+
+impl FusedKernel {
+    /// Compiles and configures the kernel; `None` on devices without clusters (before sm_90).
+    pub fn load(gpu: &Gpu, opts: &CompileOptions) -> Result<Option<Self>> {
+        if gpu.info().compute_capability.0 < 9 {
+            return Ok(None);
+        }
+        let module = gpu.load_module(&BLAST_FUSED_CU, opts)?;
+        let kernel = module.function("blr_blast_fused")?;
+        let optin = usize::try_from(gpu.info().max_smem_per_block_optin.0).unwrap_or(0);
+        let smem = u32::try_from(optin.min(SM90_SMEM_OPTIN)).unwrap_or(0);
+        kernel.set_max_dynamic_smem(smem)?;
+        kernel
+            .cuda_function()
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .map_err(|e| Error::LaunchConfig {
+                kernel: kernel.name().to_string(),
+                reason: format!("cannot allow non-portable cluster sizes: {e}"),
+            })?;
+        let mut max_clusters = Vec::with_capacity(MAX_CLUSTER);
+        for b in 1..=MAX_CLUSTER as u32 {
+            max_clusters.push(occupancy_clusters(gpu, &kernel, b, smem).unwrap_or(0));
+        }
+        Ok(Some(Self {
+            kernel,
+            optin,
+            max_clusters,
+        }))
+    }
+
+    /// Clusters of `b` CTAs this device holds at once (0: such a cluster never fits).
+    pub fn max_active_clusters(&self, b: usize) -> u32 {
+        b.checked_sub(1)
+            .and_then(|i| self.max_clusters.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+}
+
+fn cluster_attr(b: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: CUlaunchAttribute is a plain C struct/union; all-zero is a valid value.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: b, y: 1, z: 1 };
+    attr
+}
+
+fn occupancy_clusters(gpu: &Gpu, kernel: &Kernel, b: u32, smem: u32) -> Result<u32> {
+    let mut attr = cluster_attr(b);
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: b * 64,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    gpu.context()
+        .bind_to_thread()
+        .map_err(Error::driver("binding the context"))?;
+    // SAFETY: cfg points at one valid attribute; the function handle is live (owned by kernel).
+    unsafe {
+        sys::cuOccupancyMaxActiveClusters(&mut clusters, kernel.cuda_function().cu_function(), &cfg)
+    }
+    .result()
+    .map_err(Error::driver(format!("cluster occupancy of {} CTAs", b)))?;
+    Ok(u32::try_from(clusters).unwrap_or(0))
+}
+
+/// Measurement knob, not for use: `BLR_FUSED_ABLATE=<bits>` makes the kernel skip parts of its
+/// work so that one timing run shows what each part costs (docs/perf/kernel-notes.md): 1 Z
+/// exchange stores, 2 W exchange stores, 4 in-loop cluster barriers, 8 stage-1 MMAs, 16 stage-3
+/// MMAs, 32 mixing MMAs, 64 weight loads, 128 unrotated exchange order, 512 return after the
+/// start barrier, 1024 return after the first loads, 2048 no Y store. 256 is an option, not a
+/// cut: each cluster barrier arrives just before its wait instead of one stage GEMM earlier.
+/// Results are wrong with any cut; 0 (unset) is the kernel.
+fn ablation() -> i32 {
+    std::env::var("BLR_FUSED_ABLATE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .unwrap_or(0)
+}
+
+/// `y[..t*m] = x[..t*n] W^T` for a BLAST layer in one launch. `u (b_out, p, r)`,
+/// `vt (b_in, r, q)`, `s_dev (r, 16, 16)` as uploaded by `GpuLinear`; sizes checked here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn blast_fused(
+    gpu: &Gpu,
+    fk: Option<&FusedKernel>,
+    s: &Shape,
+    t: usize,
+    x: &DeviceBuffer<bf16>,
+    u: &DeviceBuffer<bf16>,
+    vt: &DeviceBuffer<bf16>,
+    s_dev: &DeviceBuffer<bf16>,
+    y: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    let fk = fk.ok_or_else(|| {
+        Error::Shape(format!(
+            "strategy 'fused' needs thread-block clusters (compute capability 9.0 or newer); \
+             this device is {}.{}: use 'partial'",
+            gpu.info().compute_capability.0,
+            gpu.info().compute_capability.1
+        ))
+    })?;
+    let (bo, bi, r) = (s.b_out, s.b_in, s.rank);
+    let (p, q) = (s.m / bo, s.n / bi);
+    let cluster = bo.max(bi);
+    let smem = fused_smem_bytes(q, bi, bo);
+    let bad = |reason: String| Error::LaunchConfig {
+        kernel: fk.kernel.name().to_string(),
+        reason,
+    };
+    if smem > fk.optin.min(SM90_SMEM_OPTIN) {
+        return Err(bad(format!(
+            "needs {smem} B of shared memory per CTA, this device allows {}; use 'partial'",
+            fk.optin
+        )));
+    }
+    if fk.max_active_clusters(cluster) == 0 {
+        return Err(bad(format!(
+            "a cluster of {cluster} CTAs with {smem} B of shared memory each is never resident \
+             on this device; use 'partial'"
+        )));
+    }
+    if x.len() < t * s.n
+        || y.len() < t * s.m
+        || u.len() < bo * p * r
+        || vt.len() < bi * r * q
+        || s_dev.len() < r * 256
+    {
+        return Err(Error::Shape(format!(
+            "fused BLAST {s:?} at T={t}: a factor, x or y buffer is smaller than the shape needs"
+        )));
+    }
+    let npass = p.div_ceil(FUSED_PASS_COLS);
+    let tiles = t.div_ceil(FUSED_TOKENS);
+    let grid = cluster
+        .checked_mul(tiles * npass)
+        .and_then(|g| u32::try_from(g).ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "{tiles} token tiles x {npass} passes overflow the grid"
+            ))
+        })?;
+    let i32_of = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
+    };
+    let ints = [
+        i32_of(t, "T")?,
+        i32_of(s.n, "n")?,
+        i32_of(s.m, "m")?,
+        i32_of(r, "r")?,
+        i32_of(bi, "b_in")?,
+        i32_of(bo, "b_out")?,
+        i32_of(cluster, "cluster size")?,
+        i32_of(npass, "passes")?,
+        ablation(),
+    ];
+    let ptrs = [
+        x.device_ptr(),
+        u.device_ptr(),
+        vt.device_ptr(),
+        s_dev.device_ptr(),
+        y.device_ptr(),
+    ];
+    let mut params: Vec<*mut c_void> = Vec::with_capacity(ptrs.len() + ints.len());
+    for p in &ptrs {
+        params.push(p as *const u64 as *mut c_void);
+    }
+    for v in &ints {
+        params.push(v as *const i32 as *mut c_void);
+    }
+    let mut attr = cluster_attr(u32::try_from(cluster).unwrap_or(1));
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: u32::try_from(smem).unwrap_or(u32::MAX),
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    gpu.context()
+        .bind_to_thread()
+        .map_err(Error::driver("binding the context"))?;
+    // SAFETY: blr_blast_fused(const bf16* X, const bf16* U, const bf16* Vt, const bf16* S,
+    // bf16* Y, int T, int n, int m, int r, int b_in, int b_out, int B, int npass, int ablate):
+    // `params` points at five device pointers and nine i32s in that order, alive until the call
+    // returns. The kernel reads X rows < T (t*n elements, checked), U (b_out, p, r), Vt
+    // (b_in, r, q) and S (r, 16, 16) within the lengths checked above, and writes Y rows < T of
+    // m columns. The grid is a whole number of clusters of `cluster` CTAs (grid = cluster *
+    // tiles * npass), which the kernel's indexing assumes; shared memory is within the limit
+    // set at load.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            fk.kernel.cuda_function().cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| Error::Launch {
+        kernel: fk.kernel.name().to_string(),
+        source: e,
+    })?;
+    if std::env::var_os("BLR_CUDA_SYNC").is_some_and(|v| v == "1") {
+        gpu.stream().synchronize().map_err(|e| Error::Launch {
+            kernel: fk.kernel.name().to_string(),
+            source: e,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{check_strategy, GpuLinear, LayerKernels, Strategy};
+    use blr_core::rng::Rng;
+    use blr_core::{FormatKind, Linear};
+
+    fn blast(m: usize, n: usize, b_out: usize, b_in: usize, rank: usize) -> Shape {
+        Shape {
+            format: FormatKind::Blast,
+            m,
+            n,
+            b_out,
+            b_in,
+            rank,
+        }
+    }
+
+    #[test]
+    fn smem_of_llama7b_qkvo_fits_sm90_and_wide_q_is_refused() {
+        let qkvo = blast(4096, 4096, 16, 16, 1024);
+        assert_eq!(fused_smem_bytes(256, 16, 16), 215_056);
+        assert!(check_strategy(&qkvo, Strategy::Fused, 1024).is_ok());
+        // llama7b down: q = 688, a 128 x 688 tile of X alone is 176 KiB.
+        let down = blast(4096, 11008, 16, 16, 1488);
+        let msg = check_strategy(&down, Strategy::Fused, 1024)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("shared memory") && msg.contains("q = 688"),
+            "{msg}"
+        );
+        assert!(check_strategy(&down, Strategy::Partial, 1024).is_ok());
+        // gate/up: p = 688 runs three passes; fits.
+        assert!(check_strategy(&blast(11008, 4096, 16, 16, 1488), Strategy::Fused, 1024).is_ok());
+        let mon = Shape {
+            format: FormatKind::Monarch,
+            ..qkvo
+        };
+        assert!(check_strategy(&mon, Strategy::Fused, 1024).is_err());
+    }
+
+    fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
+        let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
+        for (&g, &w) in got.iter().zip(want) {
+            if !g.is_finite() {
+                bad += 1;
+                continue;
+            }
+            num += (f64::from(g) - f64::from(w)).powi(2);
+            den += f64::from(w).powi(2);
+        }
+        ((num / den.max(1e-30)).sqrt(), bad)
+    }
+
+    /// Every fused case against the CPU forward: block counts 2, 3, 4, 16 (and b_out != b_in),
+    /// p, q, r not multiples of the 128 / 256 / 64 tiles (r < 64, ragged last rank chunk,
+    /// p > 256 in two passes), T = 1, 5, 13, 77, 300 (three token tiles, the last ragged);
+    /// outputs poisoned with NaN first, y exactly T x m.
+    #[test]
+    fn gpu_fused_matches_cpu_on_odd_shapes() {
+        let gpu = match Gpu::open_default() {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("SKIP gpu_fused_matches_cpu_on_odd_shapes: no usable GPU ({e})");
+                return;
+            }
+        };
+        let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
+        let Some(fk) = kernels.fused() else {
+            eprintln!("SKIP gpu_fused_matches_cpu_on_odd_shapes: device before sm_90");
+            return;
+        };
+        let clusters: Vec<u32> = (1..=16).map(|b| fk.max_active_clusters(b)).collect();
+        eprintln!("fused: resident clusters of 1..16 CTAs: {clusters:?}");
+        let shapes = [
+            blast(2 * 40, 2 * 56, 2, 2, 72),
+            blast(3 * 24, 3 * 88, 3, 3, 40),
+            blast(4 * 264, 3 * 24, 4, 3, 136),
+            blast(16 * 24, 16 * 40, 16, 16, 200),
+            blast(16 * 8, 5 * 16, 16, 5, 24),
+            blast(4096, 4096, 16, 16, 1024),
+        ];
+        let mut rng = Rng::new(0xF05E);
+        let mut checked = 0;
+        for (si, sh) in shapes.iter().enumerate() {
+            let layer = Linear::random(sh, 300 + si as u64).expect("valid shape");
+            let factors = layer
+                .factors()
+                .into_iter()
+                .map(|(_, _, v)| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect())
+                .collect();
+            let layer = Linear::from_factors(sh, factors).expect("same shape");
+            let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
+            let mut ws = dev.workspace(&gpu, 300).expect("workspace");
+            let ts: &[usize] = if sh.m >= 4096 {
+                &[5, 300]
+            } else {
+                &[1, 5, 13, 77, 300]
+            };
+            for &t in ts {
+                let x: Vec<f32> = rng
+                    .normal_vec(t * sh.n, 1.0)
+                    .into_iter()
+                    .map(|v| bf16::from_f32(v).to_f32())
+                    .collect();
+                let want = layer.forward(&x, t).expect("cpu forward");
+                let xd = gpu.upload_bf16(&x, "x").expect("upload x");
+                let mut yd = gpu.alloc::<bf16>(t * sh.m, "y").expect("alloc y");
+                gpu.memset_bytes(&mut yd, 0xFF).expect("poison");
+                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, Strategy::Fused)
+                    .unwrap_or_else(|e| panic!("{sh:?} T={t}: {e}"));
+                let got = gpu.download_f32(&yd).expect("download");
+                let (err, bad) = rel_err(&got, &want);
+                eprintln!("fused {sh:?} T={t}: rel err {err:.2e}");
+                assert_eq!(bad, 0, "{sh:?} T={t}: {bad} outputs unwritten or NaN");
+                assert!(err < 1.5e-2, "{sh:?} T={t}: rel err {err:.3e}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 27, "only {checked} cases ran");
+    }
+}
