@@ -139,6 +139,37 @@ pub fn ensure_cublas() -> Result<()> {
     }
 }
 
+/// cuSOLVER (the GPU SVD's eigensolver) can be loaded, with the libraries it links against.
+pub fn ensure_cusolver() -> Result<()> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        ensure_cublas().is_ok()
+            && ensure_loaded(
+                &[
+                    "libcublasLt.so.13",
+                    "libnvJitLink.so.13",
+                    "libcusparse.so.12",
+                    "libcusolver.so.12",
+                ],
+                // SAFETY: only dlopens/dlcloses the library by name.
+                || unsafe { cudarc::cusolver::sys::is_culib_present() },
+                &toolkit_lib_dirs(),
+                false,
+            )
+    });
+    if present {
+        Ok(())
+    } else {
+        Err(Error::LibraryNotFound {
+            library: "cuSOLVER",
+            candidates: "libcusolver.so.12".into(),
+            hint: "the GPU SVD needs libcusolver 12.x from the CUDA 13 toolkit (with libcusparse \
+                   and libnvJitLink); use --device cpu without it"
+                .into(),
+        })
+    }
+}
+
 /// Loads `files` (in order, dependencies first) from the first directory holding the last of
 /// them, before (`explicit`) or after asking the loader for the bare name.
 fn ensure_loaded(

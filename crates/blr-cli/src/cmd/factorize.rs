@@ -325,7 +325,7 @@ pub fn run(args: Args) -> Result<()> {
         b
     };
     let progress = Bar(bar);
-    let device = if format == FormatKind::Blast {
+    let device = if format == FormatKind::Blast || format == FormatKind::LowRank {
         FactorDevice::pick(&args.device)?
     } else {
         FactorDevice::cpu()
@@ -336,7 +336,26 @@ pub fn run(args: Args) -> Result<()> {
     // device it ran on); recomputing it on the CPU costs 2 m n r flops.
     let mut blast_error = None;
     let layer = match format {
-        FormatKind::LowRank => blr_compress::lowrank(&target, shape.rank, calib.as_ref())?,
+        FormatKind::LowRank => match (&device.gpu, &calib) {
+            // Data-free low-rank: the truncated SVD on the GPU (calibrated stays on the CPU).
+            (Some(gpu), None) => match blr_cuda::factorize::lowrank(gpu, &target, shape.rank) {
+                Ok(layer) => layer,
+                Err(blr_cuda::Error::LibraryNotFound { library, .. }) if !device.forced => {
+                    ran_on = format!("cpu ({library} not found)");
+                    blr_compress::lowrank(&target, shape.rank, None)?
+                }
+                Err(e) => return Err(e.into()),
+            },
+            (Some(_), Some(_)) if device.forced => {
+                bail!("--device cuda: calibrated low-rank runs on the CPU only; use --device cpu or auto")
+            }
+            _ => {
+                if device.gpu.is_some() {
+                    ran_on = "cpu (calibrated low-rank runs on the CPU only)".into();
+                }
+                blr_compress::lowrank(&target, shape.rank, calib.as_ref())?
+            }
+        },
         FormatKind::Monarch => {
             let opts = MonarchOptions {
                 sweeps: args.sweeps,

@@ -179,14 +179,19 @@ extern "C" __global__ void blast_s_grad(float* __restrict__ g, float* __restrict
 // s <- s - step dir, and the loss after it without forming H again: (H + eps I) dir = g gives
 // H dir = g - eps dir, so H s_new = H s - step (g - eps dir). Accumulates
 // sum s_new . (H s_new - 2 d) = ||E||^2 - norm_sq into scal[slot].
+// The step is steps[*itp] (the schedule lives on the device, so one captured iteration
+// replays for every iteration).
 extern "C" __global__ void blast_s_update(float* __restrict__ s, const float* __restrict__ dir,
                                           const float* __restrict__ g, const float* __restrict__ hs,
-                                          const float* __restrict__ d, long long n, float step,
+                                          const float* __restrict__ d, long long n,
+                                          const float* __restrict__ steps,
+                                          const int* __restrict__ itp,
                                           const double* __restrict__ scal_eps, int base,
                                           double norm_sq, double damping, double* __restrict__ scal,
                                           int slot) {
     __shared__ double part[32];
     double eps = blast_eps(scal_eps, base, norm_sq, damping);
+    float step = steps[*itp];
     double acc = 0.0;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
          e += (long long)gridDim.x * blockDim.x) {
@@ -207,19 +212,24 @@ extern "C" __global__ void blast_s_update(float* __restrict__ s, const float* __
     }
 }
 
-// history[it] = sqrt(max(norm_sq + scal[slot], 0) / norm_sq): the relative error after the
-// iteration, in the same norm and from the same factored terms as the CPU path.
-extern "C" __global__ void blast_record(double* __restrict__ history, int it,
+// history[*itp] = sqrt(max(norm_sq + scal[slot], 0) / norm_sq): the relative error after the
+// iteration, in the same norm and from the same factored terms as the CPU path; then moves the
+// device's iteration counter *itp on (the last launch of an iteration).
+extern "C" __global__ void blast_record(double* __restrict__ history, int* __restrict__ itp,
                                         const double* __restrict__ scal, int slot, double norm_sq) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         double e2 = norm_sq + scal[slot];
+        int it = *itp;
         history[it] = sqrt((e2 > 0.0 ? e2 : 0.0) / norm_sq);
+        *itp = it + 1;
     }
 }
 
-// y += alpha x.
-extern "C" __global__ void axpy_f32(float* __restrict__ y, const float* __restrict__ x, float alpha,
-                                    long long n) {
+// y -= steps[*itp] x (the U and V updates).
+extern "C" __global__ void axpy_step(float* __restrict__ y, const float* __restrict__ x,
+                                     const float* __restrict__ steps, const int* __restrict__ itp,
+                                     long long n) {
+    float alpha = -steps[*itp];
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
          e += (long long)gridDim.x * blockDim.x) {
         y[e] += alpha * x[e];
@@ -241,27 +251,30 @@ extern "C" __global__ void blast_scale_u(float* __restrict__ us, const float* __
 
 // ---------------------------------------------------------------- batched Cholesky
 
-// One diagonal block of the left-looking blocked Cholesky (chol.rs), for a batch of matrices:
-// block b (blockIdx.x) factors the kb x kb block at (k0, k0) of its matrix (lower, column-major,
-// ld lda, matrices `stride` apart) in shared memory, writes L11 back, and writes L11^-1 (kb x kb,
-// ld nb, zero above the diagonal) to linv[b] for the panel GEMM L21 = A21 L11^-T and the blocked
-// triangular solves. A pivot that is not positive and finite sets info[b] = 1 (the host
-// reports it; the factor is then garbage).
-// Shared memory: L and L^-1, kb x (kb + 1) floats each (+1: column walks hit distinct banks);
-// 132 KB at kb = 128. 512 threads = 16 warps: in the rank-1 update a warp owns a column and its
-// lanes walk the rows; in the inverse four lanes share a column. The kernel is latency-bound
-// (kb dependent steps, each one barrier), which is why the batch runs as one grid.
-extern "C" __global__ void chol_diag(float* __restrict__ a, long long stride, int lda, int k0, int kb,
+// One diagonal block of the blocked Cholesky (chol.rs), for a batch of matrices: block b
+// (blockIdx.x) factors the kb x kb block at (k0, k0) of its matrix a (lower, column-major, ld
+// lda, matrices astride apart) in shared memory, writes L11 to the same place of l (lstride
+// apart; l may be a), and writes L11^-1 (kb x kb, ld nb, zero above the diagonal) to linv[b]
+// for the panel GEMMs, the wider inverses and the blocked triangular solves. A pivot that is
+// not positive and finite sets info[b] = 1 (the host reports it; the factor is then garbage).
+// Shared memory: L and L^-1, kb x (kb + 1) floats each (+1: column walks hit distinct banks).
+// 512 threads = 16 warps. The kernel is latency-bound (2 kb dependent steps, one barrier
+// each), which is why the batch runs as one grid.
+extern "C" __global__ void chol_diag(const float* a, long long astride, float* l,
+                                     long long lstride, int lda, int k0, int kb,
                                      float* __restrict__ linv, int nb, int* __restrict__ info) {
     extern __shared__ float sm[];
     __shared__ int bad;
+    __shared__ float rinv[128];
     int ld = kb + 1;
     float* L = sm;
     float* X = sm + kb * ld;
-    float* blk = a + (long long)blockIdx.x * stride + (long long)k0 * lda + k0;
+    const float* src = a + (long long)blockIdx.x * astride + (long long)k0 * lda + k0;
+    float* dst = l + (long long)blockIdx.x * lstride + (long long)k0 * lda + k0;
     for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
         int row = e % kb, col = e / kb;
-        L[col * ld + row] = row >= col ? blk[(long long)col * lda + row] : 0.f;
+        L[col * ld + row] = row >= col ? src[(long long)col * lda + row] : 0.f;
+        X[col * ld + row] = row == col ? 1.f : 0.f;
     }
     if (threadIdx.x == 0) bad = 0;
     __syncthreads();
@@ -294,48 +307,65 @@ extern "C" __global__ void chol_diag(float* __restrict__ a, long long stride, in
     __syncthreads();
     for (int e = threadIdx.x; e < kb; e += blockDim.x) {
         float dc = L[e * ld + e];
-        L[e * ld + e] = (dc > 0.f && isfinite(dc)) ? sqrtf(dc) : 1.f;
+        float v = (dc > 0.f && isfinite(dc)) ? sqrtf(dc) : 1.f;
+        L[e * ld + e] = v;
+        rinv[e] = 1.f / v;
     }
     __syncthreads();
     for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
         int row = e % kb, col = e / kb;
-        if (row >= col) blk[(long long)col * lda + row] = L[col * ld + row];
+        if (row >= col) dst[(long long)col * lda + row] = L[col * ld + row];
     }
-    // X = L^-1 row by row, X[i][c] = -(sum_{u=c}^{i-1} L[i][u] X[u][c]) / L[i][i]: each column
-    // c has 4 consecutive lanes that split the sum (128 columns x 4 = 512 threads).
-    __syncthreads();
-    int quads = blockDim.x >> 2;
-    int sub = threadIdx.x & 3;
-    for (int i = 0; i < kb; ++i) {
-        for (int c0 = 0; c0 < kb; c0 += quads) {
-            int c = c0 + (threadIdx.x >> 2);
-            float part = 0.f;
-            if (c < i) {
-                for (int u = c + sub; u < i; u += 4) part += L[u * ld + i] * X[c * ld + u];
-            }
-            part += __shfl_down_sync(0xffffffffu, part, 2, 4);
-            part += __shfl_down_sync(0xffffffffu, part, 1, 4);
-            if (sub == 0 && c <= i) X[c * ld + i] = c < i ? -part / L[i * ld + i] : 1.f / L[i * ld + i];
+    // X = L^-1 by column-oriented substitution on I, one barrier per step: after step u - 1,
+    // row u of X holds x_u L[u][u] (x_u the final row), so step u subtracts
+    // L[i][u] (X[u][c] / L[u][u]) from every row i > u, columns c <= u, all (i, c) pairs in
+    // parallel; the rows are divided by their pivots at the end.
+    for (int u = 0; u + 1 < kb; ++u) {
+        int rows = kb - 1 - u;
+        int pairs = rows * (u + 1);
+        float ru = rinv[u];
+        for (int e = threadIdx.x; e < pairs; e += blockDim.x) {
+            int i = u + 1 + e % rows, c = e / rows;
+            X[c * ld + i] -= L[u * ld + i] * (X[c * ld + u] * ru);
         }
         __syncthreads();
     }
     float* inv = linv + (long long)blockIdx.x * nb * nb;
     for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
         int row = e % kb, col = e / kb;
-        inv[col * nb + row] = row >= col ? X[col * ld + row] : 0.f;
+        inv[col * nb + row] = row >= col ? X[col * ld + row] * rinv[row] : 0.f;
     }
     if (threadIdx.x == 0 && bad) info[blockIdx.x] = 1;
 }
 
-// dst (rows x cols, ld ldd, matrices dstride apart) = src (ld lds, sstride apart).
-extern "C" __global__ void copy_block(float* __restrict__ dst, long long dstride, int ldd,
-                                      const float* __restrict__ src, long long sstride, int lds,
-                                      int rows, int cols) {
-    long long per = (long long)rows * cols;
-    int b = blockIdx.y;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < per;
-         e += (long long)gridDim.x * blockDim.x) {
-        int row = (int)(e % rows), col = (int)(e / rows);
-        dst[b * dstride + (long long)col * ldd + row] = src[b * sstride + (long long)col * lds + row];
+// Wider diagonal-block inverses from narrower ones: for the pairs t = t0 + blockIdx.y of
+// width-w diagonal blocks (block 2t of order w1, block 2t+1 of order w2, possibly 0) of matrix
+// b = blockIdx.z, writes the parts of
+//   [L_a 0; L_ba L_c]^-1 = [L_a^-1 0; -L_c^-1 L_ba L_a^-1  L_c^-1]   (2w x 2w, ld 2w)
+// that need no arithmetic: both inverses copied from lin, zeros elsewhere (also where an order
+// is short of w). The lower-left block is two GEMMs afterwards (chol.rs).
+// lin: [block][matrix][w x w], blocks lin_block floats apart; lout likewise at width 2w.
+extern "C" __global__ void chol_inv_place(const float* __restrict__ lin, float* __restrict__ lout,
+                                          int w, int r, int t0, long long lin_block,
+                                          long long lout_block) {
+    int t = t0 + blockIdx.y;
+    long long b = blockIdx.z;
+    int w2x = 2 * w;
+    int k0 = 2 * t * w;
+    int w1 = min(w, r - k0);
+    int w2 = min(w, max(0, r - k0 - w));
+    const float* A = lin + (long long)(2 * t) * lin_block + b * w * w;
+    const float* C = lin + (long long)(2 * t + 1) * lin_block + b * w * w;
+    float* X = lout + (long long)t * lout_block + b * w2x * w2x;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < w2x * w2x; e += gridDim.x * blockDim.x) {
+        int row = e % w2x, col = e / w2x;
+        float v = 0.f;
+        if (row < w && col < w) {
+            if (row < w1 && col < w1) v = A[col * w + row];
+        } else if (row >= w && col >= w) {
+            int rr = row - w, cc = col - w;
+            if (rr < w2 && cc < w2) v = C[cc * w + rr];
+        }
+        X[e] = v;
     }
 }

@@ -32,22 +32,23 @@
 
 mod blas;
 mod chol;
+pub mod svd;
 #[cfg(test)]
 mod tests;
 
 use cudarc::driver::LaunchConfig;
 
 use blr_compress::{
-    blast_start, BlastMethod, BlastOptions, BlastReport, BlastStart, Progress, Target,
+    blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart, Progress, Target,
 };
-use blr_core::{Blast, Linear};
+use blr_core::{Blast, Linear, LowRank};
 
 use crate::compile::{CompileOptions, KernelSource};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
 use crate::memory::DeviceBuffer;
 use blas::{Cublas, Op, Operand};
-use chol::BatchedCholesky;
+use chol::{BatchedCholesky, CholKernels};
 
 /// The source of `factorize.cu`.
 pub const FACTORIZE_CU: KernelSource = crate::kernel_source!("factorize.cu");
@@ -121,8 +122,7 @@ struct Kernels {
     record: Kernel,
     axpy: Kernel,
     scale_u: Kernel,
-    chol_diag: Kernel,
-    copy_block: Kernel,
+    chol: CholKernels,
 }
 
 impl Kernels {
@@ -139,10 +139,12 @@ impl Kernels {
             s_grad: m.function("blast_s_grad")?,
             s_update: m.function("blast_s_update")?,
             record: m.function("blast_record")?,
-            axpy: m.function("axpy_f32")?,
+            axpy: m.function("axpy_step")?,
             scale_u: m.function("blast_scale_u")?,
-            chol_diag: m.function("chol_diag")?,
-            copy_block: m.function("copy_block")?,
+            chol: CholKernels {
+                diag: m.function("chol_diag")?,
+                place: m.function("chol_inv_place")?,
+            },
         })
     }
 }
@@ -178,8 +180,12 @@ struct Solver<'g> {
     blas: Cublas,
     /// TF32 for the two data GEMM families.
     tf32: bool,
-    /// TF32 for every other GEMM of the iteration (Grams, gradients, Cholesky, solves).
+    /// TF32 for every other GEMM of the iteration (Grams, gradients, Cholesky).
     tf32_rest: bool,
+    /// TF32 for the triangular solves too: with `tf32`, unless `BLR_FACTORIZE_SOLVE_TF32=0`
+    /// (0.8 s of 8.2 at 4096 x 11008, final error 1e-6 relative from the fp32 solves'; the
+    /// solve residual goes from ~2e-6 to ~1.5e-3, well inside what the damped step needs).
+    tf32_solve: bool,
     m: usize,
     n: usize,
     r: usize,
@@ -211,6 +217,14 @@ struct Solver<'g> {
     chol: BatchedCholesky,
     /// Scratch for the blocked solves (the forward pass's result).
     ysolve: DeviceBuffer<f32>,
+    /// `2 lr` of every iteration (lr decayed linearly), read on the device at `counter`.
+    steps: DeviceBuffer<f32>,
+    /// The index of the iteration being run (moved on by its last launch).
+    counter: DeviceBuffer<i32>,
+    /// One captured iteration, replayed for the rest (see `run`).
+    graph: Option<crate::gpu::Graph>,
+    /// Whether to capture (off when profiling, or with `BLR_FACTORIZE_GRAPH=0`).
+    use_graph: bool,
     /// `BLR_FACTORIZE_PROFILE=1`: events between the phases of each iteration, summed per
     /// phase and printed to stderr at the end (a measurement aid; it adds no synchronisation
     /// inside an iteration).
@@ -276,7 +290,7 @@ impl<'g> Solver<'g> {
         a: &[f32],
         shape: Shape,
         iterations: usize,
-        damping: f64,
+        (lr, damping): (f64, f64),
         gpu_opts: &GpuBlastOptions,
     ) -> Result<Self> {
         let Shape {
@@ -298,18 +312,20 @@ impl<'g> Solver<'g> {
         let rhs = gpu.alloc_zeros::<f32>(m * r, "BLAST U gradient (transposed)")?;
         let gv = gpu.alloc_zeros::<f32>(r * n, "BLAST V gradient")?;
         let g = gpu.alloc_zeros::<f32>(nblk * r, "BLAST S gradient")?;
-        let chol = BatchedCholesky::new(
-            gpu,
-            &k.chol_diag,
-            &k.copy_block,
-            r,
-            nblk.max(b_out).max(b_in),
-        )?;
+        let steps: Vec<f32> = (0..iterations.max(1))
+            .map(|it| (2.0 * lr * (1.0 - it as f64 / iterations.max(1) as f64)) as f32)
+            .collect();
+        let profile = std::env::var_os("BLR_FACTORIZE_PROFILE")
+            .filter(|v| v != "0")
+            .map(|_| std::cell::RefCell::new(Profile::default()));
+        let chol = BatchedCholesky::new(gpu, &k.chol, r, nblk.max(b_out).max(b_in))?;
         Ok(Self {
             gpu,
             blas,
             tf32: gpu_opts.precision != GemmPrecision::Fp32,
             tf32_rest: gpu_opts.precision == GemmPrecision::Tf32,
+            tf32_solve: gpu_opts.precision == GemmPrecision::Tf32
+                && std::env::var_os("BLR_FACTORIZE_SOLVE_TF32").is_none_or(|v| v != "0"),
             m,
             n,
             r,
@@ -341,9 +357,12 @@ impl<'g> Solver<'g> {
             ysolve: gpu
                 .alloc_zeros::<f32>((r * m).max(r * n).max(nblk * r), "BLAST solve scratch")?,
             k,
-            profile: std::env::var_os("BLR_FACTORIZE_PROFILE")
-                .filter(|v| v != "0")
-                .map(|_| std::cell::RefCell::new(Profile::default())),
+            steps: gpu.upload(&steps, "BLAST step schedule")?,
+            counter: gpu.alloc_zeros::<i32>(1, "BLAST iteration counter")?,
+            graph: None,
+            use_graph: profile.is_none()
+                && std::env::var_os("BLR_FACTORIZE_GRAPH").is_none_or(|v| v != "0"),
+            profile,
         })
     }
 
@@ -479,15 +498,20 @@ impl<'g> Solver<'g> {
         }
     }
 
-    fn axpy(&self, y: u64, x: u64, alpha: f32, len: usize) -> Result<()> {
+    /// `y -= step x` with this iteration's step (from the device schedule).
+    fn axpy_step(&self, y: u64, x: u64, len: usize) -> Result<()> {
         let n = len as i64;
-        // SAFETY: axpy_f32(float* y, const float* x, float alpha, i64 n): both hold len floats.
+        let (steps, itp) = (self.steps.device_ptr(), self.counter.device_ptr());
+        // SAFETY: axpy_step(float* y, const float* x, const float* steps, const int* itp,
+        // i64 n): y and x hold len floats; *itp < steps.len() (run() sets the counter to an
+        // iteration index and each iteration moves it on by one).
         unsafe {
             self.gpu
                 .launch(&self.k.axpy)
                 .arg(&y)
                 .arg(&x)
-                .arg(&alpha)
+                .arg(&steps)
+                .arg(&itp)
                 .arg(&n)
                 .launch(grid(self.gpu, len))
         }
@@ -562,7 +586,7 @@ impl<'g> Solver<'g> {
         )
     }
 
-    fn step_u(&mut self, step: f32) -> Result<()> {
+    fn step_u(&self) -> Result<()> {
         let (m, n, p, q, r, b_out, b_in) = (
             self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
         );
@@ -633,20 +657,19 @@ impl<'g> Solver<'g> {
         // (grad (P + eps I)^-1)^T = (P + eps I)^-1 grad^T, P symmetric.
         self.chol.solve(
             &self.blas,
-            pm,
-            r * r,
             b_out,
             Operand::new(rhs, r, p * r),
             Operand::new(self.ysolve.device_ptr(), r, p * r),
             p,
+            self.tf32_solve,
         )?;
         self.mark("u: solve")?;
-        self.axpy(u, rhs, -step, m * r)?;
+        self.axpy_step(u, rhs, m * r)?;
         self.u_gram()?;
         self.mark("u: gram")
     }
 
-    fn step_v(&mut self, step: f32) -> Result<()> {
+    fn step_v(&self) -> Result<()> {
         let (n, p, q, r, b_out, b_in) = (self.n, self.p, self.q, self.r, self.b_out, self.b_in);
         let (at, u, vt, big, gv, qm) = (
             self.at.device_ptr(),
@@ -723,20 +746,19 @@ impl<'g> Solver<'g> {
         self.mark("v: chol")?;
         self.chol.solve(
             &self.blas,
-            qm,
-            r * r,
             b_in,
             Operand::new(gv, r, q * r),
             Operand::new(self.ysolve.device_ptr(), r, q * r),
             q,
+            self.tf32_solve,
         )?;
         self.mark("v: solve")?;
-        self.axpy(vt, gv, -step, r * n)?;
+        self.axpy_step(vt, gv, r * n)?;
         self.v_gram()?;
         self.mark("v: gram")
     }
 
-    fn step_s(&mut self, step: f32) -> Result<()> {
+    fn step_s(&self) -> Result<()> {
         let (r, b_in) = (self.r, self.b_in);
         let nblk = self.b_out * b_in;
         let rr = r * r;
@@ -799,19 +821,20 @@ impl<'g> Solver<'g> {
         self.mark("s: chol")?;
         self.chol.solve(
             &self.blas,
-            h,
-            rr,
             nblk,
             Operand::new(g, r, r),
             Operand::new(self.ysolve.device_ptr(), r, r),
             1,
+            self.tf32_solve,
         )?;
         self.mark("s: solve")?;
         let scal = self.scal.device_ptr();
         let (base, slot) = (S_LOSS, S_AFTER);
         // SAFETY: blast_s_update(float* s, const float* dir, const float* g, const float* hs,
-        // const float* d, i64 n, float step, const double* scal_eps, int base, double norm_sq,
-        // double damping, double* scal, int slot): all vectors hold nblk*r floats.
+        // const float* d, i64 n, const float* steps, const int* itp, const double* scal_eps,
+        // int base, double norm_sq, double damping, double* scal, int slot): all vectors hold
+        // nblk*r floats; *itp < steps.len() (see axpy_step).
+        let (steps, itp) = (self.steps.device_ptr(), self.counter.device_ptr());
         unsafe {
             self.gpu
                 .launch(&self.k.s_update)
@@ -821,7 +844,8 @@ impl<'g> Solver<'g> {
                 .arg(&hs)
                 .arg(&d)
                 .arg(&len)
-                .arg(&step)
+                .arg(&steps)
+                .arg(&itp)
                 .arg(&scal)
                 .arg(&base)
                 .arg(&self.norm_sq)
@@ -832,11 +856,24 @@ impl<'g> Solver<'g> {
         }
     }
 
-    fn record(&self, it: usize) -> Result<()> {
+    /// One iteration (U, V, S steps and the error record) queued on the stream.
+    fn iteration(&mut self) -> Result<()> {
+        self.gpu.memset_bytes(&mut self.scal, 0)?;
+        self.mark("start")?;
+        self.step_u()?;
+        self.mark("start")?;
+        self.step_v()?;
+        self.mark("start")?;
+        self.step_s()?;
+        self.record()?;
+        self.mark("s: update")
+    }
+
+    fn record(&self) -> Result<()> {
         let (hist, scal, it, slot) = (
             self.history.device_ptr(),
             self.scal.device_ptr(),
-            it as i32,
+            self.counter.device_ptr(),
             S_AFTER,
         );
         let cfg = LaunchConfig {
@@ -844,8 +881,8 @@ impl<'g> Solver<'g> {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: blast_record(double* history, int it, const double* scal, int slot,
-        // double norm_sq): it < history.len(), slot < SLOTS.
+        // SAFETY: blast_record(double* history, int* itp, const double* scal, int slot,
+        // double norm_sq): *itp < history.len() (see axpy_step), slot < SLOTS.
         unsafe {
             self.gpu
                 .launch(&self.k.record)
@@ -937,17 +974,18 @@ pub fn blast_report(
     if let Some(why) = unsupported(opts, false) {
         return Err(Error::Shape(format!("{why}: use --device cpu")));
     }
-    let first = blast_start(target, opts, 0)?;
+    // BLR_FACTORIZE_PROFILE: the host-side phases too (wall clock, after a stream sync).
+    let profiling = std::env::var_os("BLR_FACTORIZE_PROFILE").is_some_and(|v| v != "0");
+    let clock = std::time::Instant::now();
+    let lap = |what: &str| {
+        if profiling {
+            eprintln!(
+                "profile host {what:>14}: {:8.1} ms since start",
+                clock.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    };
     let (m, n, r, b_out, b_in) = (target.m, target.n, opts.rank, opts.b_out, opts.b_in);
-    if first.scale == 0.0 {
-        // W = 0: the CPU path's answer (zero factors) costs nothing.
-        return Ok(blr_compress::blast_report(target, opts, None, progress)?);
-    }
-    let a: Vec<f32> = target
-        .weight
-        .iter()
-        .map(|&v| (f64::from(v) / first.scale) as f32)
-        .collect();
     let shape = Shape {
         m,
         n,
@@ -955,8 +993,37 @@ pub fn blast_report(
         b_out,
         b_in,
     };
-    let mut solver = Solver::new(gpu, &a, shape, opts.iterations, opts.damping, gpu_opts)?;
-    drop(a);
+    let solver_for = |scale: f64| {
+        let a: Vec<f32> = target
+            .weight
+            .iter()
+            .map(|&v| (f64::from(v) / scale) as f32)
+            .collect();
+        Solver::new(
+            gpu,
+            &a,
+            shape,
+            opts.iterations,
+            (opts.lr, opts.damping),
+            gpu_opts,
+        )
+    };
+    // (Running the random start on a second thread while this one uploads the matrix
+    // measured slower, 1.39 s against 1.17 s to the first iteration at 4096 x 11008.)
+    let first = match opts.init {
+        BlastInit::LowRank => lowrank_start(gpu, target, opts)?,
+        _ => blast_start(target, opts, 0)?,
+    };
+    lap("start");
+    if first.scale == 0.0 {
+        // W = 0: the CPU path's answer (zero factors) costs nothing.
+        return Ok(blr_compress::blast_report(target, opts, None, progress)?);
+    }
+    let mut solver = solver_for(first.scale)?;
+    if profiling {
+        gpu.synchronize()?;
+    }
+    lap("solver+upload");
 
     let restarts = opts.restarts.max(1);
     let probe = if restarts > 1 {
@@ -967,7 +1034,12 @@ pub fn blast_report(
     progress.begin("blast", opts.iterations + (restarts - 1) * probe);
     let mut done = 0usize;
     let mut best: Option<(Option<BlastStart>, Vec<f64>)> = None;
-    for k in 0..restarts {
+    if restarts == 1 {
+        // One start: it goes up once and stays (no probe, no round trip through the host).
+        solver.set_state(&first)?;
+        best = Some((None, Vec::new()));
+    }
+    for k in (0..restarts).filter(|_| restarts > 1) {
         let start = if k == 0 {
             first.clone()
         } else {
@@ -997,13 +1069,16 @@ pub fn blast_report(
             best = Some((Some(kept), history));
         }
     }
-    let Some((Some(kept), mut history)) = best else {
+    let Some((kept, mut history)) = best else {
         return Err(Error::Shape(format!(
             "{}: BLAST needs at least one start",
             target.name
         )));
     };
-    solver.set_state(&kept)?;
+    if let Some(kept) = kept {
+        solver.set_state(&kept)?;
+    }
+    lap("state");
     history.extend(run(
         &mut solver,
         opts,
@@ -1013,8 +1088,11 @@ pub fn blast_report(
         target.name,
     )?);
 
+    lap("iterations");
     let (u, vt, s) = solver.get_state()?;
+    lap("download");
     let rel_error = solver.exact_error()?;
+    lap("exact error");
     let s: Vec<f32> = s
         .iter()
         .map(|&v| (f64::from(v) * first.scale) as f32)
@@ -1027,6 +1105,79 @@ pub fn blast_report(
         history,
         rel_error,
     })
+}
+
+/// The truncated-SVD start of `blr_compress::blast_start` (`BlastInit::LowRank`) with the SVD
+/// on the GPU ([`svd::truncated_svd`]): the same random factors underneath, the same
+/// normalisation, columns `k < min(r, m, n)` set to `U_k sqrt(s_k)` and `V_k sqrt(s_k)` with
+/// `s_ij = 1`. Singular pairs may differ in sign from the CPU's, which the iteration does not
+/// see (`U_k` and `V_k` flip together). Without cuSOLVER the CPU start is used.
+fn lowrank_start(gpu: &Gpu, target: &Target<'_>, opts: &BlastOptions) -> Result<BlastStart> {
+    let random = BlastOptions {
+        init: BlastInit::Random,
+        ..*opts
+    };
+    let mut st = blast_start(target, &random, 0)?;
+    if st.scale == 0.0 {
+        return Ok(st);
+    }
+    let (m, n, r, b_out, b_in) = (target.m, target.n, opts.rank, opts.b_out, opts.b_in);
+    let q = n / b_in;
+    let a: Vec<f32> = target
+        .weight
+        .iter()
+        .map(|&v| (f64::from(v) / st.scale) as f32)
+        .collect();
+    let svd = match svd::truncated_svd(gpu, &a, m, n, r) {
+        Ok(svd) => svd,
+        Err(Error::LibraryNotFound { .. }) => return Ok(blast_start(target, opts, 0)?),
+        Err(e) => return Err(e),
+    };
+    let keep = r.min(m.min(n));
+    for k in 0..keep {
+        for row in 0..m {
+            st.u[row * r + k] = svd.left[k * m + row] as f32;
+        }
+        for j in 0..b_in {
+            for c in 0..q {
+                st.vt[j * r * q + k * q + c] = svd.right_t[k * n + j * q + c] as f32;
+            }
+        }
+        for ij in 0..b_out * b_in {
+            st.s[ij * r + k] = 1.0;
+        }
+    }
+    Ok(st)
+}
+
+/// Data-free low-rank factorization `W ≈ U V` by the truncated SVD on the GPU: the
+/// factors of `blr_compress::lowrank` (balanced, `U_r sqrt(S_r)` and `sqrt(S_r) V_r^T`) up to
+/// the sign of each singular pair.
+pub fn lowrank(gpu: &Gpu, target: &Target<'_>, rank: usize) -> Result<Linear> {
+    let (m, n) = (target.m, target.n);
+    blr_core::format::Shape {
+        format: blr_core::FormatKind::LowRank,
+        m,
+        n,
+        b_out: 1,
+        b_in: 1,
+        rank,
+    }
+    .validate()
+    .map_err(|e| Error::Shape(format!("{}: {e}", target.name)))?;
+    let svd = svd::truncated_svd(gpu, target.weight, m, n, rank)?;
+    let mut u = vec![0f32; m * rank];
+    let mut v = vec![0f32; rank * n];
+    for k in 0..rank {
+        for row in 0..m {
+            u[row * rank + k] = svd.left[k * m + row] as f32;
+        }
+        for col in 0..n {
+            v[k * n + col] = svd.right_t[k * n + col] as f32;
+        }
+    }
+    let layer = LowRank::new(m, n, rank, u, v).map_err(|e| Error::Shape(e.to_string()))?;
+    Ok(Linear::LowRank(layer))
 }
 
 /// Runs iterations `iters` from the state on the device; returns their relative errors.
@@ -1050,18 +1201,27 @@ fn run(
     // Read the errors back every few iterations (a synchronisation), not after each.
     let every = 10usize;
     let mut read = first;
+    let start = i32::try_from(first).map_err(|_| Error::Shape("too many iterations".into()))?;
+    gpu.copy_to_device(&[start], &mut solver.counter)?;
     for it in iters.clone() {
-        let lr = opts.lr * (1.0 - it as f64 / opts.iterations as f64);
-        let step = (2.0 * lr) as f32;
-        gpu.memset_bytes(&mut solver.scal, 0)?;
-        solver.mark("start")?;
-        solver.step_u(step)?;
-        solver.mark("start")?;
-        solver.step_v(step)?;
-        solver.mark("start")?;
-        solver.step_s(step)?;
-        solver.record(it)?;
-        solver.mark("s: update")?;
+        // The first iteration runs as queued launches; it is then captured as a CUDA graph
+        // (the step and the iteration index live on the device) and the rest replay it: ~500
+        // launches per iteration, mostly small, cost more to queue from the host than to run.
+        if let Some(graph) = &solver.graph {
+            graph.replay()?;
+        } else {
+            solver.iteration()?;
+            if solver.use_graph {
+                match gpu.capture(|| solver.iteration()) {
+                    Ok(graph) => {
+                        graph.upload()?;
+                        solver.graph = Some(graph);
+                    }
+                    // No graph (a driver or library that refuses capture): keep queueing.
+                    Err(_) => solver.use_graph = false,
+                }
+            }
+        }
         if it + 1 == iters.end || (it + 1 - first).is_multiple_of(every) {
             let hist = gpu.download(&solver.history)?;
             if solver.chol.failed(gpu)? {

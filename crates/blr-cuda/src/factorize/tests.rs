@@ -37,6 +37,28 @@ fn unsupported_requests_say_why() {
     assert!(unsupported(&gd, false).unwrap().contains("gradient"));
 }
 
+/// `||L L^T - A|| / ||A||` per matrix, from the lower triangles of `l` (column-major r x r).
+fn recon_errors(l: &[f32], host: &[f32], r: usize, batch: usize) -> Vec<f64> {
+    (0..batch)
+        .map(|b| {
+            let lb = &l[b * r * r..(b + 1) * r * r];
+            let ab = &host[b * r * r..(b + 1) * r * r];
+            let mut recon = vec![0f32; r * r];
+            for c in 0..r {
+                for row in c..r {
+                    let mut acc = 0.0f64;
+                    for t in 0..=c {
+                        acc += f64::from(lb[t * r + row]) * f64::from(lb[t * r + c]);
+                    }
+                    recon[c * r + row] = acc as f32;
+                    recon[row * r + c] = acc as f32;
+                }
+            }
+            rel_diff(&recon, ab)
+        })
+        .collect()
+}
+
 #[test]
 fn batched_cholesky_reconstructs_spd_matrices() {
     let Some(gpu) = gpu_or_skip("batched_cholesky_reconstructs_spd_matrices") else {
@@ -44,8 +66,9 @@ fn batched_cholesky_reconstructs_spd_matrices() {
     };
     let k = Kernels::load(&gpu).unwrap();
     let blas = Cublas::new(&gpu).unwrap();
-    // r below, at and across the panel width (two panels + an odd tail), odd batch sizes.
-    for (r, batch) in [(37, 3), (128, 2), (301, 5)] {
+    // r below, at and across the panel and group widths (odd tails), odd batch sizes; every
+    // (diagonal step, group) width pair the code accepts in use.
+    for (r, batch) in [(37, 3), (128, 2), (301, 5), (601, 2)] {
         let mut rng = Rng::new(r as u64);
         let mut host = Vec::with_capacity(batch * r * r);
         for _ in 0..batch {
@@ -61,127 +84,186 @@ fn batched_cholesky_reconstructs_spd_matrices() {
                 }
             }
         }
-        let mut buf = gpu.upload(&host, "test SPD matrices").unwrap();
-        let mut chol = BatchedCholesky::new(&gpu, &k.chol_diag, &k.copy_block, r, batch).unwrap();
-        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
-            Ok(())
-        })
-        .unwrap();
-        assert!(!chol.failed(&gpu).unwrap());
-        let l = gpu.download(&buf).unwrap();
-        buf = gpu.upload(&l, "reuse").unwrap();
-        drop(buf);
-        for b in 0..batch {
-            let lb = &l[b * r * r..(b + 1) * r * r];
-            let ab = &host[b * r * r..(b + 1) * r * r];
-            let mut recon = vec![0f32; r * r];
-            for c in 0..r {
-                for row in c..r {
-                    let mut acc = 0.0f64;
-                    for t in 0..=c {
-                        acc += f64::from(lb[t * r + row]) * f64::from(lb[t * r + c]);
-                    }
-                    recon[c * r + row] = acc as f32;
-                    recon[row * r + c] = acc as f32;
-                }
-            }
-            let err = rel_diff(&recon, ab);
-            eprintln!("cholesky r={r} batch {b}: ||LL^T - A|| / ||A|| = {err:.2e}");
-            assert!(err < 1e-5, "r={r} b={b}: {err}");
-        }
-        // The blocked solve: (L L^T)^-1 B for B (r, 3) per matrix, checked by multiplying back.
         let nrhs = 3;
         let rhs = rng.normal_vec(batch * r * nrhs, 1.0);
-        let lbuf = gpu.upload(&l, "factors").unwrap();
-        let mut bbuf = gpu.upload(&rhs, "rhs").unwrap();
-        let ybuf = gpu.alloc_zeros::<f32>(batch * r * nrhs, "y").unwrap();
-        chol.factor(&gpu, &blas, lbuf.device_ptr(), r * r, batch, false, &|_| {
-            Ok(())
-        })
-        .unwrap_or(());
-        let _ = &mut bbuf;
-        drop(lbuf);
-        let mut fresh = gpu.upload(&host, "refactor").unwrap();
-        chol.factor(
-            &gpu,
-            &blas,
-            fresh.device_ptr(),
-            r * r,
-            batch,
-            false,
-            &|_| Ok(()),
-        )
-        .unwrap();
-        chol.solve(
-            &blas,
-            fresh.device_ptr(),
-            r * r,
-            batch,
-            blas::Operand::new(bbuf.device_ptr(), r, r * nrhs),
-            blas::Operand::new(ybuf.device_ptr(), r, r * nrhs),
-            nrhs,
-        )
-        .unwrap();
-        let x = gpu.download(&bbuf).unwrap();
-        let _ = &mut fresh;
-        for b in 0..batch {
-            let ab = &host[b * r * r..(b + 1) * r * r];
-            let mut back = vec![0f32; r * nrhs];
-            for c in 0..nrhs {
-                for row in 0..r {
-                    let mut acc = 0.0f64;
-                    for t in 0..r {
-                        acc += f64::from(ab[t * r + row]) * f64::from(x[b * r * nrhs + c * r + t]);
+        for (nb, outer) in [(64, 64), (64, 256), (32, 128), (64, 512), (128, 128)] {
+            let mut chol =
+                BatchedCholesky::with_widths(&gpu, &k.chol, r, batch, nb, outer).unwrap();
+            let buf = gpu.upload(&host, "test SPD matrices").unwrap();
+            chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
+                Ok(())
+            })
+            .unwrap();
+            assert!(!chol.failed(&gpu).unwrap());
+            let l = chol.factors(&gpu, batch).unwrap();
+            for (b, err) in recon_errors(&l, &host, r, batch).into_iter().enumerate() {
+                eprintln!(
+                    "cholesky r={r} nb={nb} outer={} batch {b}: ||LL^T - A|| / ||A|| = {err:.2e}",
+                    chol.outer()
+                );
+                assert!(err < 1e-5, "r={r} nb={nb} outer={outer} b={b}: {err}");
+            }
+            // The blocked solve: (L L^T)^-1 B for B (r, 3) per matrix, checked by multiplying
+            // back (fp32, and TF32 with a looser bound).
+            for tf32 in [false, true] {
+                let bbuf = gpu.upload(&rhs, "rhs").unwrap();
+                let ybuf = gpu.alloc_zeros::<f32>(batch * r * nrhs, "y").unwrap();
+                chol.solve(
+                    &blas,
+                    batch,
+                    blas::Operand::new(bbuf.device_ptr(), r, r * nrhs),
+                    blas::Operand::new(ybuf.device_ptr(), r, r * nrhs),
+                    nrhs,
+                    tf32,
+                )
+                .unwrap();
+                let x = gpu.download(&bbuf).unwrap();
+                for b in 0..batch {
+                    let ab = &host[b * r * r..(b + 1) * r * r];
+                    let mut back = vec![0f32; r * nrhs];
+                    for c in 0..nrhs {
+                        for row in 0..r {
+                            let mut acc = 0.0f64;
+                            for t in 0..r {
+                                acc += f64::from(ab[t * r + row])
+                                    * f64::from(x[b * r * nrhs + c * r + t]);
+                            }
+                            back[c * r + row] = acc as f32;
+                        }
                     }
-                    back[c * r + row] = acc as f32;
+                    let err = rel_diff(&back, &rhs[b * r * nrhs..(b + 1) * r * nrhs]);
+                    eprintln!(
+                        "solve r={r} nb={nb} outer={outer} tf32={tf32} batch {b}: ||A x - b|| / ||b|| = {err:.2e}"
+                    );
+                    assert!(err < if tf32 { 1e-2 } else { 1e-4 }, "r={r} b={b}: {err}");
                 }
             }
-            let err = rel_diff(&back, &rhs[b * r * nrhs..(b + 1) * r * nrhs]);
-            eprintln!("solve r={r} batch {b}: ||A x - b|| / ||b|| = {err:.2e}");
-            assert!(err < 1e-4, "r={r} b={b}: {err}");
-        }
-        // TF32 GEMMs inside: a factor of a nearby matrix.
-        let tf = gpu.upload(&host, "tf32").unwrap();
-        chol.factor(
-            &gpu,
-            &blas,
-            tf.device_ptr(),
-            r * r,
-            batch,
-            true,
-            &|_| Ok(()),
-        )
-        .unwrap();
-        let lt = gpu.download(&tf).unwrap();
-        for b in 0..batch {
-            let lb = &lt[b * r * r..(b + 1) * r * r];
-            let ab = &host[b * r * r..(b + 1) * r * r];
-            let mut recon = vec![0f32; r * r];
-            for c in 0..r {
-                for row in c..r {
-                    let mut acc = 0.0f64;
-                    for t in 0..=c {
-                        acc += f64::from(lb[t * r + row]) * f64::from(lb[t * r + c]);
-                    }
-                    recon[c * r + row] = acc as f32;
-                    recon[row * r + c] = acc as f32;
-                }
+            // TF32 GEMMs inside: a factor of a nearby matrix.
+            let tf = gpu.upload(&host, "tf32").unwrap();
+            chol.factor(
+                &gpu,
+                &blas,
+                tf.device_ptr(),
+                r * r,
+                batch,
+                true,
+                &|_| Ok(()),
+            )
+            .unwrap();
+            let lt = chol.factors(&gpu, batch).unwrap();
+            for (b, err) in recon_errors(&lt, &host, r, batch).into_iter().enumerate() {
+                eprintln!("cholesky tf32 r={r} nb={nb} outer={outer} batch {b}: {err:.2e}");
+                assert!(err < 1e-2, "tf32 r={r} b={b}: {err}");
             }
-            let err = rel_diff(&recon, ab);
-            eprintln!("cholesky tf32 r={r} batch {b}: ||LL^T - A|| / ||A|| = {err:.2e}");
-            assert!(err < 1e-2, "tf32 r={r} b={b}: {err}");
+            // A matrix that is not positive definite is reported, not silently factored.
+            let mut bad = host.clone();
+            bad[(r / 2) * (r + 1)] = -1.0;
+            let buf = gpu.upload(&bad, "indefinite").unwrap();
+            chol.reset(&gpu).unwrap();
+            chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
+                Ok(())
+            })
+            .unwrap();
+            assert!(chol.failed(&gpu).unwrap());
         }
-        // A matrix that is not positive definite is reported, not silently factored.
-        let mut bad = host.clone();
-        bad[0] = -1.0;
-        let buf = gpu.upload(&bad, "indefinite").unwrap();
-        chol.reset(&gpu).unwrap();
-        chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
-            Ok(())
-        })
-        .unwrap();
-        assert!(chol.failed(&gpu).unwrap());
     }
+}
+
+/// `g`'s U and V^T with column / row k negated where U_k points away from `c`'s.
+fn align_signs(g: &Blast, c: &Blast) -> (Vec<f32>, Vec<f32>) {
+    let (m, r) = (g.m, g.rank);
+    let q = g.n / g.b_in;
+    let (mut u, mut vt) = (g.u.clone(), g.vt.clone());
+    for k in 0..r {
+        let dot: f64 = (0..m)
+            .map(|row| f64::from(g.u[row * r + k]) * f64::from(c.u[row * r + k]))
+            .sum();
+        if dot < 0.0 {
+            for row in 0..m {
+                u[row * r + k] = -u[row * r + k];
+            }
+            for j in 0..g.b_in {
+                for col in 0..q {
+                    let e = j * r * q + k * q + col;
+                    vt[e] = -vt[e];
+                }
+            }
+        }
+    }
+    (u, vt)
+}
+
+/// The GPU truncated SVD (f64 Gram + eigensolver) against the CPU's thin SVD: the same
+/// rank-t approximation (the factors may differ by the sign of a singular pair), on wide,
+/// tall, full-rank-kept and over-ranked odd shapes.
+#[test]
+fn gpu_svd_lowrank_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("gpu_svd_lowrank_matches_cpu") else {
+        return;
+    };
+    for (m, n, t) in [
+        (37, 91, 5),
+        (120, 45, 45),
+        (64, 50, 60),
+        (200, 333, 17),
+        (301, 97, 96),
+    ] {
+        let w = Rng::new((m * 1000 + n) as u64).normal_vec(m * n, 0.5);
+        let target = Target::new("svd", m, n, &w).unwrap();
+        let cpu = blr_compress::lowrank(&target, t, None).unwrap();
+        let got = lowrank(&gpu, &target, t).unwrap();
+        let (Linear::LowRank(c), Linear::LowRank(g)) = (&cpu, &got) else {
+            panic!("not low-rank");
+        };
+        let product = |l: &LowRank| {
+            let mut out = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0f64;
+                    for k in 0..t {
+                        acc += f64::from(l.u[i * t + k]) * f64::from(l.v[k * n + j]);
+                    }
+                    out[i * n + j] = acc as f32;
+                }
+            }
+            out
+        };
+        let dprod = rel_diff(&product(g), &product(c));
+        let ec = blr_compress::relative_error(&target, &cpu, None).unwrap();
+        let eg = blr_compress::relative_error(&target, &got, None).unwrap();
+        // Balanced: |U_k| = |V_k| = sqrt(s_k) on both paths.
+        let norms = |l: &LowRank| -> Vec<f64> {
+            (0..t)
+                .map(|k| {
+                    (0..m)
+                        .map(|i| f64::from(l.u[i * t + k]).powi(2))
+                        .sum::<f64>()
+                })
+                .collect()
+        };
+        let dn = rel_diff(
+            &norms(g).iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            &norms(c).iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        );
+        eprintln!(
+            "svd {m}x{n} t={t}: product diff {dprod:.1e}, column norms diff {dn:.1e}, error cpu {ec:.7} gpu {eg:.7}"
+        );
+        assert!(dprod < 1e-5, "{m}x{n} t={t}: products differ by {dprod}");
+        assert!(dn < 1e-5, "{m}x{n} t={t}: balance differs by {dn}");
+        assert!((eg - ec).abs() <= 1e-6 * ec.max(1e-6), "{eg} vs {ec}");
+    }
+    // A rank-deficient matrix: the pairs past its rank are zero, the approximation exact.
+    let (m, n, t) = (40, 70, 12);
+    let mut rng = Rng::new(5);
+    let (x, y) = (rng.normal_vec(m * 3, 1.0), rng.normal_vec(3 * n, 1.0));
+    let w: Vec<f32> = (0..m * n)
+        .map(|e| (0..3).map(|k| x[(e / n) * 3 + k] * y[k * n + e % n]).sum())
+        .collect();
+    let target = Target::new("rank3", m, n, &w).unwrap();
+    let got = lowrank(&gpu, &target, t).unwrap();
+    let err = blr_compress::relative_error(&target, &got, None).unwrap();
+    eprintln!("svd rank-3 40x70 t=12: error {err:.2e}");
+    assert!(err < 1e-6, "{err}");
 }
 
 /// GPU and CPU from the same start, a few iterations: factors and errors agree.
@@ -196,6 +278,7 @@ fn gpu_blast_follows_the_cpu_iteration_on_odd_shapes() {
         (72, 120, 4, 6, 7, 8, BlastInit::Random, 1),
         (90, 84, 3, 7, 13, 8, BlastInit::Random, 1),
         (100, 60, 5, 2, 9, 10, BlastInit::LowRank, 1),
+        (84, 132, 4, 6, 11, 8, BlastInit::LowRank, 1),
         (96, 120, 4, 3, 6, 20, BlastInit::Random, 3),
         (66, 150, 3, 5, 140, 6, BlastInit::Random, 1),
     ];
@@ -216,8 +299,11 @@ fn gpu_blast_follows_the_cpu_iteration_on_odd_shapes() {
         let (Linear::Blast(c), Linear::Blast(g)) = (&cpu.layer, &got.layer) else {
             panic!("not BLAST");
         };
-        let du = rel_diff(&g.u, &c.u);
-        let dv = rel_diff(&g.vt, &c.vt);
+        // A truncated-SVD start may flip singular pairs against the CPU's (U_k and V_k
+        // together, which leaves every product unchanged): align before comparing factors.
+        let (gu, gvt) = align_signs(g, c);
+        let du = rel_diff(&gu, &c.u);
+        let dv = rel_diff(&gvt, &c.vt);
         let ds = rel_diff(&g.s, &c.s);
         let check = blr_compress::relative_error(&target, &got.layer, None).unwrap();
         eprintln!(
