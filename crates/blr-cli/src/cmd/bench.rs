@@ -30,7 +30,9 @@ PyTorch reference)\n  \
 partial  BLAST: stage 1 writes Z transposed, tensor-core mixing writes W in the layout stage 3 \
 reads; Monarch: stage 1 on reordered w1 rows, a 16-byte chunk copy instead of the per-element \
 permutation, a per-token transpose for the output; lowrank: blr's own tensor-core GEMMs\n  \
-decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byte loads\n\
+decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byte loads\n  \
+fused    BLAST, sm_90: all three stages in one kernel, a thread-block cluster per 128 tokens \
+exchanging Z and W over distributed shared memory (no intermediate in DRAM)\n\
 Each row shows the median time (CUDA events, L2 flushed by reads before every run, CUDA graphs \
 for T <= 16), the roofline floor max(bytes/BW, FLOPs/peak) with BW and peak measured in the same \
 run, the fraction of the floor reached, the speedup over dense cuBLAS at the same T, and the \

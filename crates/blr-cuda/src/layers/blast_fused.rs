@@ -404,7 +404,12 @@ mod tests {
         ];
         let mut rng = Rng::new(0xF05E);
         let mut checked = 0;
+        // Under compute-sanitizer (BLR_FUSED_TEST_SMALL=1) the llama-sized case takes minutes.
+        let small_only = std::env::var_os("BLR_FUSED_TEST_SMALL").is_some();
         for (si, sh) in shapes.iter().enumerate() {
+            if small_only && sh.m >= 4096 {
+                continue;
+            }
             let layer = Linear::random(sh, 300 + si as u64).expect("valid shape");
             let factors = layer
                 .factors()
@@ -439,6 +444,6 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(checked >= 27, "only {checked} cases ran");
+        assert!(checked >= 25, "only {checked} cases ran");
     }
 }

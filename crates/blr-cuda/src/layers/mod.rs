@@ -26,8 +26,11 @@
 //!
 //! Which strategy runs by default: the fastest one measured on this device for this shape and
 //! T if `blr bench layer` recorded it ([`autotune::AutotuneCache`]), else [`auto_strategy`].
-//! - Fully fused BLAST (all three stages in one kernel) is not implemented yet; see
-//!   docs/perf/kernel-notes.md for the measurements that shape it.
+//! - [`Strategy::Fused`] (BLAST, sm_90): all three stages in one kernel
+//!   ([`blast_fused`]): a thread-block cluster per 128 tokens, Z and W exchanged over
+//!   distributed shared memory, nothing intermediate in DRAM. Correct wherever it applies, but on
+//!   the H100 4-6.5x slower than `partial` (docs/perf/kernel-notes.md), so it runs only when named
+//!   or when the autotune cache measured it fastest.
 //!
 //! # Device layouts
 //! Factors keep the canonical row-major layouts of `blr_core` (BLAST `U (b_out, p, r)`,
