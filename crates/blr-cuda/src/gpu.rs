@@ -730,6 +730,19 @@ impl<'a> Launch<'a> {
 }
 
 impl Gpu {
+    /// For launches that do not go through [`Launch`] (cluster launches via `cuLaunchKernelEx`):
+    /// with `sync_after_launch` (`BLR_CUDA_SYNC=1`) waits for the stream and reports a fault
+    /// under `kernel`'s name; does nothing otherwise or while a graph is being captured.
+    pub(crate) fn check_after_launch(&self, kernel: &str) -> Result<()> {
+        if self.sync_after_launch && !self.is_capturing() {
+            self.stream.synchronize().map_err(|e| Error::Launch {
+                kernel: kernel.to_string(),
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+
     fn is_capturing(&self) -> bool {
         !matches!(
             self.stream.capture_status(),

@@ -25,6 +25,10 @@
 //     Software pipelined so that each barrier's wait has a stage GEMM in front of it:
 //       S1(c); wait B2(c-1); push Z(c); arrive B1(c); S3(c-1); wait B1(c); MIX(c); push W(c);
 //       arrive B2(c)   ... wfull is double-buffered for that.
+//     Buffer reuse (why two cluster barriers per chunk suffice): push Z(c) rewrites the owners'
+//     zg only after B2(c-1), which each owner passes after MIX(c-1) read zg; push W(c) rewrites
+//     wfull[c & 1] of CTA i only after B1(c), which CTA i passes after S3(c-2) read it; the
+//     local staging tile (Z rows, then W rows) is separated by __syncthreads or a barrier.
 //   - at the end writes its Y tile once.
 // DSMEM traffic per CTA and chunk: TT*RC*2 B out for Z and the same for W (16 KB each at
 // TT = 128), b times less than exchanging whole Z chunks (what a CTA-per-output-block mixing

@@ -309,13 +309,7 @@ pub(crate) fn blast_fused(
         kernel: fk.kernel.name().to_string(),
         source: e,
     })?;
-    if std::env::var_os("BLR_CUDA_SYNC").is_some_and(|v| v == "1") {
-        gpu.stream().synchronize().map_err(|e| Error::Launch {
-            kernel: fk.kernel.name().to_string(),
-            source: e,
-        })?;
-    }
-    Ok(())
+    gpu.check_after_launch(fk.kernel.name())
 }
 
 #[cfg(test)]
