@@ -28,8 +28,9 @@ enum What {
 unfused  cuBLAS GEMMs per block stage + simple kernels, every intermediate in memory (the \
 PyTorch reference)\n  \
 partial  BLAST: stage 1 writes Z transposed, tensor-core mixing writes W in the layout stage 3 \
-reads; Monarch: stage 1 on reordered w1 rows, a 16-byte chunk copy instead of the per-element \
-permutation, a per-token transpose for the output; lowrank: blr's own tensor-core GEMMs\n  \
+reads; Monarch: blr's own stage-1 GEMM writes the permuted intermediate stage 2 reads (no \
+permutation pass; for n/b > 256 cuBLAS stage 1 + a per-token transpose), a per-token transpose \
+for the output; lowrank: blr's own tensor-core GEMMs\n  \
 decode   T <= 16: one cooperative kernel, every weight streamed once with 16-byte loads\n  \
 fused    BLAST, sm_90: all three stages in one kernel, a thread-block cluster per 128 tokens \
 exchanging Z and W over distributed shared memory (no intermediate in DRAM)\n\
@@ -86,8 +87,8 @@ pub struct LayerArgs {
     /// GEMMs and pin the fastest (in this process only; prints heuristic -> best ms per GEMM).
     #[arg(long)]
     pub tune_gemms: bool,
-    /// Tokens per chunk of the partial paths' first two passes (BLAST stage 1 + mixing,
-    /// Monarch stage 1 + chunk copy), instead of blr's rule (experiments).
+    /// Tokens per chunk of BLAST partial's first two passes (stage 1 + mixing), instead of
+    /// blr's rule (experiments).
     #[arg(long, value_name = "TOKENS")]
     pub prefill_chunk: Option<usize>,
     #[command(flatten)]

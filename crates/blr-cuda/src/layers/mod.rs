@@ -13,10 +13,10 @@
 //!   (blast.cu: `blr_blast_mix_tc4`, persistent and double-buffered, where its tiles fill the SMs
 //!   and its 197 KB of shared memory fit; `blr_blast_mix_tc2` otherwise) can feed
 //!   `ldmatrix.trans` straight from shared memory and write `W (b_out, T, r)`, exactly the A
-//!   operand of stage 3 (cuBLASLt again). Monarch: `w1` is uploaded a second time with its rows
-//!   reordered ([`reorder_monarch_w1`]) so that stage 1 (cuBLASLt) writes rank chunks that a
-//!   16-byte chunk copy turns into stage 2's input, and the output permutation is a per-token
-//!   shared-memory transpose (monarch.cu): no per-element gathers. Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
+//!   operand of stage 3 (cuBLASLt again). Monarch (monarch.rs): blr's own tensor-core stage 1
+//!   writes the permuted intermediate straight into the layout stage 2 (cuBLASLt) reads, from
+//!   the one canonical copy of `w1`; the output permutation is a per-token shared-memory
+//!   transpose (monarch.cu): no permutation pass in between. Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
 //!   but on H100 2-4x slower than cuBLASLt today, so [`GpuLinear::auto_strategy`] never picks it.
 //! - [`Strategy::Decode`]: `T <= 16`. One cooperative persistent kernel (decode.cu,
 //!   `blr_decode2`) streams every weight once with 16-byte loads: phase 1 (stage 1 + mixing or
@@ -62,8 +62,9 @@ pub const GEMM_CU: KernelSource = crate::kernel_source!("gemm.cu", headers: ["co
 pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["common.cuh"]);
 /// decode.cu: `blr_decode`, `blr_decode2`.
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
-/// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out` (and `blr_batched_transpose`,
-/// a tiled variant the harness compares; measured no faster, see docs/perf/kernel-notes.md).
+/// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out`, `blr_monarch_stage1`,
+/// `blr_monarch_out_transpose` (and `blr_batched_transpose`, a tiled variant the harness
+/// compares; measured no faster, see docs/perf/kernel-notes.md).
 pub const MONARCH_CU: KernelSource = crate::kernel_source!("monarch.cu", headers: ["common.cuh"]);
 
 /// Largest token count the decode kernel handles: its MMAs have M = 16 token rows.
@@ -81,9 +82,6 @@ const MIX2_THREADS: u32 = 256;
 /// blr_mix2::SMEM_BYTES: max(16 planes x (32x64+8) bf16, 16 x (64x40+8) bf16) + 32 x 256 bf16.
 const MIX2_SMEM: u32 = 16 * (64 * 40 + 8) * 2 + 32 * 256 * 2;
 const DECODE_THREADS: u32 = 512;
-/// blr_monarch_out_transpose keeps one output row (m + 2b bf16) in static-size dynamic shared
-/// memory without an opt-in: 48 KB.
-const MONARCH_OUT_MAX_M: usize = 24 * 1024;
 
 /// How a layer is run on the GPU (see module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -163,38 +161,13 @@ pub fn pack_blast_s(s: &[f32], b_out: usize, b_in: usize, r: usize) -> Result<Ve
     Ok(out)
 }
 
-/// Tokens per chunk of the first two passes of the partial paths (BLAST, Monarch): the
-/// workspace's override if set, else blr's rule.
+/// Tokens per chunk of the first two passes of BLAST's partial path: the workspace's override
+/// if set, else blr's rule. (Monarch's partial path has no middle pass to chunk.)
 fn prefill_chunk(ws: &Workspace, t: usize) -> usize {
     match ws.prefill_chunk {
         Some(c) if c > 0 => c.min(t),
         _ => t,
     }
-}
-
-/// Monarch `w1 (b, R, n/b)` with the rows of each block reordered for the `partial` strategy:
-/// `w1p[k][l*rb + a] = w1[k][a*b + l]`, `rb = R / b`. Stage 1 on `w1p` then writes every
-/// (token, k, l) run of rb outputs as one contiguous piece of the row stage 2 reads (monarch.cu).
-pub fn reorder_monarch_w1(w1: &[f32], b: usize, rank: usize, width: usize) -> Result<Vec<f32>> {
-    if b == 0 || !rank.is_multiple_of(b) || w1.len() != b * rank * width {
-        return Err(Error::Shape(format!(
-            "Monarch w1 has {} elements for b={b}, R={rank}, n/b={width}; the partial row order \
-             needs b*R*(n/b) elements and R a multiple of b",
-            w1.len()
-        )));
-    }
-    let rb = rank / b;
-    let mut out = vec![0.0f32; w1.len()];
-    for k in 0..b {
-        for l in 0..b {
-            for a in 0..rb {
-                let dst = (k * rank + l * rb + a) * width;
-                let src = (k * rank + a * b + l) * width;
-                out[dst..dst + width].copy_from_slice(&w1[src..src + width]);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Why `strategy` cannot run a layer of this shape at `tokens` tokens, or Ok.
@@ -229,33 +202,10 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
             "is not defined for dense layers (they run as one cuBLASLt GEMM: use 'unfused')".into(),
         ),
         (FormatKind::LowRank, _) => need8(&[("n", s.n), ("m", s.m), ("rank", s.rank)]),
-        (FormatKind::Monarch, Strategy::Partial) => {
-            if s.b_in == 0 || !s.rank.is_multiple_of(s.b_in) {
-                return unsupported(format!(
-                    "needs R = {} to be a multiple of b = {} (whole rank chunks per block pair); \
-                     use 'unfused'",
-                    s.rank, s.b_in
-                ));
-            }
-            if s.b_out != s.b_in {
-                return unsupported("needs b_out == b_in; use 'unfused'".into());
-            }
-            if s.m + 2 * s.b_in > MONARCH_OUT_MAX_M {
-                return unsupported(format!(
-                    "transposes one output row of m = {} in 48 KB of shared memory (m <= {}); \
-                     use 'unfused'",
-                    s.m,
-                    MONARCH_OUT_MAX_M - 2 * s.b_in
-                ));
-            }
-            need8(&[
-                ("n", s.n),
-                ("m", s.m),
-                ("n/b", s.n / s.b_in),
-                ("R", s.rank),
-                ("R/b", s.rank / s.b_in),
-            ])
-        }
+        (FormatKind::Monarch, Strategy::Partial) => match monarch::partial_requirement(s) {
+            Some(why) => unsupported(why),
+            None => Ok(()),
+        },
         (FormatKind::Monarch, _) => need8(&[("n", s.n), ("n/b", s.n / s.b_in), ("R", s.rank)]),
         (FormatKind::Blast, _) => {
             if s.b_out > BLAST_MAX_BLOCKS || s.b_in > BLAST_MAX_BLOCKS {
@@ -279,9 +229,9 @@ pub fn check_strategy(s: &Shape, strategy: Strategy, tokens: usize) -> Result<()
 }
 
 /// The strategy used when none is named and the autotune cache has no entry: BLAST's partial
-/// path where it applies at every token count; Monarch's partial path where it applies for
-/// T > 16 (2.1-2.6x faster than unfused at T >= 128 on the H100, equal below, where the two
-/// GEMVs dominate); otherwise unfused (cuBLASLt).
+/// path where it applies at every token count; Monarch's partial path for T > 16 where its
+/// stage 1 stores whole rank runs (`R/b` a multiple of 8; measured in docs/perf/layers-h100.md,
+/// "Monarch partial v2"); otherwise unfused (cuBLASLt).
 ///
 /// Why not decode for small T: on the H100 (docs/perf/layers-h100.md, all 15 reference configs)
 /// the decode kernel won only 2 of 60 (config, T <= 16) BLAST rows, by <= 6%, and never for
@@ -292,7 +242,7 @@ pub fn auto_strategy(s: &Shape, tokens: usize) -> Strategy {
     let partial_ok = check_strategy(s, Strategy::Partial, tokens).is_ok();
     let wants_partial = match s.format {
         FormatKind::Blast => true,
-        FormatKind::Monarch => tokens > DECODE_MAX_TOKENS,
+        FormatKind::Monarch => tokens > DECODE_MAX_TOKENS && monarch::segmented(s),
         _ => false,
     };
     if partial_ok && wants_partial {
@@ -315,7 +265,9 @@ pub struct LayerKernels {
     decode2: Kernel,
     perm_mid: Kernel,
     perm_out: Kernel,
-    chunk_perm: Kernel,
+    monarch_stage1: Kernel,
+    /// Whether this device's shared memory holds blr_monarch_stage1's pipeline.
+    monarch_stage1_fits: bool,
     out_transpose: Kernel,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
     fused: Option<blast_fused::FusedKernel>,
@@ -343,7 +295,8 @@ impl LayerKernels {
             decode2: decode.function("blr_decode2")?,
             perm_mid: monarch.function("blr_monarch_perm_mid")?,
             perm_out: monarch.function("blr_monarch_perm_out")?,
-            chunk_perm: monarch.function("blr_monarch_chunk_perm")?,
+            monarch_stage1: monarch.function("blr_monarch_stage1")?,
+            monarch_stage1_fits: false,
             out_transpose: monarch.function("blr_monarch_out_transpose")?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
@@ -355,6 +308,13 @@ impl LayerKernels {
             k.mix_tc4.set_max_dynamic_smem(2 * MIX2_SMEM)?;
             k.mix_tc4_fits = true;
         }
+        if optin >= monarch::STAGE1_SMEM {
+            k.monarch_stage1
+                .set_max_dynamic_smem(monarch::STAGE1_SMEM)?;
+            k.monarch_stage1_fits = true;
+        }
+        k.out_transpose
+            .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
         k.decode2.set_max_dynamic_smem(optin)?;
         Ok(k)
     }
@@ -373,11 +333,6 @@ enum Factors {
     Monarch {
         w1: DeviceBuffer<bf16>,
         w2: DeviceBuffer<bf16>,
-        /// `w1` with the rows of each block reordered for `partial` ([`reorder_monarch_w1`]);
-        /// uploaded only when that strategy applies to the shape. A second copy of `w1`: +50%
-        /// of the layer's device weight memory (unfused and decode still index the original
-        /// order; moving them to `w1p` would remove the copy).
-        w1p: Option<DeviceBuffer<bf16>>,
     },
     Blast {
         u: DeviceBuffer<bf16>,
@@ -418,8 +373,8 @@ impl Workspace {
         self.tune = if on { Some(Vec::new()) } else { None };
     }
 
-    /// Overrides the token chunk of the partial paths' stage 1 + middle pass (BLAST: stage 1
-    /// and mixing; Monarch: stage 1 and the chunk copy); `None` restores blr's rule.
+    /// Overrides the token chunk of BLAST partial's stage 1 + mixing; `None` restores blr's
+    /// rule. (Monarch partial has no middle pass: it ignores this.)
     pub fn set_prefill_chunk(&mut self, tokens: Option<usize>) {
         self.prefill_chunk = tokens;
     }
@@ -469,20 +424,10 @@ impl GpuLinear {
                 u: gpu.upload_bf16(&l.u, "low-rank U")?,
                 v: gpu.upload_bf16(&l.v, "low-rank V")?,
             },
-            Linear::Monarch(mo) => {
-                let w1p = if check_strategy(&shape, Strategy::Partial, 1).is_ok() {
-                    let re =
-                        reorder_monarch_w1(&mo.w1, shape.b_in, shape.rank, shape.n / shape.b_in)?;
-                    Some(gpu.upload_bf16(&re, "Monarch w1 (partial row order)")?)
-                } else {
-                    None
-                };
-                Factors::Monarch {
-                    w1: gpu.upload_bf16(&mo.w1, "Monarch w1")?,
-                    w2: gpu.upload_bf16(&mo.w2, "Monarch w2")?,
-                    w1p,
-                }
-            }
+            Linear::Monarch(mo) => Factors::Monarch {
+                w1: gpu.upload_bf16(&mo.w1, "Monarch w1")?,
+                w2: gpu.upload_bf16(&mo.w2, "Monarch w2")?,
+            },
             Linear::Blast(b) => {
                 let packed = pack_blast_s(&b.s, b.b_out, b.b_in, b.rank)?;
                 Factors::Blast {
@@ -617,7 +562,7 @@ impl GpuLinear {
                 };
                 decode(gpu, k, &s, t, d, x, v, v, u, y, ws)
             }
-            (Factors::Monarch { w1, w2, .. }, Strategy::Decode) => {
+            (Factors::Monarch { w1, w2 }, Strategy::Decode) => {
                 let b = s.b_in;
                 let d = DecodeDims {
                     mode: 2,
@@ -630,15 +575,10 @@ impl GpuLinear {
                 };
                 decode(gpu, k, &s, t, d, x, w1, w1, w2, y, ws)
             }
-            (
-                Factors::Monarch {
-                    w1p: Some(w1p), w2, ..
-                },
-                Strategy::Partial,
-            ) => self.monarch_partial(gpu, k, t, x, w1p, w2, y, ws),
-            (Factors::Monarch { w1, w2, .. }, _) => {
-                self.monarch_unfused(gpu, k, t, x, w1, w2, y, ws)
+            (Factors::Monarch { w1, w2 }, Strategy::Partial) => {
+                self.monarch_partial(gpu, k, t, x, w1, w2, y, ws)
             }
+            (Factors::Monarch { w1, w2 }, _) => self.monarch_unfused(gpu, k, t, x, w1, w2, y, ws),
             (Factors::Blast { u, vt, s_dev }, Strategy::Decode) => {
                 let d = DecodeDims {
                     mode: 0,
@@ -711,92 +651,6 @@ impl GpuLinear {
                 .arg(&bi)
                 .arg(&mbi)
                 .launch(grid_1d(t * s.m))
-        }
-    }
-
-    /// Monarch `partial`: stage 1 (cuBLASLt, batched over input blocks) on the reordered `w1p`
-    /// writes out1p (T, k, l, a); one chunk copy makes P (T, l, k*rb + a) (contiguous rb-element
-    /// pieces, 16-byte vectors); stage 2 (cuBLASLt, batched over output blocks) writes
-    /// out2 (T, l, u); a per-token shared-memory transpose writes y[t][u*b + l] with 16-byte
-    /// stores. Versus `unfused`, both per-element gathers become vector copies.
-    #[allow(clippy::too_many_arguments)]
-    fn monarch_partial(
-        &self,
-        gpu: &Gpu,
-        k: &LayerKernels,
-        t: usize,
-        x: &DeviceBuffer<bf16>,
-        w1p: &DeviceBuffer<bf16>,
-        w2: &DeviceBuffer<bf16>,
-        y: &mut DeviceBuffer<bf16>,
-        ws: &mut Workspace,
-    ) -> Result<()> {
-        let s = &self.shape;
-        let (b, rr) = (s.b_in, s.rank);
-        let (nb, mb, rb) = (s.n / b, s.m / b, rr / b);
-        let (ti, bi, rbi, mbi) = (
-            i32_of(t, "T")?,
-            i32_of(b, "b")?,
-            i32_of(rb, "R/b")?,
-            i32_of(mb, "m/b")?,
-        );
-        // Stage 1 and the chunk copy run per token chunk: out1p of one chunk (reusing the front
-        // of ws.a) is still in L2 when the copy reads it.
-        let chunk = prefill_chunk(ws, t);
-        let mut c0 = 0;
-        while c0 < t {
-            let tc = chunk.min(t - c0);
-            let st1 = GemmShape::linear(tc, rr, nb)
-                .batched(b, nb, rr * nb, rr)
-                .with_ld(s.n, nb, b * rr);
-            stage_gemm(gpu, &mut ws.tune, &st1, x.at(c0 * s.n), w1p, &mut ws.a)?;
-            let p_chunk = ws.b.device_ptr_at(c0 * b * rr)?;
-            let tci = i32_of(tc, "T")?;
-            let vectors = tc * b * rr / 8;
-            let grid = Gpu::grid_1d(vectors, 256).min(gpu.info().sm_count.max(1) * 16);
-            // SAFETY: chunk_perm(const bf16* out1p, bf16* P, int T, int b, int rb) reads
-            // tc*b*R elements of ws.a and writes tc*b*R of ws.b from element c0*b*R on, as
-            // 16-byte vectors (rb % 8 == 0, checked by `check_strategy`); c0 + tc <= T <=
-            // max_tokens and both buffers hold max_tokens*b*R elements.
-            unsafe {
-                gpu.launch(&k.chunk_perm)
-                    .arg(&ws.a)
-                    .arg(&p_chunk)
-                    .arg(&tci)
-                    .arg(&bi)
-                    .arg(&rbi)
-                    .launch(LaunchConfig {
-                        grid_dim: (grid, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    })?;
-            }
-            c0 += tc;
-        }
-        let st2 = GemmShape::linear(t, mb, rr)
-            .batched(b, rr, mb * rr, mb)
-            .with_ld(b * rr, rr, s.m);
-        stage_gemm(gpu, &mut ws.tune, &st2, &ws.b, w2, &mut ws.c)?;
-        let smem = u32::try_from(b * (mb + 2) * 2).unwrap_or(u32::MAX);
-        let blocks = u32::try_from(t)
-            .unwrap_or(u32::MAX)
-            .min(gpu.info().sm_count.max(1) * 16);
-        // SAFETY: out_transpose(const bf16* out2, bf16* y, int T, int b, int mb) reads T*m
-        // elements of out2 and writes T*m of y (checked in `forward`) as 16-byte vectors
-        // (m % 8 == 0); its shared tile is b*(mb+2) bf16 = `smem` bytes, <= 48 KB by
-        // `check_strategy`.
-        unsafe {
-            gpu.launch(&k.out_transpose)
-                .arg(&ws.c)
-                .arg(y)
-                .arg(&ti)
-                .arg(&bi)
-                .arg(&mbi)
-                .launch(LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: smem,
-                })
         }
     }
 
@@ -1162,6 +1016,7 @@ fn decode(
 
 pub mod autotune;
 pub mod blast_fused;
+mod monarch;
 pub mod timing;
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-// Monarch permutation kernels for the `unfused` strategy (what the reference PyTorch code does:
-// a materialised transpose copy between the two block-diagonal GEMMs and after the second).
+// Monarch kernels. `unfused` (what the reference PyTorch code does: a materialised transpose copy
+// between the two block-diagonal GEMMs and after the second) and `partial` (an own stage-1 GEMM
+// that writes the permuted intermediate directly, then cuBLAS stage 2 and a per-token output
+// transpose; see blr_monarch_stage1 below).
 // Notation (BRIEF section 2): b blocks, total rank R, out1 (T, b, R) flattened to (T, b*R).
 //   blr_monarch_perm_mid: P[t][l][s] = out1_flat[t][s*b + l]      (P: (T, b, R))
 //   blr_monarch_perm_out: y[t][s*b + l] = out2[t][l][s]          (out2: (T, b, m/b))
@@ -65,32 +67,207 @@ extern "C" __global__ void __launch_bounds__(256) blr_batched_transpose(const bf
 }
 
 // ---------------------------------------------------------------------------------------------
-// `partial` strategy (no per-element permutation pass). Notation as above, rb = R / b (R % b == 0).
-// The product uploads w1 with its rows reordered inside each block, w1p[k][l*rb + a] =
-// w1[k][a*b + l], so the ordinary batched stage-1 GEMM writes out1p (T, k, l, a) in which every
-// (t, k, l) run of rb outputs is one contiguous piece of the row P[t][l] that stage 2 reads:
-//   P[t][l][k*rb + a] = out1p[t][k][l*rb + a].
-// The middle permutation is then a copy of contiguous rb-element chunks (rb*2 bytes: 128 B for
-// llama7b q/k/v/o), not of single elements.
+// `partial` strategy: stage 1 writes the permuted intermediate P (T, b, R) directly.
+//
+// blr_monarch_stage1: for input block k, out1[t][k][c] = sum_i w1[k][c][i] x[t][k*nb + i]
+// (a tensor-core NT GEMM, M = T tokens, N = R, K = nb = n/b), and each output lands where stage 2
+// reads it: flat index f = k*R + c of out1 (T, b*R) goes to P[t][f % b][f / b] (BRIEF section 2).
+// Nothing but P is written: no out1, no permutation pass, and w1 stays in its one canonical
+// layout (the row order is chosen when the B tile is loaded, not by a reordered copy of w1).
+//
+// Two epilogues (seg is uniform per launch, chosen by the launcher):
+//   seg = 1 (R % b == 0 and rb = R/b a multiple of 8): the tile's column j stands for weight row
+//     c = (j % rb)*b + j / rb (rows gathered while loading B), so that column j lands at
+//     P[t][j / rb][k*rb + j % rb]: every run of rb tile columns is one contiguous piece of a P row
+//     (adjacent column pairs stored as 4 bytes).
+//   seg = 0 (any shape): column j is weight row j, each element goes to P[t][f % b][f / b] with a
+//     2-byte store (odd shapes only; correctness, not speed).
+// Tiles: 128 (tokens) x 128 (columns) x 64 (K) per block, 8 warps as 2 x 4 with 64x32 warp tiles,
+// 3-stage cp.async pipeline, 96 KB of shared memory, 128 registers: two blocks (16 warps) per SM.
+// Measured on the H100 (qkvo T=1024, ncu): 4 warps with 64x64 warp tiles (224 registers, 8 warps
+// per SM) 42.4 us, 57% of issue cycles with no eligible warp; 8 warps 41.1 us, 48%. Shared rows are 128 bytes with the
+// 16-byte chunk c of row r at c ^ (r & 7) (the 8 rows of an ldmatrix phase hit 8 bank groups).
+// Bytes: x and w1 from L2 (each x tile is read by R/128 blocks, each w1 block by T/128), P
+// written once: for llama7b q/k/v/o T=1024, 8 + 8 MB read, 32 MB written; 8.6 GFLOP.
+// Edges: rows past T, columns past R and K past nb are zero-filled by cp.async and not stored.
+// Requirements (checked by the launcher): nb % 8 == 0 (16-byte rows), 16-byte aligned buffers.
+namespace blr_mon1 {
 
-// P[t][l][k][:] = out1p[t][k][l][:], chunks of rb elements moved as 16-byte vectors (rb % 8 == 0).
-// One thread per vector, indexed in destination order: writes are fully coalesced, reads are
-// runs of rb/8 vectors. Bytes: 2 x 2 x T*b*R, no reuse.
-extern "C" __global__ void __launch_bounds__(256) blr_monarch_chunk_perm(const bf16* __restrict__ out1p,
-                                                                         bf16* __restrict__ P, int T, int b,
-                                                                         int rb) {
-    const int nv = rb >> 3;
-    const long total = (long)T * b * b * nv;
-    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
-        const int v = (int)(idx % nv);
-        long rest = idx / nv;
-        const int k = (int)(rest % b);
-        rest /= b;
-        const int l = (int)(rest % b);
-        const long t = rest / b;
-        const long row = t * b * b * rb;
-        const uint4 val = ld_ro16(out1p + row + ((long)k * b + l) * rb + v * 8);
-        *reinterpret_cast<uint4*>(P + row + ((long)l * b + k) * rb + v * 8) = val;
+// Warps along N: 4 (8 warps, 64x32 warp tiles; the product) or 2 (4 warps, 64x64 warp tiles;
+// measured slower, see above). The launcher's thread count follows it (monarch.rs).
+#ifndef BLR_MON1_WARPS_N
+#define BLR_MON1_WARPS_N 4
+#endif
+constexpr int BM = 128;
+constexpr int BN = 128;
+constexpr int BK = 64;
+constexpr int STAGES = 3;
+constexpr int WARPS_M = 2;
+constexpr int WARPS_N = BLR_MON1_WARPS_N;
+constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+constexpr int WTM = BM / WARPS_M;
+constexpr int WTN = BN / WARPS_N;
+constexpr int MI = WTM / 16;
+constexpr int NI = WTN / 8;
+constexpr int A_STAGE = BM * BK;
+constexpr int B_STAGE = BN * BK;
+constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
+// 16-byte chunks each thread copies per operand and stage.
+constexpr int CHUNKS = BM * BK / 8 / THREADS;
+constexpr int ROW_STEP = THREADS / 8;
+// Epilogue: the bf16 tile in shared memory, rows padded by 8 elements (272 B: the fragment
+// stores of one warp hit 32 distinct banks, 16-byte reads stay aligned).
+constexpr int CLD = BN + 8;
+static_assert(BM * CLD * 2 <= SMEM_BYTES, "epilogue tile must fit in the pipeline buffers");
+static_assert(BM == BN && CHUNKS * THREADS * 8 == BM * BK, "whole chunks per thread");
+
+static __device__ __forceinline__ int swz(int row, int chunk) {
+    return row * BK + ((chunk ^ (row & 7)) << 3);
+}
+
+}  // namespace blr_mon1
+
+// Grid (ceil(R/128), ceil(T/128), b): block (x, y, z) computes columns 128x.. of tokens 128y..
+// for input block k = z. Dynamic shared memory: blr_mon1::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
+    blr_monarch_stage1(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P, int T,
+                       int b, int R, int nb, int seg) {
+    using namespace blr_mon1;
+    extern __shared__ __align__(128) unsigned char blr_mon1_smem[];
+    bf16* As = reinterpret_cast<bf16*>(blr_mon1_smem);
+    bf16* Bs = As + STAGES * A_STAGE;
+
+    const int k = blockIdx.z;
+    const int n0 = blockIdx.x * BN;
+    const int m0 = blockIdx.y * BM;
+    const long n = (long)b * nb;
+    const int rb = seg ? R / b : 1;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int wm = warp / WARPS_N;
+    const int wn = warp % WARPS_N;
+
+    // This thread copies 16-byte chunk `lc` of tile rows r0 + ROW_STEP*i (i < CHUNKS) of both
+    // operands.
+    const int lc = tid & 7;
+    const int r0 = tid >> 3;
+    const bf16* xk = x + (long)k * nb + lc * 8;
+    const bf16* wk = w1 + (long)k * R * nb + lc * 8;
+    int brow[CHUNKS];
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i) {
+        const int j = n0 + r0 + ROW_STEP * i;
+        brow[i] = j < R ? (seg ? (j % rb) * b + j / rb : j) : -1;
+    }
+    auto load_stage = [&](int slot, int k0) {
+        const bool kin = k0 + lc * 8 < nb;
+        bf16* as = As + slot * A_STAGE;
+        bf16* bs = Bs + slot * B_STAGE;
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int r = r0 + ROW_STEP * i;
+            const int t = m0 + r;
+            const bool pa = kin && t < T;
+            cp_async16(smem_addr(as + swz(r, lc)), pa ? xk + (long)t * n + k0 : x, pa);
+            const bool pb = kin && brow[i] >= 0;
+            cp_async16(smem_addr(bs + swz(r, lc)), pb ? wk + (long)brow[i] * nb + k0 : w1, pb);
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int ktiles = (nb + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_stage(s, s * BK);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < ktiles) load_stage(nk % STAGES, nk * BK);
+        cp_async_commit();
+        const bf16* as = As + (kt % STAGES) * A_STAGE;
+        const bf16* bs = Bs + (kt % STAGES) * B_STAGE;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            blr_u32 af[MI][4];
+            blr_u32 bfr[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int r = wm * WTM + mi * 16 + (lane & 15);
+                const int c = kk * 2 + (lane >> 4);
+                ldmatrix_x4(smem_addr(as + swz(r, c)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ni += 2) {
+                const int r = wn * WTN + ni * 8 + (lane & 7) + ((lane >> 4) << 3);
+                const int c = kk * 2 + ((lane >> 3) & 1);
+                ldmatrix_x4(smem_addr(bs + swz(r, c)), bfr[ni][0], bfr[ni][1], bfr[ni + 1][0], bfr[ni + 1][1]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bfr[ni][0], bfr[ni][1]);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // The tile, rounded to bf16, into shared memory (the pipeline buffers are free now).
+    bf16* Cs = reinterpret_cast<bf16*>(blr_mon1_smem);
+    {
+        const int g = lane >> 2;
+        const int c4 = lane & 3;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = wm * WTM + mi * 16 + g + h * 8;
+                    const int col = wn * WTN + ni * 8 + 2 * c4;
+                    *reinterpret_cast<__nv_bfloat162*>(Cs + row * CLD + col) =
+                        __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                }
+    }
+    __syncthreads();
+
+    const long ldp = (long)b * R;
+    if (seg) {
+        // 16 vectors of 8 columns per tile row; a vector never straddles a run (rb % 8 == 0).
+        for (int idx = tid; idx < BM * (BN / 8); idx += THREADS) {
+            const int r = idx / (BN / 8);
+            const int v = idx % (BN / 8);
+            const int t = m0 + r;
+            const int j = n0 + v * 8;
+            if (t < T && j < R) {
+                const int l = j / rb;
+                const int a = j - l * rb;
+                const uint4 val = *reinterpret_cast<const uint4*>(Cs + r * CLD + v * 8);
+                *reinterpret_cast<uint4*>(P + (long)t * ldp + (long)l * R + (long)k * rb + a) = val;
+            }
+        }
+    } else {
+        for (int idx = tid; idx < BM * BN; idx += THREADS) {
+            const int r = idx / BN;
+            const int jj = idx % BN;
+            const int t = m0 + r;
+            const int j = n0 + jj;
+            if (t < T && j < R) {
+                const long f = (long)k * R + j;
+                P[(long)t * ldp + (f % b) * R + f / b] = Cs[r * CLD + jj];
+            }
+        }
     }
 }
 

@@ -79,18 +79,18 @@ fn strategy_checks_name_the_failing_dimension() {
     let mon = shape(FormatKind::Monarch, 128, 128, 4, 4, 32);
     assert!(check_strategy(&mon, Strategy::Partial, 128).is_ok());
     assert!(check_strategy(&mon, Strategy::Decode, 1).is_ok());
+    // Monarch partial stores element by element where R/b is not a multiple of 8 or b does not
+    // divide R (DiT: 384 % 9 != 0); only n/b must be a multiple of 8.
     let mon_odd = shape(FormatKind::Monarch, 120, 96, 4, 4, 40); // R/b = 10
-    let msg = check_strategy(&mon_odd, Strategy::Partial, 8)
+    assert!(check_strategy(&mon_odd, Strategy::Partial, 8).is_ok());
+    let mon_ragged = shape(FormatKind::Monarch, 3456, 1152, 9, 9, 384);
+    assert!(check_strategy(&mon_ragged, Strategy::Partial, 8).is_ok());
+    let mon_narrow = shape(FormatKind::Monarch, 120, 60, 4, 4, 40); // n/b = 15
+    let msg = check_strategy(&mon_narrow, Strategy::Partial, 8)
         .map(|_| ())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("R/b = 10"), "{msg}");
-    let mon_ragged = shape(FormatKind::Monarch, 3456, 1152, 9, 9, 384); // DiT: 384 % 9 != 0
-    let msg = check_strategy(&mon_ragged, Strategy::Partial, 8)
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(msg.contains("multiple of b = 9"), "{msg}");
+    assert!(msg.contains("n/b = 15"), "{msg}");
     let dense = shape(FormatKind::Dense, 128, 128, 1, 1, 128);
     assert!(check_strategy(&dense, Strategy::Decode, 1).is_err());
 }
@@ -107,35 +107,15 @@ fn auto_strategy_follows_format_and_applicability() {
     let mon = shape(FormatKind::Monarch, 4096, 4096, 16, 16, 1024);
     assert_eq!(auto_strategy(&mon, 1), Strategy::Unfused);
     assert_eq!(auto_strategy(&mon, 1024), Strategy::Partial);
+    // Partial applies, but stores element by element: not chosen without a measurement.
     let mon_ragged = shape(FormatKind::Monarch, 3456, 1152, 9, 9, 384);
     assert_eq!(auto_strategy(&mon_ragged, 1024), Strategy::Unfused);
+    let mon_narrow = shape(FormatKind::Monarch, 120, 60, 4, 4, 40);
+    assert_eq!(auto_strategy(&mon_narrow, 1024), Strategy::Unfused);
     let lr = shape(FormatKind::LowRank, 4096, 4096, 1, 1, 1024);
     assert_eq!(auto_strategy(&lr, 1024), Strategy::Unfused);
     let odd = shape(FormatKind::LowRank, 100, 100, 1, 1, 10);
     assert_eq!(auto_strategy(&odd, 1), Strategy::Unfused);
-}
-
-#[test]
-fn monarch_w1_reorder_puts_row_a_b_plus_l_at_l_rb_plus_a() {
-    let (b, rank, width) = (3, 12, 5);
-    let rb = rank / b;
-    let w1: Vec<f32> = (0..b * rank * width).map(|i| i as f32).collect();
-    let re = reorder_monarch_w1(&w1, b, rank, width).expect("valid shape");
-    for k in 0..b {
-        for l in 0..b {
-            for a in 0..rb {
-                for c in 0..width {
-                    assert_eq!(
-                        re[(k * rank + l * rb + a) * width + c],
-                        w1[(k * rank + a * b + l) * width + c],
-                        "k={k} l={l} a={a} c={c}"
-                    );
-                }
-            }
-        }
-    }
-    assert!(reorder_monarch_w1(&w1, 5, rank, width).is_err());
-    assert!(reorder_monarch_w1(&w1[1..], b, rank, width).is_err());
 }
 
 /// Rounds every factor to bf16 so the CPU reference sees exactly the GPU's weights.
@@ -244,4 +224,80 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
     }
     eprintln!("gpu parity: {checked} (shape, strategy, T) cases within bf16 error");
     assert!(checked >= 40, "only {checked} cases ran");
+}
+
+/// Monarch `partial` (monarch.rs) on shapes that exercise every path of its stage-1 kernel:
+/// 16-byte run stores (R/b a multiple of 8) and element stores (R/b odd-sized, b not dividing
+/// R), ragged token, rank and K tiles (T not a multiple of 128, R of 128, n/b of 64), several
+/// column tiles, b from 2 to 16, m not a multiple of 8 (per-element output permutation), and
+/// n/b > 256 (cuBLASLt stage 1 + transposed intermediate).
+/// Outputs are NaN-poisoned before every run.
+#[test]
+fn gpu_monarch_partial_parity_on_odd_shapes() {
+    let gpu = match Gpu::open_default() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: no usable GPU here ({e})");
+            return;
+        }
+    };
+    let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
+    let shapes = [
+        // (m, n, b, R): runs of rb = 24, n/b = 40 (K ragged in one 64-wide tile)
+        (136, 160, 4, 96),
+        // rb = 8, b = 3
+        (120, 72, 3, 24),
+        // rb = 10: element stores
+        (120, 96, 4, 40),
+        // rb = 5, b = 9, m/b = 24
+        (216, 144, 9, 45),
+        // R % b != 0 (100 = 12*8 + 4): element stores with the general index map
+        (200, 128, 8, 100),
+        // rb = 50, R = 300: three column tiles, the last ragged
+        (264, 288, 6, 300),
+        // rb = 136, b = 2, n/b = 128 (two K tiles), R = 272: ragged third column tile
+        (272, 256, 2, 272),
+        // b = 16, rb = 16
+        (512, 512, 16, 256),
+        // m = 132 (m/b = 33, m % 8 != 0): the output permutation falls back to per element
+        (132, 96, 4, 32),
+        // n/b = 272 > 256: cuBLASLt stage 1 + per-token transpose of the intermediate
+        (136, 1088, 4, 96),
+        // n/b = 264, R % b != 0 (b*R = 152)
+        (120, 1056, 4, 38),
+    ];
+    let mut rng = Rng::new(0x304A);
+    let mut checked = 0;
+    for (si, &(m, n, b, rank)) in shapes.iter().enumerate() {
+        let sh = shape(FormatKind::Monarch, m, n, b, b, rank);
+        assert!(
+            check_strategy(&sh, Strategy::Partial, 1).is_ok(),
+            "{sh:?} should run partial"
+        );
+        let layer = bf16_rounded(&Linear::random(&sh, 700 + si as u64).expect("valid shape"));
+        let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
+        let mut ws = dev.workspace(&gpu, 300).expect("workspace");
+        for &t in &[1usize, 5, 13, 77, 300] {
+            let x: Vec<f32> = rng
+                .normal_vec(t * n, 1.0)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            let want = layer.forward(&x, t).expect("cpu forward");
+            let xd = gpu.upload_bf16(&x, "x").expect("upload x");
+            let mut yd = gpu.alloc::<bf16>(t * m, "y").expect("alloc y");
+            for st in [Strategy::Partial, Strategy::Unfused] {
+                gpu.memset_bytes(&mut yd, 0xFF).expect("poison");
+                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
+                    .unwrap_or_else(|e| panic!("{sh:?} {st} T={t}: {e}"));
+                let got = gpu.download_f32(&yd).expect("download");
+                let (err, bad) = rel_err(&got, &want);
+                assert_eq!(bad, 0, "{sh:?} {st} T={t}: {bad} outputs unwritten or NaN");
+                assert!(err < 1.5e-2, "{sh:?} {st} T={t}: rel err {err:.3e}");
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("gpu monarch partial parity: {checked} (shape, strategy, T) cases within bf16 error");
+    assert_eq!(checked, shapes.len() * 5 * 2);
 }

@@ -1,0 +1,252 @@
+//! Monarch `partial` on the GPU: blr's own stage-1 GEMM writes the permuted intermediate
+//! `P (T, b, R)` directly, cuBLASLt runs stage 2, one per-token transpose puts `y` in final order.
+//!
+//! Notation as in ../shared/BRIEF.md section 2: `b` blocks, total rank `R`, `nb = n/b`,
+//! `mb = m/b`, `rb = R/b`; `w1 (b, R, nb)`, `w2 (b, mb, R)` in their canonical layouts (the only
+//! copies on the device: unfused and decode read the same `w1`).
+//!
+//! Stage 1 (monarch.cu, `blr_monarch_stage1`): one tensor-core GEMM per input block `k`
+//! (`grid.z`), whose epilogue stores every output at its place in `P`: flat index
+//! `f = k*R + c` of `out1 (T, b*R)` goes to `P[t][f % b][f / b]`. Where `R % b == 0` and
+//! `rb % 8 == 0` the weight rows are gathered in the order `c = (j % rb)*b + j / rb` while the
+//! tile loads, so the tile's columns fall into runs of `rb` contiguous elements of a `P` row
+//! (16-byte stores from a shared-memory copy of the tile); otherwise each element is stored on
+//! its own (any shape, slower).
+//! This replaces cuBLASLt stage 1 on a reordered second copy of `w1` plus a chunk-copy kernel
+//! (a DRAM round trip of the 32 MB intermediate at llama7b q/k/v/o, T=1024): see
+//! docs/perf/kernel-notes.md, "Monarch partial v2".
+//!
+//! Where `n/b > 256` (llama7b down: 688) the own mma.sync stage 1 loses more to cuBLASLt's
+//! wgmma GEMM than the permutation pass costs, so stage 1 runs on cuBLASLt from the same `w1`
+//! and one per-token shared-memory transpose (`blr_monarch_out_transpose` with rows = R,
+//! cols = b) builds `P`: still one copy of `w1`, but the intermediate makes a round trip.
+
+use cudarc::driver::LaunchConfig;
+use half::bf16;
+
+use blr_core::format::Shape;
+
+use super::{i32_of, stage_gemm, GpuLinear, LayerKernels, Workspace};
+use crate::error::{Error, Result};
+use crate::gemm::GemmShape;
+use crate::gpu::Gpu;
+use crate::memory::DeviceBuffer;
+
+/// blr_mon1 tile constants of monarch.cu (a change there must be made here too).
+const STAGE1_BM: usize = 128;
+const STAGE1_BN: usize = 128;
+const STAGE1_THREADS: u32 = 256;
+/// 3 stages x (128 + 128) rows x 64 bf16.
+pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
+/// Shared memory blr_monarch_out_transpose may use (allowed at load, capped by the device):
+/// one token's row of rows x (cols + 2) bf16. Larger rows use the per-element kernels.
+pub(super) const TRANSPOSE_SMEM_MAX: u32 = 96 * 1024;
+/// Largest K = n/b for which stage 1 runs on blr's own kernel. Beyond it cuBLASLt's stage 1
+/// (wgmma, ~2x blr's mma.sync rate on these shapes) plus a per-token transpose of the
+/// intermediate is faster. Measured on the H100 (docs/perf/kernel-notes.md, "Monarch partial
+/// v2", T=1024): with the own stage 1, llama7b q/k/v/o 74.3 -> 70.7 us and gate/up 143.2 ->
+/// 134.8 (n/b = 256), llama3.2-1b gate 51.8 -> 45.2 (n/b = 128), but down (n/b = 688) 134.3 ->
+/// 174.9; down with this cuBLASLt fallback: 150.2.
+const OWN_STAGE1_MAX_NB: usize = 256;
+
+/// Why Monarch `partial` cannot run this shape (a sentence for the error message), or None.
+pub(super) fn partial_requirement(s: &Shape) -> Option<String> {
+    let b = s.b_in;
+    if b == 0 || s.b_out != b || !s.n.is_multiple_of(b) || !s.m.is_multiple_of(b) {
+        return Some(format!(
+            "needs b_out == b_in dividing n and m (got b_out={}, b_in={b}); use 'unfused'",
+            s.b_out
+        ));
+    }
+    let nb = s.n / b;
+    if !nb.is_multiple_of(8) {
+        return Some(format!(
+            "needs n/b = {nb} to be a multiple of 8 (16-byte row loads); use 'unfused'"
+        ));
+    }
+    None
+}
+
+/// Whether stage 1 stores whole `rb`-element runs with 16-byte vectors (see module docs).
+pub(super) fn segmented(s: &Shape) -> bool {
+    let (b, r) = (s.b_in, s.rank);
+    b > 0 && r.is_multiple_of(b) && (r / b).is_multiple_of(8)
+}
+
+impl GpuLinear {
+    /// Monarch `partial` (module docs): own stage 1 -> `P` (ws.b), cuBLASLt stage 2 ->
+    /// `out2 (T, b, mb)` (ws.c), per-token transpose -> `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn monarch_partial(
+        &self,
+        gpu: &Gpu,
+        k: &LayerKernels,
+        t: usize,
+        x: &DeviceBuffer<bf16>,
+        w1: &DeviceBuffer<bf16>,
+        w2: &DeviceBuffer<bf16>,
+        y: &mut DeviceBuffer<bf16>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let s = &self.shape;
+        if let Some(why) = partial_requirement(s) {
+            return Err(Error::Shape(format!("Monarch partial {why}")));
+        }
+        let (b, rr) = (s.b_in, s.rank);
+        let (nb, mb) = (s.n / b, s.m / b);
+        let inter = t * b * rr;
+        if w1.len() < b * rr * nb
+            || w2.len() < b * mb * rr
+            || ws.a.len() < inter
+            || ws.b.len() < inter
+            || ws.c.len() < t * s.m
+        {
+            return Err(Error::Shape(format!(
+                "Monarch partial {}x{} b={b} R={rr} T={t}: factor or workspace buffers smaller \
+                 than the layer shape",
+                s.m, s.n
+            )));
+        }
+        let (ti, bi, ri, nbi) = (
+            i32_of(t, "T")?,
+            i32_of(b, "b")?,
+            i32_of(rr, "R")?,
+            i32_of(nb, "n/b")?,
+        );
+        let optin = usize::try_from(gpu.info().max_smem_per_block_optin.0).unwrap_or(0);
+        let smem_cap = optin.min(TRANSPOSE_SMEM_MAX as usize);
+        // The intermediate as one (R x b) -> (b x R) transpose per token (BRIEF section 2:
+        // P[t][l][s] = out1[t][s*b + l]), as blr_monarch_out_transpose with rows = R, cols = b.
+        let mid_smem = rr * (b + 2) * 2;
+        if nb > OWN_STAGE1_MAX_NB && (b * rr).is_multiple_of(8) && mid_smem <= smem_cap {
+            let st1 = GemmShape::linear(t, rr, nb)
+                .batched(b, nb, rr * nb, rr)
+                .with_ld(s.n, nb, b * rr);
+            stage_gemm(gpu, &mut ws.tune, &st1, x, w1, &mut ws.a)?;
+            let blocks = u32::try_from(t)
+                .unwrap_or(u32::MAX)
+                .min(gpu.info().sm_count.max(1) * 16);
+            // SAFETY: out_transpose(const bf16* in, bf16* out, int T, int rows, int cols) with
+            // rows = R, cols = b reads T*R*b elements of ws.a and writes T*b*R of ws.b (both
+            // checked above) as 16-byte vectors (b*R % 8 == 0, checked); its shared tile is
+            // R*(b+2) bf16 = `mid_smem` bytes, within what was allowed at load.
+            unsafe {
+                gpu.launch(&k.out_transpose)
+                    .arg(&ws.a)
+                    .arg(&mut ws.b)
+                    .arg(&ti)
+                    .arg(&ri)
+                    .arg(&bi)
+                    .launch(LaunchConfig {
+                        grid_dim: (blocks, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: u32::try_from(mid_smem).unwrap_or(u32::MAX),
+                    })?;
+            }
+            return self.monarch_stage2(gpu, k, t, w2, y, ws);
+        }
+        if !k.monarch_stage1_fits {
+            return Err(Error::LaunchConfig {
+                kernel: "blr_monarch_stage1".into(),
+                reason: format!(
+                    "needs {STAGE1_SMEM} B of shared memory per block, more than this device \
+                     allows; use 'unfused'"
+                ),
+            });
+        }
+        let seg = i32::from(segmented(s));
+        let grid = (
+            u32::try_from(rr.div_ceil(STAGE1_BN)).unwrap_or(u32::MAX),
+            u32::try_from(t.div_ceil(STAGE1_BM)).unwrap_or(u32::MAX),
+            u32::try_from(b).unwrap_or(u32::MAX),
+        );
+        if grid.1 > 65_535 || grid.2 > 65_535 {
+            return Err(Error::Shape(format!(
+                "Monarch partial: T = {t} or b = {b} exceeds the grid limit (65535 tiles of \
+                 {STAGE1_BM} tokens, 65535 blocks)"
+            )));
+        }
+        // SAFETY: blr_monarch_stage1(const bf16* x, const bf16* w1, bf16* P, int T, int b, int R,
+        // int nb, int seg) reads x rows t < T (n = b*nb elements each; x holds T*n, checked in
+        // `forward`) and w1 (b*R*nb, checked above) with 16-byte copies (nb % 8 == 0 by
+        // `partial_requirement`), and writes P[t][l*R + s] for t < T, l < b, s < R, i.e. T*b*R
+        // elements of ws.b (checked above); 16-byte stores only when `segmented` (R, rb and so
+        // every store offset multiples of 8). Shared memory: STAGE1_SMEM, allowed at load.
+        unsafe {
+            gpu.launch(&k.monarch_stage1)
+                .arg(x)
+                .arg(w1)
+                .arg(&mut ws.b)
+                .arg(&ti)
+                .arg(&bi)
+                .arg(&ri)
+                .arg(&nbi)
+                .arg(&seg)
+                .launch(LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: (STAGE1_THREADS, 1, 1),
+                    shared_mem_bytes: STAGE1_SMEM,
+                })?;
+        }
+        self.monarch_stage2(gpu, k, t, w2, y, ws)
+    }
+
+    /// Stage 2 of `partial` from `P` (ws.b) and the output permutation into `y`.
+    fn monarch_stage2(
+        &self,
+        gpu: &Gpu,
+        k: &LayerKernels,
+        t: usize,
+        w2: &DeviceBuffer<bf16>,
+        y: &mut DeviceBuffer<bf16>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let (b, rr) = (s.b_in, s.rank);
+        let mb = s.m / b;
+        let (ti, bi, mbi) = (i32_of(t, "T")?, i32_of(b, "b")?, i32_of(mb, "m/b")?);
+        let optin = usize::try_from(gpu.info().max_smem_per_block_optin.0).unwrap_or(0);
+        let smem_cap = optin.min(TRANSPOSE_SMEM_MAX as usize);
+        // out2 (T, b, mb): block l reads P[:, l*R..] (ld b*R), writes columns l*mb.. (ld m).
+        let st2 = GemmShape::linear(t, mb, rr)
+            .batched(b, rr, mb * rr, mb)
+            .with_ld(b * rr, rr, s.m);
+        stage_gemm(gpu, &mut ws.tune, &st2, &ws.b, w2, &mut ws.c)?;
+        let smem = b * (mb + 2) * 2;
+        if s.m.is_multiple_of(8) && smem <= smem_cap {
+            let smem = u32::try_from(smem).unwrap_or(u32::MAX);
+            let blocks = u32::try_from(t)
+                .unwrap_or(u32::MAX)
+                .min(gpu.info().sm_count.max(1) * 16);
+            // SAFETY: out_transpose(const bf16* out2, bf16* y, int T, int b, int mb) reads T*m
+            // elements of out2 (ws.c, checked above) and writes T*m of y (checked in `forward`)
+            // as 16-byte vectors (m % 8 == 0); its shared tile is b*(mb+2) bf16 = `smem` bytes,
+            // within what was allowed at load (condition above).
+            unsafe {
+                gpu.launch(&k.out_transpose)
+                    .arg(&ws.c)
+                    .arg(y)
+                    .arg(&ti)
+                    .arg(&bi)
+                    .arg(&mbi)
+                    .launch(LaunchConfig {
+                        grid_dim: (blocks, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: smem,
+                    })
+            }
+        } else {
+            // SAFETY: perm_out(const bf16* out2, bf16* y, int T, int b, int mb) touches
+            // T*b*mb = T*m elements of each; both were checked to hold that many.
+            unsafe {
+                gpu.launch(&k.perm_out)
+                    .arg(&ws.c)
+                    .arg(y)
+                    .arg(&ti)
+                    .arg(&bi)
+                    .arg(&mbi)
+                    .launch(super::grid_1d(t * s.m))
+            }
+        }
+    }
+}
