@@ -663,6 +663,17 @@ mod tests {
                 "{msg}"
             );
         }
+        // Data-free low-rank follows the same choice (the SVD on the GPU where one is usable):
+        // exact on an exactly rank-4 matrix either way.
+        let out = dir.join("lowrank.safetensors");
+        let mut a = args("lowrank", 1, 4, out.clone());
+        a.device = "auto".into();
+        let (_, m, n, w) = load_matrix(&a, FormatKind::LowRank, 1, 1).unwrap();
+        run(a).unwrap();
+        let ck = Checkpoint::load(&out).unwrap();
+        let t = Target::new("w", m, n, &w).unwrap();
+        let e = blr_compress::relative_error(&t, ck.layer("layer0").unwrap(), None).unwrap();
+        assert!(e < 1e-3, "low-rank on auto: {e}");
         // cuda with a request only the CPU path covers: refused, naming it.
         let mut a = args("blast", 3, 2, dir.join("gd.safetensors"));
         a.device = "cuda".into();
