@@ -338,26 +338,53 @@ static void run_row(const Cfg& c, int T, const char* fmt, const char* strat, dou
 }
 
 static int g_sms = 132;
+// The decode kernel as the product launches it (crates/blr-cuda/src/layers/decode.rs): one block
+// per SM, phase-2 rows staged in shared memory up to the opt-in limit; cooperative, or (pdl) an
+// ordinary launch with programmatic stream serialization allowed.
 static void launch_decode(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y, bf16* wbuf,
                           unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2, int p2,
-                          int r2) {
-    static int occ = -1;
-    if (occ < 0) {
-        CK(cudaFuncSetAttribute(blr_decode, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
-        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode, blr_dec::THREADS, 16 * 1024));
+                          int r2, bool pdl) {
+    static int max_optin = -1;
+    if (max_optin < 0) {
+        CK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+        CK(cudaFuncSetAttribute(blr_decode, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
     }
-    int tasks1 = (r1 + 7) / 8, tasks2 = nb2 * ((p2 + 15) / 16);
-    int grid = std::min(occ * g_sms, std::max(tasks1, tasks2));
-    size_t smem = std::max(nb1 * 128, 256) * 4;
-    void* args[] = {(void*)&x,  (void*)&w1,   (void*)&s,   (void*)&w2, (void*)&y,  (void*)&wbuf,
-                    (void*)&bar, (void*)&T,   (void*)&n,   (void*)&m,  (void*)&mode, (void*)&nb1,
-                    (void*)&r1, (void*)&q1,   (void*)&nb2, (void*)&p2, (void*)&r2};
-    cudaError_t e = cudaLaunchCooperativeKernel((void*)blr_decode, dim3(grid), dim3(blr_dec::THREADS), args, smem,
-                                                cudaStreamPerThread);
+    int tasks2 = nb2 * ((p2 + 15) / 16);
+    size_t zs_bytes = (size_t)std::max(nb1 * 128, 1024) * 4 + blr_dec::S_TASKS * 4096;
+    size_t task_bytes = (size_t)16 * (r2 + 8) * 2;
+    int grid = g_sms;
+    int want = (tasks2 + grid - 1) / grid;
+    int fit = (int)((max_optin - zs_bytes) / task_bytes);
+    int smem_tasks = std::max(0, std::min(want, fit));
+    int flags = 0;
+    size_t smem = zs_bytes + smem_tasks * task_bytes;
+    int occ = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode, blr_dec::THREADS, smem));
+    if (occ < 1) {
+        fprintf(stderr, "decode does not fit: smem %zu\n", smem);
+        exit(2);
+    }
+    cudaLaunchAttribute attr;
+    if (pdl) {
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+    } else {
+        attr.id = cudaLaunchAttributeCooperative;
+        attr.val.cooperative = 1;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(blr_dec::THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = cudaStreamPerThread;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, blr_decode, x, w1, s, w2, y, wbuf, bar, T, n, m, mode, nb1, r1, q1,
+                                       nb2, p2, r2, smem_tasks, flags);
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(cudaStreamPerThread, &cs);
     if (e != cudaSuccess && cs != cudaStreamCaptureStatusNone) {
-        g_capture_failed = true;  // cooperative launch not capturable here: time it directly
+        g_capture_failed = true;  // not capturable here: time it directly
         cudaGetLastError();
         return;
     }
@@ -384,50 +411,6 @@ static void decode_phase_report(const char* what, const std::function<void()>& f
     (void)what;
     (void)fn;
 #endif
-}
-
-// Experiment only: g_plain_launch launches blr_decode2 with cudaLaunchKernel instead of the
-// cooperative launch, to measure what the cooperative launch costs. Co-residency then rests on
-// one block per SM and an otherwise idle GPU: never do this in the product.
-static bool g_plain_launch = false;
-static void launch_decode2(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y, bf16* wbuf,
-                           unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2, int p2,
-                           int r2) {
-    static int max_optin = -1;
-    if (max_optin < 0) {
-        CK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-        CK(cudaFuncSetAttribute(blr_decode2, cudaFuncAttributeMaxDynamicSharedMemorySize, max_optin));
-    }
-    int tasks2 = nb2 * ((p2 + 15) / 16);
-    size_t zs_bytes = (size_t)std::max(nb1 * 128, 1024) * 4 + blr_dec2::S_TASKS * 4096;
-    size_t task_bytes = (size_t)16 * (r2 + 8) * 2;
-    int grid = g_sms;
-    int want = (tasks2 + grid - 1) / grid;
-    int fit = (int)((max_optin - zs_bytes) / task_bytes);
-    int smem_tasks = std::max(0, std::min(want, fit));
-    size_t smem = zs_bytes + smem_tasks * task_bytes;
-    int occ = 0;
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, blr_decode2, blr_dec2::THREADS, smem));
-    if (occ < 1) {
-        fprintf(stderr, "decode2 does not fit: smem %zu\n", smem);
-        exit(2);
-    }
-    void* args[] = {(void*)&x,  (void*)&w1, (void*)&s,    (void*)&w2,  (void*)&y,  (void*)&wbuf,
-                    (void*)&bar, (void*)&T, (void*)&n,    (void*)&m,   (void*)&mode, (void*)&nb1,
-                    (void*)&r1, (void*)&q1, (void*)&nb2,  (void*)&p2,  (void*)&r2, (void*)&smem_tasks};
-    cudaError_t e = g_plain_launch
-                        ? cudaLaunchKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args, smem,
-                                           cudaStreamPerThread)
-                        : cudaLaunchCooperativeKernel((void*)blr_decode2, dim3(grid), dim3(blr_dec2::THREADS), args,
-                                                      smem, cudaStreamPerThread);
-    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    cudaStreamIsCapturing(cudaStreamPerThread, &cs);
-    if (e != cudaSuccess && cs != cudaStreamCaptureStatusNone) {
-        g_capture_failed = true;
-        cudaGetLastError();
-        return;
-    }
-    CK(e);
 }
 
 static void run_config(const Cfg& c, const std::vector<int>& tokens) {
@@ -523,15 +506,12 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             own_nt(Wb, r, (long)T * r, U, r, (long)p * r, y, m, p, T, p, r, bo);
         });
         if (T <= 16) {
-            auto f = [&] { launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
+            auto f = [&] { launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r, false); };
             run_row(c, T, "blast", "decode", bparams, bflops, y, ref, f);
             decode_phase_report("blast", f);
-            auto f2 = [&] { launch_decode2(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r); };
-            run_row(c, T, "blast", "decode2", bparams, bflops, y, ref, f2);
-            decode_phase_report("blast v2", f2);
-            g_plain_launch = true;
-            run_row(c, T, "blast", "decode2-plain", bparams, bflops, y, ref, f2);
-            g_plain_launch = false;
+            run_row(c, T, "blast", "decode-pdl", bparams, bflops, y, ref, [&] {
+                launch_decode(x, Vt, Sd, U, y, dwbuf, bar, T, n, m, 0, bi, r, q, bo, p, r, true);
+            });
         }
 
         // LR
@@ -548,12 +528,9 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
             own_nt(LZ, lr, 0, LU, lr, 0, y, m, 0, T, m, lr, 1);
         });
         if (T <= 16) {
-            auto f = [&] { launch_decode(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr); };
+            auto f = [&] { launch_decode(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr, false); };
             run_row(c, T, "lowrank", "decode", lparams, lflops, y, ref, f);
             decode_phase_report("lowrank", f);
-            auto f2 = [&] { launch_decode2(x, LV, nullptr, LU, y, dwbuf, bar, T, n, m, 1, 1, lr, n, 1, m, lr); };
-            run_row(c, T, "lowrank", "decode2", lparams, lflops, y, ref, f2);
-            decode_phase_report("lowrank v2", f2);
         }
 
         // Monarch reference: out1 flat (T, b*R); P (T, b, R); out2 (T, b, m/b); y
@@ -579,10 +556,7 @@ static void run_config(const Cfg& c, const std::vector<int>& tokens) {
         });
         if (T <= 16) {
             run_row(c, T, "monarch", "decode", mparams, mflops, y, ref, [&] {
-                launch_decode(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R);
-            });
-            run_row(c, T, "monarch", "decode2", mparams, mflops, y, ref, [&] {
-                launch_decode2(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R);
+                launch_decode(x, M1, nullptr, M2, y, dwbuf, bar, T, n, m, 2, mb, R, nbk, mb, mbk, R, false);
             });
         }
     }

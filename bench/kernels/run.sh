@@ -35,20 +35,10 @@ if [[ $what == profile ]]; then
         --csv /tmp/blr_harness --check-only --only "$cfg" --tokens "$toks" >"$out/ncu-$cfg.csv" 2>"$out/ncu-$cfg.err"
     python3 "$here/ncu_summary.py" "$out/ncu-$cfg.csv"
 fi
-if [[ $what == variants ]]; then
-    # Decode variants: THREADS, U1, U2 (phase timing on), each built in parallel, run on qkvo.
-    vlist="${2:-256,4,4 256,8,4 512,8,2 512,4,4}"
-    for v in $vlist; do
-        IFS=, read th u1 u2 <<<"$v"
-        nvcc -std=c++17 -O3 --default-stream per-thread -gencode=arch=compute_90a,code=sm_90a \
-            -DBLR_DEC_TIMING -DBLR_DEC_THREADS=$th -DBLR_DEC_U1=$u1 -DBLR_DEC_U2=$u2 \
-            -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness_v.${th}.${u1}.${u2} -lcublas \
-            >"$out/build-$th-$u1-$u2.log" 2>&1 &
-    done
-    wait
-    for v in $vlist; do
-        IFS=, read th u1 u2 <<<"$v"
-        echo "== decode variant threads=$th U1=$u1 U2=$u2"
-        /tmp/blr_harness_v.${th}.${u1}.${u2} --only "${3:-llama7b-qkvo}" --tokens "${4:-1,16}" 2>&1 | grep -E "decode|phases|FAIL"
-    done
+if [[ $what == phases ]]; then
+    # Decode phase timing (%globaltimer marks in decode.cu), qkvo by default.
+    nvcc -std=c++17 -O3 --default-stream per-thread -gencode=arch=compute_90a,code=sm_90a -DBLR_DEC_TIMING \
+        -I"$here/../../crates/blr-cuda/src/layers" "$here/harness.cu" -o /tmp/blr_harness_t -lcublas \
+        >"$out/build-phases.log" 2>&1 || { cat "$out/build-phases.log"; exit 1; }
+    /tmp/blr_harness_t --only "${2:-llama7b-qkvo}" --tokens "${3:-1,16}" 2>&1 | grep -E "decode|phases|FAIL"
 fi

@@ -18,11 +18,12 @@
 //!   the one canonical copy of `w1`; the output permutation is a per-token shared-memory
 //!   transpose (monarch.cu): no permutation pass in between. Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
 //!   but on H100 2-4x slower than cuBLASLt today, so [`GpuLinear::auto_strategy`] never picks it.
-//! - [`Strategy::Decode`]: `T <= 16`. One cooperative persistent kernel (decode.cu,
-//!   `blr_decode2`) streams every weight once with 16-byte loads: phase 1 (stage 1 + mixing or
+//! - [`Strategy::Decode`]: `T <= 16`. One persistent kernel (decode.cu, `blr_decode`, launched
+//!   by [`decode`]) streams every weight once with 16-byte loads: phase 1 (stage 1 + mixing or
 //!   permutation), a grid barrier, phase 2, with the phase-2 weights copied into shared memory
-//!   while phase 1 runs. One launch per layer, graph-capturable. On the H100 it is not yet
-//!   faster than cuBLAS (see [`auto_strategy`]).
+//!   while phase 1 runs. One launch per layer, graph-capturable, with programmatic dependent
+//!   launch on sm_90+ so consecutive decode layers overlap (see [`auto_strategy`] for where it
+//!   is chosen).
 //!
 //! Which strategy runs by default: the fastest one measured on this device for this shape and
 //! T if `blr bench layer` recorded it ([`autotune::AutotuneCache`]), else [`auto_strategy`].
@@ -44,7 +45,7 @@
 //! `n/b`, `R`, and for `partial` `R/b`, with `R % b == 0`) to be multiples of 8;
 //! [`GpuLinear::check`] says which requirement failed.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 
 use blr_core::format::Shape;
@@ -60,7 +61,7 @@ use crate::memory::DeviceBuffer;
 pub const GEMM_CU: KernelSource = crate::kernel_source!("gemm.cu", headers: ["common.cuh"]);
 /// blast.cu: `blr_blast_mix_tc`, `blr_blast_mix_tc2`, `blr_blast_mix_naive`.
 pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["common.cuh"]);
-/// decode.cu: `blr_decode`, `blr_decode2`.
+/// decode.cu: `blr_decode` (launched by [`decode`]).
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
 /// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out`, `blr_monarch_stage1`,
 /// `blr_monarch_out_transpose` (and `blr_batched_transpose`, a tiled variant the harness
@@ -81,7 +82,6 @@ const MIX2_BKR: usize = 32;
 const MIX2_THREADS: u32 = 256;
 /// blr_mix2::SMEM_BYTES: max(16 planes x (32x64+8) bf16, 16 x (64x40+8) bf16) + 32 x 256 bf16.
 const MIX2_SMEM: u32 = 16 * (64 * 40 + 8) * 2 + 32 * 256 * 2;
-const DECODE_THREADS: u32 = 512;
 
 /// How a layer is run on the GPU (see module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -262,7 +262,7 @@ pub struct LayerKernels {
     /// Whether this device's shared memory holds blr_blast_mix_tc4's two stages.
     mix_tc4_fits: bool,
     mix_naive: Kernel,
-    decode2: Kernel,
+    decode: decode::DecodeKernels,
     perm_mid: Kernel,
     perm_out: Kernel,
     monarch_stage1: Kernel,
@@ -279,11 +279,19 @@ impl LayerKernels {
         self.fused.as_ref()
     }
 
+    /// How [`Strategy::Decode`] launches its kernel (default: [`decode::DecodeOptions::from_env`]).
+    pub fn decode_options(&self) -> decode::DecodeOptions {
+        self.decode.opts
+    }
+
+    pub fn set_decode_options(&mut self, opts: decode::DecodeOptions) {
+        self.decode.opts = opts;
+    }
+
     pub fn load(gpu: &Gpu) -> Result<Self> {
         let opts = CompileOptions::default();
         let gemm = gpu.load_module(&GEMM_CU, &opts)?;
         let blast = gpu.load_module(&BLAST_CU, &opts)?;
-        let decode = gpu.load_module(&DECODE_CU, &opts)?;
         let monarch = gpu.load_module(&MONARCH_CU, &opts)?;
         let mut k = Self {
             gemm_128x128: gemm.function("blr_gemm_nt_128x128")?,
@@ -292,7 +300,7 @@ impl LayerKernels {
             mix_tc4: blast.function("blr_blast_mix_tc4")?,
             mix_tc4_fits: false,
             mix_naive: blast.function("blr_blast_mix_naive")?,
-            decode2: decode.function("blr_decode2")?,
+            decode: decode::DecodeKernels::load(gpu, &opts)?,
             perm_mid: monarch.function("blr_monarch_perm_mid")?,
             perm_out: monarch.function("blr_monarch_perm_out")?,
             monarch_stage1: monarch.function("blr_monarch_stage1")?,
@@ -315,7 +323,6 @@ impl LayerKernels {
         }
         k.out_transpose
             .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
-        k.decode2.set_max_dynamic_smem(optin)?;
         Ok(k)
     }
 }
@@ -551,7 +558,7 @@ impl GpuLinear {
                 gemm_nt(gpu, k, NtGemm::plain(t, s.m, r), &ws.a, u, y)
             }
             (Factors::LowRank { u, v }, Strategy::Decode) => {
-                let d = DecodeDims {
+                let d = decode::DecodeDims {
                     mode: 1,
                     nb1: 1,
                     r1: s.rank,
@@ -560,11 +567,11 @@ impl GpuLinear {
                     p2: s.m,
                     r2: s.rank,
                 };
-                decode(gpu, k, &s, t, d, x, v, v, u, y, ws)
+                decode::decode(gpu, k, &s, t, d, x, v, v, u, y, ws)
             }
             (Factors::Monarch { w1, w2 }, Strategy::Decode) => {
                 let b = s.b_in;
-                let d = DecodeDims {
+                let d = decode::DecodeDims {
                     mode: 2,
                     nb1: b,
                     r1: s.rank,
@@ -573,14 +580,14 @@ impl GpuLinear {
                     p2: s.m / b,
                     r2: s.rank,
                 };
-                decode(gpu, k, &s, t, d, x, w1, w1, w2, y, ws)
+                decode::decode(gpu, k, &s, t, d, x, w1, w1, w2, y, ws)
             }
             (Factors::Monarch { w1, w2 }, Strategy::Partial) => {
                 self.monarch_partial(gpu, k, t, x, w1, w2, y, ws)
             }
             (Factors::Monarch { w1, w2 }, _) => self.monarch_unfused(gpu, k, t, x, w1, w2, y, ws),
             (Factors::Blast { u, vt, s_dev }, Strategy::Decode) => {
-                let d = DecodeDims {
+                let d = decode::DecodeDims {
                     mode: 0,
                     nb1: s.b_in,
                     r1: s.rank,
@@ -589,7 +596,7 @@ impl GpuLinear {
                     p2: s.m / s.b_out,
                     r2: s.rank,
                 };
-                decode(gpu, k, &s, t, d, x, vt, s_dev, u, y, ws)
+                decode::decode(gpu, k, &s, t, d, x, vt, s_dev, u, y, ws)
             }
             (Factors::Blast { u, vt, s_dev }, Strategy::Fused) => {
                 blast_fused::blast_fused(gpu, k.fused(), &s, t, x, u, vt, s_dev, y)
@@ -902,120 +909,9 @@ fn gemm_nt(
     }
 }
 
-/// Stage dimensions of the decode kernel (see decode.cu).
-#[derive(Debug, Clone, Copy)]
-struct DecodeDims {
-    mode: i32,
-    nb1: usize,
-    r1: usize,
-    q1: usize,
-    nb2: usize,
-    p2: usize,
-    r2: usize,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decode(
-    gpu: &Gpu,
-    k: &LayerKernels,
-    s: &Shape,
-    t: usize,
-    d: DecodeDims,
-    x: &DeviceBuffer<bf16>,
-    w1: &DeviceBuffer<bf16>,
-    s_dev: &DeviceBuffer<bf16>,
-    w2: &DeviceBuffer<bf16>,
-    y: &mut DeviceBuffer<bf16>,
-    ws: &mut Workspace,
-) -> Result<()> {
-    if w1.len() < d.nb1 * d.r1 * d.q1
-        || w2.len() < d.nb2 * d.p2 * d.r2
-        || ws.dec.len() < d.nb2 * 16 * d.r2
-    {
-        return Err(Error::Shape(format!(
-            "decode {d:?}: factor or workspace buffers smaller than the layer shape"
-        )));
-    }
-    if d.mode == 0 && s_dev.len() < d.r1 * 256 {
-        return Err(Error::Shape(format!(
-            "decode: S has {} elements, need r*256 = {}",
-            s_dev.len(),
-            d.r1 * 256
-        )));
-    }
-    let info = gpu.info();
-    let grid = info.sm_count.max(1);
-    let tasks2 = d.nb2 * d.p2.div_ceil(16);
-    // zs (phase-1 partial sums / phase-2 reductions) + 4 phase-1 tasks of staged S (decode.cu).
-    let zs_bytes = (d.nb1 * 128).max(1024) * 4 + 4 * 4096;
-    let task_bytes = 16 * (d.r2 + 8) * 2;
-    let optin = usize::try_from(info.max_smem_per_block_optin.0).unwrap_or(usize::MAX);
-    if zs_bytes > optin {
-        return Err(Error::Shape(format!(
-            "decode: {} input blocks need {zs_bytes} B of shared memory, the device allows {optin}",
-            d.nb1
-        )));
-    }
-    let want = tasks2.div_ceil(grid as usize);
-    let fit = (optin - zs_bytes) / task_bytes;
-    let smem_tasks = want.min(fit);
-    let smem = zs_bytes + smem_tasks * task_bytes;
-    let smem_u32 = u32::try_from(smem).unwrap_or(u32::MAX);
-    let per_sm = k
-        .decode2
-        .cuda_function()
-        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, smem, None)
-        .map_err(Error::driver("occupancy of blr_decode2"))?;
-    if per_sm < 1 {
-        return Err(Error::LaunchConfig {
-            kernel: "blr_decode2".into(),
-            reason: format!("{smem} B of shared memory per block leave no block resident"),
-        });
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: smem_u32,
-    };
-    let ints = [
-        i32_of(t, "T")?,
-        i32_of(s.n, "n")?,
-        i32_of(s.m, "m")?,
-        d.mode,
-        i32_of(d.nb1, "blocks")?,
-        i32_of(d.r1, "rank")?,
-        i32_of(d.q1, "block width")?,
-        i32_of(d.nb2, "blocks")?,
-        i32_of(d.p2, "block height")?,
-        i32_of(d.r2, "rank")?,
-        i32_of(smem_tasks, "smem tasks")?,
-    ];
-    let mut builder = gpu.stream().launch_builder(k.decode2.cuda_function());
-    builder
-        .arg(x)
-        .arg(w1)
-        .arg(s_dev)
-        .arg(w2)
-        .arg(y)
-        .arg(&mut ws.dec)
-        .arg(&mut ws.barrier);
-    for v in &ints {
-        builder.arg(v);
-    }
-    // SAFETY: blr_decode2(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y,
-    // bf16* wbuf, unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2,
-    // int p2, int r2, int smem_tasks): argument order and types match; buffer sizes were checked
-    // above and in `forward`; the grid (one block per SM, occupancy checked) is co-resident, which
-    // the cooperative launch also verifies, so the grid barrier cannot deadlock.
-    unsafe { builder.launch_cooperative(cfg) }.map_err(|e| Error::Launch {
-        kernel: "blr_decode2".into(),
-        source: e,
-    })?;
-    Ok(())
-}
-
 pub mod autotune;
 pub mod blast_fused;
+pub mod decode;
 mod monarch;
 pub mod timing;
 

@@ -174,7 +174,7 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
         let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
         let max_t = 77;
         let mut ws = dev.workspace(&gpu, max_t).expect("workspace");
-        for &t in &[1usize, 5, 13, 77] {
+        for &t in &[1usize, 5, 13, 16, 77] {
             let x: Vec<f32> = rng
                 .normal_vec(t * sh.n, 1.0)
                 .into_iter()
