@@ -21,6 +21,7 @@ p.add_argument("--iterations", type=int, default=30)
 p.add_argument("--tokens", type=int, default=4096)
 p.add_argument("--calib-tokens", type=int, default=4096)
 p.add_argument("--calib-mode", default="corrected", help="blr compress --calib-mode for the calibrated rows")
+p.add_argument("--correction-ridge", type=float, default=1.0, help="blr compress --correction-ridge (corrected mode)")
 p.add_argument("--out", default="docs/accuracy")
 p.add_argument("--work", default="/tmp/blr-accuracy")
 a = p.parse_args()
@@ -46,7 +47,16 @@ if os.path.exists(path_json):
 for r in records:
     if r["calibrated"]:
         r.setdefault("calib_mode", "independent")
-mode_of = lambda r: r.get("calib_mode") if r["calibrated"] else None
+def variant(mode, tokens, ridge):
+    """Column key of a calibrated row: the mode, plus tokens / ridge where not the defaults."""
+    label = mode
+    if tokens != 4096:
+        label += f", {tokens // 1024}k tokens"
+    if mode == "corrected" and ridge != 1.0:
+        label += f", ridge {ridge:g}"
+    return label
+mode_of = lambda r: variant(r["calib_mode"], r.get("calib_tokens", 4096), r.get("correction_ridge", 1.0)) if r["calibrated"] else None
+this_variant = variant(a.calib_mode, a.calib_tokens, a.correction_ridge)
 done = {(r["format"], r["param_ratio_target"], mode_of(r)) for r in records}
 
 def render(meta):
@@ -56,7 +66,7 @@ def render(meta):
              f"- Every linear layer of the 30 blocks (q/k/v/o, gate/up/down: 210 layers) compressed; the tied "
              f"embedding / LM head and the norms stay as they are. param ratio = compressed / dense parameters of those layers.",
              f"- Perplexity: first {meta['eval_tokens']} tokens of WikiText-2 test (SmolLM2 tokenizer), windows of "
-             f"{meta['ctx']} with stride {meta['stride']}. Calibration: {meta['calib_tokens']} tokens of WikiText-2 *valid* "
+             f"{meta['ctx']} with stride {meta['stride']}. Calibration: WikiText-2 *valid* "
              f"(held out), per-layer input Gram, ranks re-allocated across layers under the same total budget.",
              f"- BLAST and Monarch use b = {meta['blocks']} blocks per side; BLAST runs {meta['blast_iterations']} "
              f"preconditioned iterations from the truncated-SVD start (the published 300 from a random start would take "
@@ -69,13 +79,19 @@ def render(meta):
               "`corrected` (the default of `blr compress`) compresses the layers in model order, each fitted to the "
               "activations of the model compressed so far with its target corrected towards the dense output "
               "(min ||W X - Ŵ X'||, docs/compression.md).", "",
-              "| format | target ratio | actual ratio | data-free ppl | calibrated ppl, independent | calibrated ppl, corrected | excess data-free | excess independent | excess corrected | seconds (free / indep / corr) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(min ||W X - Ŵ X'||, docs/compression.md). Unless a column says otherwise, calibration uses 4096 tokens "
+              "and the correction ridge 1 (the defaults).", ""]
+    found = {mode_of(r) for r in records if r["calibrated"]}
+    cols = [None] + [v for v in ("independent", "corrected") if v in found] + sorted(found - {"independent", "corrected"})
+    name = lambda v: "data-free" if v is None else v
+    lines += ["| format | target ratio | actual ratio | " + " | ".join(f"ppl {name(v)}" for v in cols) + " | "
+              + " | ".join(f"excess {name(v)}" for v in cols) + " | seconds (" + " / ".join(name(v) for v in cols) + ") |",
+              "|" + "---|" * (4 + 2 * len(cols))]
     keys = sorted({(r["format"], r["param_ratio_target"]) for r in records if r["format"] != "dense"},
                   key=lambda k: (k[1], k[0]))
     for fmt, ratio in keys:
         get = lambda mode: next((r for r in records if (r["format"], r["param_ratio_target"], mode_of(r)) == (fmt, ratio, mode)), None)
-        rows = [get(None), get("independent"), get("corrected")]
+        rows = [get(v) for v in cols]
         f = lambda r: f"{r['ppl']:.2f}" if r else "-"
         ex = lambda r: f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if (r and dense) else "-"
         actual = next(r for r in rows if r)["param_ratio"]
@@ -111,14 +127,14 @@ if ("dense", 1.0, None) not in done:
 for ratio in [float(x) for x in a.ratios.split(",")]:
     for fmt in a.formats.split(","):
         for cal in (False, True):
-            if (fmt, ratio, a.calib_mode if cal else None) in done:
+            if (fmt, ratio, this_variant if cal else None) in done:
                 continue
             out = os.path.join(a.work, f"{fmt}-{ratio}-{a.calib_mode if cal else 'free'}.safetensors")
             args = ["compress", "--model", "smollm2", "--out", out, "--format", fmt, "--ratio", str(ratio),
                     "--blocks", str(a.blocks), "--iterations", str(a.iterations), "--json"]
             if cal:
                 args += ["--calibrate", "data/wikitext-2/valid.txt", "--calib-tokens", str(a.calib_tokens),
-                         "--calib-mode", a.calib_mode]
+                         "--calib-mode", a.calib_mode, "--correction-ridge", str(a.correction_ridge)]
             rep, secs = run(args)
             r = ppl(out)
             rec = {"model": "SmolLM2-135M-Instruct", "format": fmt,
@@ -126,10 +142,11 @@ for ratio in [float(x) for x in a.ratios.split(",")]:
                    "param_ratio_target": ratio, "calibrated": cal, "ppl": r["perplexity"],
                    "tokens": r["scored_tokens"], "seconds": rep["seconds"]}
             if cal:
-                rec["calib_mode"] = a.calib_mode
+                rec.update(calib_mode=a.calib_mode, calib_tokens=a.calib_tokens,
+                           correction_ridge=a.correction_ridge)
             records.append(rec)
             save()
             os.remove(out)
-            print(f"{fmt:8} {ratio:.2f} {a.calib_mode if cal else 'free'} ppl {rec['ppl']:.3f} ({rec['param_ratio']:.3f} of dense, {secs:.0f}s)", flush=True)
+            print(f"{fmt:8} {ratio:.2f} {this_variant if cal else 'free'} ppl {rec['ppl']:.3f} ({rec['param_ratio']:.3f} of dense, {secs:.0f}s)", flush=True)
 save()
 print("done")

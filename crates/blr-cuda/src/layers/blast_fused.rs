@@ -314,6 +314,7 @@ pub(crate) fn blast_fused(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::rel_err;
     use super::*;
     use crate::layers::{check_strategy, GpuLinear, LayerKernels, Strategy};
     use blr_core::rng::Rng;
@@ -353,19 +354,6 @@ mod tests {
             ..qkvo
         };
         assert!(check_strategy(&mon, Strategy::Fused, 1024).is_err());
-    }
-
-    fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
-        let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
-        for (&g, &w) in got.iter().zip(want) {
-            if !g.is_finite() {
-                bad += 1;
-                continue;
-            }
-            num += (f64::from(g) - f64::from(w)).powi(2);
-            den += f64::from(w).powi(2);
-        }
-        ((num / den.max(1e-30)).sqrt(), bad)
     }
 
     /// Every fused case against the CPU forward: block counts 2, 3, 4, 16 (and b_out != b_in),

@@ -321,6 +321,7 @@ pub(super) fn decode(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::rel_err;
     use super::*;
     use crate::layers::{check_strategy, GpuLinear, Strategy};
     use blr_core::rng::Rng;
@@ -349,19 +350,6 @@ mod tests {
             .map(|(_, _, v)| bf16_vec(v.to_vec()))
             .collect();
         Linear::from_factors(sh, factors).expect("same shape")
-    }
-
-    fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
-        let (mut num, mut den, mut bad) = (0.0f64, 0.0f64, 0usize);
-        for (&g, &w) in got.iter().zip(want) {
-            if !g.is_finite() {
-                bad += 1;
-                continue;
-            }
-            num += (f64::from(g) - f64::from(w)).powi(2);
-            den += f64::from(w).powi(2);
-        }
-        ((num / den.max(1e-30)).sqrt(), bad)
     }
 
     /// Every launch mode x kernel; the phase-1 prefetch with the half kernel only.

@@ -129,7 +129,9 @@ fn bf16_rounded(layer: &Linear) -> Linear {
     Linear::from_factors(&shape, factors).expect("same shape")
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
+/// Relative Frobenius error of the finite outputs and the count of non-finite ones (poisoned
+/// outputs left unwritten show up as NaN). Shared by the layer test modules.
+pub(super) fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
     let mut num = 0.0f64;
     let mut den = 0.0f64;
     let mut bad = 0;
