@@ -78,7 +78,6 @@ def render(meta):
     lines += ["Calibrated columns: `independent` fits every layer to the dense model's activations; "
               "`corrected` (the default of `blr compress`) compresses the layers in model order, each fitted to the "
               "activations of the model compressed so far with its target corrected towards the dense output "
-              "(min ||W X - Ŵ X'||, docs/compression.md).", "",
               "(min ||W X - Ŵ X'||, docs/compression.md). Unless a column says otherwise, calibration uses 4096 tokens "
               "and the correction ridge 1 (the defaults).", ""]
     found = {mode_of(r) for r in records if r["calibrated"]}
