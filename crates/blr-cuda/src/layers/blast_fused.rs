@@ -314,7 +314,7 @@ pub(crate) fn blast_fused(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::rel_err;
+    use super::super::tests::{gpu_or_skip, rel_err};
     use super::*;
     use crate::layers::{check_strategy, GpuLinear, LayerKernels, Strategy};
     use blr_core::rng::Rng;
@@ -362,12 +362,8 @@ mod tests {
     /// outputs poisoned with NaN first, y exactly T x m.
     #[test]
     fn gpu_fused_matches_cpu_on_odd_shapes() {
-        let gpu = match Gpu::open_default() {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("SKIP gpu_fused_matches_cpu_on_odd_shapes: no usable GPU ({e})");
-                return;
-            }
+        let Some(gpu) = gpu_or_skip("gpu_fused_matches_cpu_on_odd_shapes") else {
+            return;
         };
         let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
         let Some(fk) = kernels.fused() else {

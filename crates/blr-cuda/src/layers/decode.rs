@@ -321,7 +321,7 @@ pub(super) fn decode(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::rel_err;
+    use super::super::tests::{gpu_or_skip, rel_err};
     use super::*;
     use crate::layers::{check_strategy, GpuLinear, Strategy};
     use blr_core::rng::Rng;
@@ -465,12 +465,8 @@ mod tests {
 
     #[test]
     fn gpu_decode_every_launch_mode_on_odd_shapes() {
-        let gpu = match Gpu::open_default() {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("SKIP gpu_decode_every_launch_mode_on_odd_shapes: no usable GPU ({e})");
-                return;
-            }
+        let Some(gpu) = gpu_or_skip("gpu_decode_every_launch_mode_on_odd_shapes") else {
+            return;
         };
         // p, q, r not multiples of any tile (only of 8 where 16-byte rows need it); b_in != b_out.
         let cases = [
@@ -490,14 +486,8 @@ mod tests {
 
     #[test]
     fn gpu_decode_many_tasks_per_block_and_streamed_rows() {
-        let gpu = match Gpu::open_default() {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!(
-                    "SKIP gpu_decode_many_tasks_per_block_and_streamed_rows: no usable GPU ({e})"
-                );
-                return;
-            }
+        let Some(gpu) = gpu_or_skip("gpu_decode_many_tasks_per_block_and_streamed_rows") else {
+            return;
         };
         // r = 1096: 137 phase-1 tasks (more than one per block on <= 136 SMs); m = 16392: 1025
         // phase-2 tasks, more than shared memory holds (the L2-prefetched, streamed path), the
@@ -516,12 +506,8 @@ mod tests {
     /// three times (the barrier words reset themselves).
     #[test]
     fn gpu_decode_chain_eager_and_graph() {
-        let gpu = match Gpu::open_default() {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("SKIP gpu_decode_chain_eager_and_graph: no usable GPU ({e})");
-                return;
-            }
+        let Some(gpu) = gpu_or_skip("gpu_decode_chain_eager_and_graph") else {
+            return;
         };
         let major = gpu.info().compute_capability.0;
         let mut kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");

@@ -129,6 +129,18 @@ fn bf16_rounded(layer: &Linear) -> Linear {
     Linear::from_factors(&shape, factors).expect("same shape")
 }
 
+/// The default GPU, or `None` after printing why `test` skips (no usable GPU: CI). Shared by
+/// the layer test modules.
+pub(super) fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    match Gpu::open_default() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("SKIP {test}: no usable GPU here ({e})");
+            None
+        }
+    }
+}
+
 /// Relative Frobenius error of the finite outputs and the count of non-finite ones (poisoned
 /// outputs left unwritten show up as NaN). Shared by the layer test modules.
 pub(super) fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
@@ -148,12 +160,8 @@ pub(super) fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
 
 #[test]
 fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
-    let gpu = match Gpu::open_default() {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("skipped: no usable GPU here ({e})");
-            return;
-        }
+    let Some(gpu) = gpu_or_skip("gpu_parity_every_format_and_strategy_on_odd_shapes") else {
+        return;
     };
     let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
     // T, p, q, r deliberately not multiples of any tile (only of 8 where 16-byte rows need it).
@@ -236,12 +244,8 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
 /// Outputs are NaN-poisoned before every run.
 #[test]
 fn gpu_monarch_partial_parity_on_odd_shapes() {
-    let gpu = match Gpu::open_default() {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("skipped: no usable GPU here ({e})");
-            return;
-        }
+    let Some(gpu) = gpu_or_skip("gpu_monarch_partial_parity_on_odd_shapes") else {
+        return;
     };
     let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
     let shapes = [
