@@ -156,15 +156,6 @@ pub fn timestep_embedding(t: f32) -> Vec<f32> {
     out
 }
 
-fn put_meta(ck: &mut Checkpoint, cfg: &DitConfig, source: String) -> Result<()> {
-    ck.metadata.insert(weights::KEY_ARCH.into(), "dit".into());
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| Error::config("dit", format!("config to JSON: {e}")))?;
-    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
-    ck.metadata.insert("model.source".into(), source);
-    Ok(())
-}
-
 /// Random weights (seeded). Unlike DiT's adaLN-Zero init, modulations are random too (small),
 /// so that every path of the network is exercised by a comparison; `zero_adaln` gives the
 /// paper's init instead. `layers` keeps only the first blocks.
@@ -211,7 +202,7 @@ pub fn random(
         put_tensor(&mut ck, &format!("{name}.bias"), vec![m], b);
         ck.layers.push((name, Linear::Dense(Dense::new(m, n, w)?)));
     }
-    put_meta(&mut ck, &cfg, format!("random (seed {seed})"))?;
+    weights::put_config(&mut ck, "dit", &cfg, Some(format!("random (seed {seed})")))?;
     Ok((cfg, ck))
 }
 
@@ -255,7 +246,7 @@ pub fn from_safetensors(
         );
         ck.layers.push((name, Linear::Dense(Dense::new(m, nn, w)?)));
     }
-    put_meta(&mut ck, cfg, st.path().display().to_string())?;
+    weights::put_config(&mut ck, "dit", cfg, Some(st.path().display().to_string()))?;
     Ok(ck)
 }
 

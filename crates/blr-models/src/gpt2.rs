@@ -15,7 +15,7 @@
 //! layer here, so checkpoints and BLR factorizations never see the Conv1D convention.
 
 use crate::backend::{AttnSpec, Backend};
-use crate::lm::CausalLm;
+use crate::lm::{BackendLm, KvCaches, LmShape};
 use crate::weights::{self, put_tensor, take_linear, take_tensor};
 use crate::{Error, Result};
 use blr_core::checkpoint::Checkpoint;
@@ -109,15 +109,6 @@ impl Gpt2Config {
     }
 }
 
-fn put_meta(ck: &mut Checkpoint, cfg: &Gpt2Config, source: String) -> Result<()> {
-    ck.metadata.insert(weights::KEY_ARCH.into(), "gpt2".into());
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| Error::config("gpt2", format!("config to JSON: {e}")))?;
-    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
-    ck.metadata.insert("model.source".into(), source);
-    Ok(())
-}
-
 /// Random weights (seeded): embeddings N(0, 0.02) as in GPT-2's init, LayerNorm weights near 1,
 /// biases small, linear layers variance-preserving; `layers` keeps only the first blocks.
 pub fn random(
@@ -160,7 +151,7 @@ pub fn random(
         let w = rng.normal_vec(m * n, 1.0 / (n as f32).sqrt());
         ck.layers.push((name, Linear::Dense(Dense::new(m, n, w)?)));
     }
-    put_meta(&mut ck, &cfg, format!("random (seed {seed})"))?;
+    weights::put_config(&mut ck, "gpt2", &cfg, Some(format!("random (seed {seed})")))?;
     Ok((cfg, ck))
 }
 
@@ -209,25 +200,13 @@ pub fn from_safetensors(
         }
         ck.layers.push((n, Linear::Dense(Dense::new(m, k, w)?)));
     }
-    put_meta(&mut ck, cfg, st.path().display().to_string())?;
+    weights::put_config(&mut ck, "gpt2", cfg, Some(st.path().display().to_string()))?;
     Ok(ck)
 }
 
 /// Reads a GPT-2 config from checkpoint metadata.
 pub fn config_from_checkpoint(ck: &Checkpoint) -> Result<Gpt2Config> {
-    let json = ck
-        .metadata
-        .get(weights::KEY_CONFIG)
-        .ok_or_else(|| Error::Metadata {
-            source_name: "checkpoint".into(),
-            key: weights::KEY_CONFIG.into(),
-            detail: "missing: this checkpoint does not record its model config".into(),
-        })?;
-    let cfg: Gpt2Config = serde_json::from_str(json).map_err(|e| Error::Metadata {
-        source_name: "checkpoint".into(),
-        key: weights::KEY_CONFIG.into(),
-        detail: format!("not a GPT-2 config: {e}"),
-    })?;
+    let cfg: Gpt2Config = weights::config_from(ck, "GPT-2")?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -254,11 +233,6 @@ pub struct Gpt2<B: Backend> {
     blocks: Vec<Block<B>>,
     ln_f: (B::Tensor, B::Tensor),
     lm_head: B::Linear,
-}
-
-/// One KV cache per block.
-pub struct Gpt2Cache<B: Backend> {
-    layers: Vec<B::KvCache>,
 }
 
 impl<B: Backend> Gpt2<B> {
@@ -352,16 +326,29 @@ impl<B: Backend> Gpt2<B> {
             lm_head,
         })
     }
+}
 
-    pub fn backend(&self) -> &B {
+impl<B: Backend> BackendLm for Gpt2<B> {
+    type B = B;
+
+    fn backend(&self) -> &B {
         &self.backend
     }
 
-    /// Logits on the device: `(T, vocab)` when `all_logits`, else `(1, vocab)`.
-    pub fn forward_device(
+    fn lm_shape(&self) -> LmShape {
+        LmShape {
+            vocab_size: self.cfg.vocab_size,
+            max_positions: self.cfg.max_positions,
+            blocks: self.cfg.layers,
+            kv_heads: self.cfg.heads,
+            head_dim: self.cfg.hidden / self.cfg.heads,
+        }
+    }
+
+    fn forward_device(
         &self,
         ids: &[u32],
-        cache: &mut Gpt2Cache<B>,
+        cache: &mut KvCaches<B>,
         all_logits: bool,
     ) -> Result<B::Tensor> {
         if ids.is_empty() {
@@ -370,7 +357,7 @@ impl<B: Backend> Gpt2<B> {
         let b = &self.backend;
         let e = self.cfg.hidden;
         let eps = self.cfg.eps as f32;
-        let pos0 = cache.layers.first().map_or(0, |c| b.kv_len(c));
+        let pos0 = cache.len(b);
         if pos0 + ids.len() > self.cfg.max_positions {
             return Err(Error::input(
                 "gpt2 forward",
@@ -385,7 +372,11 @@ impl<B: Backend> Gpt2<B> {
         let mut x = b.embedding(&self.wte, ids)?;
         b.add_assign(&mut x, &b.embedding(&self.wpe, &positions)?)?;
         let spec = AttnSpec::new(self.cfg.heads, self.cfg.heads, e / self.cfg.heads, true);
-        for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        for (blk, kv) in self
+            .blocks
+            .iter()
+            .zip(cache.blocks_mut(self.blocks.len(), "gpt2 forward")?)
+        {
             let h = b.layer_norm(&x, &blk.ln1.0, &blk.ln1.1, eps)?;
             let mut qkv = b.linear(&blk.attn, &h)?;
             b.add_row(&mut qkv, &blk.attn_b)?;
@@ -414,56 +405,10 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
-impl<B: Backend> CausalLm for Gpt2<B> {
-    type Cache = Gpt2Cache<B>;
-
-    fn device(&self) -> String {
-        self.backend.name()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_positions(&self) -> usize {
-        self.cfg.max_positions
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<Gpt2Cache<B>> {
-        let d = self.cfg.hidden / self.cfg.heads;
-        let layers = (0..self.cfg.layers)
-            .map(|_| self.backend.new_kv_cache(self.cfg.heads, d, capacity))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Gpt2Cache { layers })
-    }
-
-    fn clear_cache(&self, cache: &mut Gpt2Cache<B>) {
-        for c in &mut cache.layers {
-            self.backend.kv_clear(c);
-        }
-    }
-
-    fn forward(&self, ids: &[u32], cache: &mut Gpt2Cache<B>, all_logits: bool) -> Result<Vec<f32>> {
-        let logits = self.forward_device(ids, cache, all_logits)?;
-        self.backend.download(&logits)
-    }
-
-    fn forward_sample(
-        &self,
-        ids: &[u32],
-        cache: &mut Gpt2Cache<B>,
-        sampler: &mut crate::lm::Sampler,
-    ) -> Result<u32> {
-        let logits = self.forward_device(ids, cache, false)?;
-        let u = sampler.draw();
-        self.backend
-            .sample_last(&logits, sampler.temperature, sampler.top_p, u)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lm::CausalLm;
     use crate::cpu::Cpu;
     use blr_core::format::{FormatKind, Shape};
 

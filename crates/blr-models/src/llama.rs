@@ -20,7 +20,7 @@
 
 use crate::backend::{AttnSpec, Backend};
 use crate::gguf::GgufFile;
-use crate::lm::CausalLm;
+use crate::lm::{BackendLm, KvCaches, LmShape};
 use crate::weights::{self, put_tensor, take_linear, take_tensor};
 use crate::{Error, Result};
 use blr_core::checkpoint::Checkpoint;
@@ -326,30 +326,9 @@ fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn put_meta(ck: &mut Checkpoint, cfg: &LlamaConfig, source: String) -> Result<()> {
-    ck.metadata.insert(weights::KEY_ARCH.into(), "llama".into());
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| Error::config("llama", format!("config to JSON: {e}")))?;
-    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
-    ck.metadata.insert("model.source".into(), source);
-    Ok(())
-}
-
 /// Reads a Llama config from checkpoint metadata.
 pub fn config_from_checkpoint(ck: &Checkpoint) -> Result<LlamaConfig> {
-    let json = ck
-        .metadata
-        .get(weights::KEY_CONFIG)
-        .ok_or_else(|| Error::Metadata {
-            source_name: "checkpoint".into(),
-            key: weights::KEY_CONFIG.into(),
-            detail: "missing: this checkpoint does not record its model config".into(),
-        })?;
-    let cfg: LlamaConfig = serde_json::from_str(json).map_err(|e| Error::Metadata {
-        source_name: "checkpoint".into(),
-        key: weights::KEY_CONFIG.into(),
-        detail: format!("not a Llama config: {e}"),
-    })?;
+    let cfg: LlamaConfig = weights::config_from(ck, "Llama")?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -409,7 +388,7 @@ pub fn from_gguf(f: &GgufFile) -> Result<(LlamaConfig, Checkpoint)> {
             );
         }
     }
-    put_meta(&mut ck, &cfg, f.path().display().to_string())?;
+    weights::put_config(&mut ck, "llama", &cfg, Some(f.path().display().to_string()))?;
     Ok((cfg, ck))
 }
 
@@ -453,7 +432,12 @@ pub fn random(
         let w = rng.normal_vec(m * n, 1.0 / (n as f32).sqrt());
         ck.layers.push((name, Linear::Dense(Dense::new(m, n, w)?)));
     }
-    put_meta(&mut ck, &cfg, format!("random (seed {seed})"))?;
+    weights::put_config(
+        &mut ck,
+        "llama",
+        &cfg,
+        Some(format!("random (seed {seed})")),
+    )?;
     Ok((cfg, ck))
 }
 
@@ -491,7 +475,7 @@ pub fn from_safetensors(
         let w = read(&format!("{name}.weight"), &[m, n])?;
         ck.layers.push((name, Linear::Dense(Dense::new(m, n, w)?)));
     }
-    put_meta(&mut ck, cfg, st.path().display().to_string())?;
+    weights::put_config(&mut ck, "llama", cfg, Some(st.path().display().to_string()))?;
     Ok(ck)
 }
 
@@ -516,11 +500,6 @@ pub struct Llama<B: Backend> {
     norm: B::Tensor,
     lm_head: B::Linear,
     inv_freq: Vec<f32>,
-}
-
-/// One KV cache per layer.
-pub struct LlamaCache<B: Backend> {
-    layers: Vec<B::KvCache>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -621,40 +600,46 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     fn spec(&self) -> AttnSpec {
         AttnSpec::new(self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim, true)
     }
+}
 
-    /// Runs `ids` (positions continuing from the cache) and returns logits on the device:
-    /// `(T, vocab)` when `all_logits`, else `(1, vocab)` for the last position only.
-    pub fn forward_device(
+impl<B: Backend> BackendLm for Llama<B> {
+    type B = B;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn lm_shape(&self) -> LmShape {
+        LmShape {
+            vocab_size: self.cfg.vocab_size,
+            max_positions: self.cfg.max_positions,
+            blocks: self.cfg.layers,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn forward_device(
         &self,
         ids: &[u32],
-        cache: &mut LlamaCache<B>,
+        cache: &mut KvCaches<B>,
         all_logits: bool,
     ) -> Result<B::Tensor> {
         if ids.is_empty() {
             return Err(Error::input("llama forward", "no tokens"));
         }
-        if cache.layers.len() != self.blocks.len() {
-            return Err(Error::input(
-                "llama forward",
-                format!(
-                    "cache has {} layers, model {}",
-                    cache.layers.len(),
-                    self.blocks.len()
-                ),
-            ));
-        }
         let b = &self.backend;
         let eps = self.cfg.rms_eps as f32;
-        let pos0 = cache.layers.first().map_or(0, |c| b.kv_len(c));
+        let pos0 = cache.len(b);
         let mut x = b.embedding(&self.embed, ids)?;
-        for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        for (blk, kv) in self
+            .blocks
+            .iter()
+            .zip(cache.blocks_mut(self.blocks.len(), "llama forward")?)
+        {
             let h = b.rms_norm(&x, &blk.attn_norm, eps)?;
             let mut q = b.linear(&blk.q, &h)?;
             let mut k = b.linear(&blk.k, &h)?;
@@ -678,60 +663,6 @@ impl<B: Backend> Llama<B> {
         };
         let x = b.rms_norm(&x, &self.norm, eps)?;
         b.linear(&self.lm_head, &x)
-    }
-}
-
-impl<B: Backend> CausalLm for Llama<B> {
-    type Cache = LlamaCache<B>;
-
-    fn device(&self) -> String {
-        self.backend.name()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_positions(&self) -> usize {
-        self.cfg.max_positions
-    }
-
-    fn new_cache(&self, capacity: usize) -> Result<LlamaCache<B>> {
-        let layers = (0..self.cfg.layers)
-            .map(|_| {
-                self.backend
-                    .new_kv_cache(self.cfg.kv_heads, self.cfg.head_dim, capacity)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LlamaCache { layers })
-    }
-
-    fn clear_cache(&self, cache: &mut LlamaCache<B>) {
-        for c in &mut cache.layers {
-            self.backend.kv_clear(c);
-        }
-    }
-
-    fn forward(
-        &self,
-        ids: &[u32],
-        cache: &mut LlamaCache<B>,
-        all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        let logits = self.forward_device(ids, cache, all_logits)?;
-        self.backend.download(&logits)
-    }
-
-    fn forward_sample(
-        &self,
-        ids: &[u32],
-        cache: &mut LlamaCache<B>,
-        sampler: &mut crate::lm::Sampler,
-    ) -> Result<u32> {
-        let logits = self.forward_device(ids, cache, false)?;
-        let u = sampler.draw();
-        self.backend
-            .sample_last(&logits, sampler.temperature, sampler.top_p, u)
     }
 }
 

@@ -1,6 +1,7 @@
 //! What every causal language model offers (Llama, GPT-2), and what is built on it once:
 //! sampling, generation with a KV cache, sliding-window perplexity.
 
+use crate::backend::Backend;
 use crate::{Error, Result};
 use blr_core::rng::Rng;
 
@@ -29,6 +30,116 @@ pub trait CausalLm {
     ) -> Result<u32> {
         let logits = self.forward(ids, cache, false)?;
         sampler.sample(&logits)
+    }
+}
+
+/// The KV caches of a decoder over backend `B`, one per block.
+pub struct KvCaches<B: Backend> {
+    pub(crate) layers: Vec<B::KvCache>,
+}
+
+impl<B: Backend> KvCaches<B> {
+    /// Positions cached so far (every block holds the same number).
+    pub(crate) fn len(&self, backend: &B) -> usize {
+        self.layers.first().map_or(0, |c| backend.kv_len(c))
+    }
+
+    /// The per-block caches, checked against the model's `blocks` (a cache made by another
+    /// model is an error, not a silent partial run).
+    pub(crate) fn blocks_mut(&mut self, blocks: usize, what: &str) -> Result<&mut [B::KvCache]> {
+        if self.layers.len() != blocks {
+            return Err(Error::input(
+                what,
+                format!(
+                    "the cache has {} blocks, the model {blocks}: make the cache with this model's new_cache",
+                    self.layers.len()
+                ),
+            ));
+        }
+        Ok(&mut self.layers)
+    }
+}
+
+/// The sizes [`CausalLm`] and the KV cache need from a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LmShape {
+    pub vocab_size: usize,
+    /// Longest sequence the model was trained for.
+    pub max_positions: usize,
+    pub blocks: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A decoder-only model written over a [`Backend`]: what a model provides, from which
+/// [`CausalLm`] follows once for every such model (cache handling, host logits, sampling on the
+/// backend).
+pub trait BackendLm {
+    type B: Backend;
+    fn backend(&self) -> &Self::B;
+    fn lm_shape(&self) -> LmShape;
+    /// Runs `ids` (positions continuing from the cache) and returns logits on the backend:
+    /// `(T, vocab)` when `all_logits`, else `(1, vocab)` for the last position only.
+    fn forward_device(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCaches<Self::B>,
+        all_logits: bool,
+    ) -> Result<<Self::B as Backend>::Tensor>;
+}
+
+impl<M: BackendLm> CausalLm for M {
+    type Cache = KvCaches<M::B>;
+
+    fn device(&self) -> String {
+        self.backend().name()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.lm_shape().vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.lm_shape().max_positions
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<KvCaches<M::B>> {
+        let s = self.lm_shape();
+        let layers = (0..s.blocks)
+            .map(|_| {
+                self.backend()
+                    .new_kv_cache(s.kv_heads, s.head_dim, capacity)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCaches { layers })
+    }
+
+    fn clear_cache(&self, cache: &mut KvCaches<M::B>) {
+        for c in &mut cache.layers {
+            self.backend().kv_clear(c);
+        }
+    }
+
+    fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCaches<M::B>,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let logits = self.forward_device(ids, cache, all_logits)?;
+        self.backend().download(&logits)
+    }
+
+    fn forward_sample(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCaches<M::B>,
+        sampler: &mut Sampler,
+    ) -> Result<u32> {
+        let logits = self.forward_device(ids, cache, false)?;
+        let u = sampler.draw();
+        self.backend()
+            .sample_last(&logits, sampler.temperature, sampler.top_p, u)
     }
 }
 

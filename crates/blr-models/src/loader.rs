@@ -249,10 +249,7 @@ pub fn save_checkpoint(
     dtype: blr_core::safetensors::Dtype,
 ) -> Result<()> {
     let mut ck = ck.clone();
-    ck.metadata.insert(weights::KEY_ARCH.into(), "llama".into());
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| Error::config("llama", format!("config to JSON: {e}")))?;
-    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
+    weights::put_config(&mut ck, "llama", cfg, None)?;
     ck.save(path, dtype)?;
     Ok(())
 }

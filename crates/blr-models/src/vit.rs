@@ -126,15 +126,6 @@ impl VitConfig {
     }
 }
 
-fn put_meta(ck: &mut Checkpoint, cfg: &VitConfig, source: String) -> Result<()> {
-    ck.metadata.insert(weights::KEY_ARCH.into(), "vit".into());
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| Error::config("vit", format!("config to JSON: {e}")))?;
-    ck.metadata.insert(weights::KEY_CONFIG.into(), json);
-    ck.metadata.insert("model.source".into(), source);
-    Ok(())
-}
-
 /// Random weights (seeded); `layers` keeps only the first blocks.
 pub fn random(
     cfg: &VitConfig,
@@ -164,7 +155,7 @@ pub fn random(
         let w = rng.normal_vec(m * n, 1.0 / (n as f32).sqrt());
         ck.layers.push((name, Linear::Dense(Dense::new(m, n, w)?)));
     }
-    put_meta(&mut ck, &cfg, format!("random (seed {seed})"))?;
+    weights::put_config(&mut ck, "vit", &cfg, Some(format!("random (seed {seed})")))?;
     Ok((cfg, ck))
 }
 
@@ -283,7 +274,7 @@ pub fn from_safetensors(
             read("classifier.bias", &[k])?,
         );
     }
-    put_meta(&mut ck, cfg, st.path().display().to_string())?;
+    weights::put_config(&mut ck, "vit", cfg, Some(st.path().display().to_string()))?;
     Ok(ck)
 }
 

@@ -80,6 +80,38 @@ pub fn put_tensor(ck: &mut Checkpoint, name: &str, shape: Vec<usize>, data: Vec<
     ck.tensors.insert(name.to_string(), Tensor { shape, data });
 }
 
+/// Records in `ck`'s metadata the architecture `arch` ("llama", "gpt2", ...), its config as
+/// JSON, and, when given, where the weights came from.
+pub fn put_config<C: serde::Serialize>(
+    ck: &mut Checkpoint,
+    arch: &'static str,
+    cfg: &C,
+    source: Option<String>,
+) -> Result<()> {
+    let json = serde_json::to_string(cfg)
+        .map_err(|e| Error::config(arch, format!("config to JSON: {e}")))?;
+    ck.metadata.insert(KEY_ARCH.into(), arch.into());
+    ck.metadata.insert(KEY_CONFIG.into(), json);
+    if let Some(source) = source {
+        ck.metadata.insert("model.source".into(), source);
+    }
+    Ok(())
+}
+
+/// Reads the config [`put_config`] recorded; `what` names the model in the error ("Llama").
+pub fn config_from<C: serde::de::DeserializeOwned>(ck: &Checkpoint, what: &str) -> Result<C> {
+    let json = ck.metadata.get(KEY_CONFIG).ok_or_else(|| Error::Metadata {
+        source_name: "checkpoint".into(),
+        key: KEY_CONFIG.into(),
+        detail: "missing: this checkpoint does not record its model config".into(),
+    })?;
+    serde_json::from_str(json).map_err(|e| Error::Metadata {
+        source_name: "checkpoint".into(),
+        key: KEY_CONFIG.into(),
+        detail: format!("not a {what} config: {e}"),
+    })
+}
+
 /// The architecture recorded in a checkpoint's metadata.
 pub fn architecture(ck: &Checkpoint) -> Option<&str> {
     ck.metadata.get(KEY_ARCH).map(String::as_str)

@@ -15,7 +15,7 @@ use blr_core::safetensors::Dtype;
 use blr_core::Linear;
 use blr_models::cpu::Cpu;
 use blr_models::llama::Llama;
-use blr_models::lm::CausalLm;
+use blr_models::lm::{BackendLm, CausalLm};
 use blr_models::loader::{self, LoadedLlama};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use regex::Regex;

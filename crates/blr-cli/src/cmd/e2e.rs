@@ -18,7 +18,7 @@ use blr_core::Linear;
 use blr_models::backend::Backend;
 use blr_models::cuda::Cuda;
 use blr_models::llama::{self, Llama, LlamaConfig};
-use blr_models::lm::CausalLm;
+use blr_models::lm::{BackendLm, CausalLm};
 
 use crate::cmd::doctor::GpuArgs;
 
@@ -198,7 +198,7 @@ fn measure(
 fn decode_graph(
     cuda: &Cuda,
     model: &Llama<Cuda>,
-    cache: &mut llama::LlamaCache<Cuda>,
+    cache: &mut blr_models::lm::KvCaches<Cuda>,
     id: u32,
     reps: usize,
 ) -> anyhow::Result<f64> {

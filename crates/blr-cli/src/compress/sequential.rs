@@ -579,7 +579,7 @@ mod tests {
     #[test]
     fn windows_match_separate_forward_passes() {
         use blr_models::llama::{self, Llama, LlamaConfig, RopeScaling};
-        use blr_models::lm::CausalLm;
+        use blr_models::lm::{BackendLm, CausalLm};
         let cfg = LlamaConfig {
             vocab_size: 41,
             hidden: 20,

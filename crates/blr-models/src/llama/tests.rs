@@ -1,7 +1,7 @@
 use super::*;
 use crate::cpu::Cpu;
 use crate::gguf::{GgufBuilder, Value};
-use crate::lm::{generate, perplexity, Sampler};
+use crate::lm::{generate, perplexity, CausalLm, Sampler};
 use blr_core::format::{FormatKind, Shape};
 
 /// Odd shapes on purpose: q_dim (24) != hidden (20), 3 query heads per kv head, vocab 37.
