@@ -222,6 +222,29 @@ FLASH_ENTRY(128)
 #define AR_WARPS 4
 #define AR_MAXV 8
 
+// Warp 0 merges the AR_WARPS per-warp online-softmax states (max m, sum l, unnormalised o rows
+// of `stride` floats) of one block into the block's partial: dst = [M, sum l, o (hd)].
+static __device__ __forceinline__ void write_partial(const float* sm_m, const float* sm_l, const float* sm_o,
+                                                     int stride, int hd, int lane, float* dst) {
+    float M = NEG_INF;
+    for (int w = 0; w < AR_WARPS; ++w) M = fmaxf(M, sm_m[w]);
+    float scale_w[AR_WARPS];
+    float lsum = 0.0f;
+    for (int w = 0; w < AR_WARPS; ++w) {
+        scale_w[w] = (M == NEG_INF || sm_m[w] == NEG_INF) ? 0.0f : exp2f(sm_m[w] - M);
+        lsum += scale_w[w] * sm_l[w];
+    }
+    for (int d = lane; d < hd; d += 32) {
+        float acc = 0.0f;
+        for (int w = 0; w < AR_WARPS; ++w) acc += scale_w[w] * sm_o[w * stride + d];
+        dst[2 + d] = acc;
+    }
+    if (lane == 0) {
+        dst[0] = M;
+        dst[1] = lsum;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(AR_WARPS * 32)
     blr_attn_rows(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                   const __nv_bfloat16* __restrict__ v, float* __restrict__ part, long long kv_head_stride,
@@ -273,25 +296,9 @@ extern "C" __global__ void __launch_bounds__(AR_WARPS * 32)
 #pragma unroll
     for (int i = 0; i < AR_MAXV; ++i) sm_o[warp][lane + 32 * i] = o[i];
     __syncthreads();
-    if (warp != 0) return;
-    float M = NEG_INF;
-    for (int w = 0; w < AR_WARPS; ++w) M = fmaxf(M, sm_m[w]);
-    float* dst = part + ((size_t)rh * splits + split) * (hd + 2);
-    float scale_w[AR_WARPS];
-    float lsum = 0.0f;
-    for (int w = 0; w < AR_WARPS; ++w) {
-        scale_w[w] = (M == NEG_INF || sm_m[w] == NEG_INF) ? 0.0f : exp2f(sm_m[w] - M);
-        lsum += scale_w[w] * sm_l[w];
-    }
-    for (int d = lane; d < hd; d += 32) {
-        float acc = 0.0f;
-        for (int w = 0; w < AR_WARPS; ++w) acc += scale_w[w] * sm_o[w][d];
-        dst[2 + d] = acc;
-    }
-    if (lane == 0) {
-        dst[0] = M;
-        dst[1] = lsum;
-    }
+    if (warp == 0)
+        write_partial(sm_m, sm_l, &sm_o[0][0], AR_MAXV * 32, hd, lane,
+                      part + ((size_t)rh * splits + split) * (hd + 2));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -395,25 +402,8 @@ static __device__ __forceinline__ void attn_decode(const __nv_bfloat16* __restri
         }
     }
     __syncthreads();
-    if (warp != 0) return;
-    float M = NEG_INF;
-    for (int w = 0; w < AR_WARPS; ++w) M = fmaxf(M, sm_m[w]);
-    float* dst = part + ((size_t)rh * splits + split) * (HD + 2);
-    float scale_w[AR_WARPS];
-    float lsum = 0.0f;
-    for (int w = 0; w < AR_WARPS; ++w) {
-        scale_w[w] = (M == NEG_INF || sm_m[w] == NEG_INF) ? 0.0f : exp2f(sm_m[w] - M);
-        lsum += scale_w[w] * sm_l[w];
-    }
-    for (int d = lane; d < HD; d += 32) {
-        float acc = 0.0f;
-        for (int w = 0; w < AR_WARPS; ++w) acc += scale_w[w] * sm_o[w][d];
-        dst[2 + d] = acc;
-    }
-    if (lane == 0) {
-        dst[0] = M;
-        dst[1] = lsum;
-    }
+    if (warp == 0)
+        write_partial(sm_m, sm_l, &sm_o[0][0], HD, HD, lane, part + ((size_t)rh * splits + split) * (HD + 2));
 }
 
 #define DECODE_ENTRY(HD)                                                                                           \
