@@ -39,6 +39,7 @@ pub mod error;
 pub mod factorize;
 pub mod gemm;
 pub mod gpu;
+mod launch_ex;
 pub mod libs;
 pub mod memory;
 pub mod selftest;

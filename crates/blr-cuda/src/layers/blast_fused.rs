@@ -11,8 +11,6 @@
 //! shared memory ([`fused_smem_bytes`], dominated by the resident `128 x q` tile of X) within
 //! the sm_90 opt-in limit; on the device also compute capability >= 9.0 and a resident cluster.
 
-use std::ffi::c_void;
-
 use cudarc::driver::sys;
 use half::bf16;
 
@@ -21,6 +19,7 @@ use blr_core::format::Shape;
 use crate::compile::{CompileOptions, KernelSource};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
+use crate::launch_ex::{launch_ex, max_active_clusters, KernelArg, LaunchAttr, LaunchEx};
 use crate::memory::DeviceBuffer;
 
 /// blast_fused.cu: `blr_blast_fused`.
@@ -111,7 +110,8 @@ impl FusedKernel {
             })?;
         let mut max_clusters = Vec::with_capacity(MAX_CLUSTER);
         for b in 1..=MAX_CLUSTER as u32 {
-            max_clusters.push(occupancy_clusters(gpu, &kernel, b, smem).unwrap_or(0));
+            let cfg = cluster_launch(b, b * 64, smem);
+            max_clusters.push(max_active_clusters(gpu, &kernel, &cfg).unwrap_or(0));
         }
         Ok(Some(Self {
             kernel,
@@ -133,39 +133,13 @@ impl FusedKernel {
     }
 }
 
-fn cluster_attr(b: u32) -> sys::CUlaunchAttribute {
-    // SAFETY: CUlaunchAttribute is a plain C struct/union; all-zero is a valid value.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: b, y: 1, z: 1 };
-    attr
-}
-
-fn occupancy_clusters(gpu: &Gpu, kernel: &Kernel, b: u32, smem: u32) -> Result<u32> {
-    let mut attr = cluster_attr(b);
-    let cfg = sys::CUlaunchConfig {
-        gridDimX: b * 64,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: THREADS,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem,
-        hStream: gpu.stream().cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut clusters: std::ffi::c_int = 0;
-    gpu.context()
-        .bind_to_thread()
-        .map_err(Error::driver("binding the context"))?;
-    // SAFETY: cfg points at one valid attribute; the function handle is live (owned by kernel).
-    unsafe {
-        sys::cuOccupancyMaxActiveClusters(&mut clusters, kernel.cuda_function().cu_function(), &cfg)
+fn cluster_launch(b: u32, grid: u32, smem: u32) -> LaunchEx {
+    LaunchEx {
+        grid,
+        block: THREADS,
+        smem,
+        attr: LaunchAttr::Cluster(b),
     }
-    .result()
-    .map_err(Error::driver(format!("cluster occupancy of {} CTAs", b)))?;
-    Ok(u32::try_from(clusters).unwrap_or(0))
 }
 
 /// Measurement knob, not for use: `BLR_FUSED_ABLATE=<bits>` makes the kernel skip parts of its
@@ -244,71 +218,40 @@ pub(crate) fn blast_fused(
                 "{tiles} token tiles x {npass} passes overflow the grid"
             ))
         })?;
-    let i32_of = |v: usize, what: &str| {
-        i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
+    let i = |v: usize, what: &str| {
+        i32::try_from(v)
+            .map(KernelArg::I32)
+            .map_err(|_| Error::Shape(format!("{what} = {v} exceeds i32::MAX")))
     };
-    let ints = [
-        i32_of(t, "T")?,
-        i32_of(s.n, "n")?,
-        i32_of(s.m, "m")?,
-        i32_of(r, "r")?,
-        i32_of(bi, "b_in")?,
-        i32_of(bo, "b_out")?,
-        i32_of(cluster, "cluster size")?,
-        i32_of(npass, "passes")?,
-        ablation(),
+    let args = [
+        KernelArg::buf(x),
+        KernelArg::buf(u),
+        KernelArg::buf(vt),
+        KernelArg::buf(s_dev),
+        KernelArg::buf_mut(y),
+        i(t, "T")?,
+        i(s.n, "n")?,
+        i(s.m, "m")?,
+        i(r, "r")?,
+        i(bi, "b_in")?,
+        i(bo, "b_out")?,
+        i(cluster, "cluster size")?,
+        i(npass, "passes")?,
+        KernelArg::I32(ablation()),
     ];
-    let ptrs = [
-        x.device_ptr(),
-        u.device_ptr(),
-        vt.device_ptr(),
-        s_dev.device_ptr(),
-        y.device_ptr(),
-    ];
-    let mut params: Vec<*mut c_void> = Vec::with_capacity(ptrs.len() + ints.len());
-    for p in &ptrs {
-        params.push(p as *const u64 as *mut c_void);
-    }
-    for v in &ints {
-        params.push(v as *const i32 as *mut c_void);
-    }
-    let mut attr = cluster_attr(u32::try_from(cluster).unwrap_or(1));
-    let cfg = sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: THREADS,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: u32::try_from(smem).unwrap_or(u32::MAX),
-        hStream: gpu.stream().cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    gpu.context()
-        .bind_to_thread()
-        .map_err(Error::driver("binding the context"))?;
+    let cfg = cluster_launch(
+        u32::try_from(cluster).unwrap_or(1),
+        grid,
+        u32::try_from(smem).unwrap_or(u32::MAX),
+    );
     // SAFETY: blr_blast_fused(const bf16* X, const bf16* U, const bf16* Vt, const bf16* S,
     // bf16* Y, int T, int n, int m, int r, int b_in, int b_out, int B, int npass, int ablate):
-    // `params` points at five device pointers and nine i32s in that order, alive until the call
-    // returns. The kernel reads X rows < T (t*n elements, checked), U (b_out, p, r), Vt
-    // (b_in, r, q) and S (r, 16, 16) within the lengths checked above, and writes Y rows < T of
-    // m columns. The grid is a whole number of clusters of `cluster` CTAs (grid = cluster *
-    // tiles * npass), which the kernel's indexing assumes; shared memory is within the limit
-    // set at load.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &cfg,
-            fk.kernel.cuda_function().cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .map_err(|e| Error::Launch {
-        kernel: fk.kernel.name().to_string(),
-        source: e,
-    })?;
+    // `args` holds five device pointers and nine ints in that order. The kernel reads X rows < T
+    // (t*n elements, checked), U (b_out, p, r), Vt (b_in, r, q) and S (r, 16, 16) within the
+    // lengths checked above, and writes Y rows < T of m columns. The grid is a whole number of
+    // clusters of `cluster` CTAs (grid = cluster * tiles * npass), which the kernel's indexing
+    // assumes; shared memory is within the limit set at load.
+    unsafe { launch_ex(gpu, &fk.kernel, &cfg, &args) }?;
     gpu.check_after_launch(fk.kernel.name())
 }
 

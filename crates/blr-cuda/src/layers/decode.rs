@@ -3,6 +3,7 @@
 //!
 //! Two ways to launch it ([`DecodeLaunch`]):
 //! - [`DecodeLaunch::Pdl`] (default on sm_90+): an ordinary launch through `cuLaunchKernelEx`
+//!   ([`crate::launch_ex`])
 //!   with programmatic stream serialization allowed. The kernel issues its weight copies
 //!   (phase-2 rows into shared memory, phase-1 rows into L2) before `griddepcontrol.wait`, so
 //!   when the previous kernel in the stream is a PDL-aware kernel (another decode layer: it
@@ -21,9 +22,6 @@
 //! override the defaults when the kernels are loaded (development knobs for side-by-side
 //! measurements; see docs/perf/kernel-notes.md, "decode: PDL").
 
-use std::ffi::c_void;
-
-use cudarc::driver::sys;
 use half::bf16;
 
 use blr_core::format::Shape;
@@ -32,6 +30,7 @@ use super::{i32_of, LayerKernels, Workspace, DECODE_CU};
 use crate::compile::CompileOptions;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
+use crate::launch_ex::{launch_ex, KernelArg, LaunchAttr, LaunchEx};
 use crate::memory::DeviceBuffer;
 
 /// Threads per block of `blr_decode` (decode.cu `blr_dec::THREADS`).
@@ -242,81 +241,45 @@ pub(super) fn decode(
     } else {
         0
     };
-    let mut ints = [
-        i32_of(t, "T")?,
-        i32_of(s.n, "n")?,
-        i32_of(s.m, "m")?,
-        d.mode,
-        i32_of(d.nb1, "blocks")?,
-        i32_of(d.r1, "rank")?,
-        i32_of(d.q1, "block width")?,
-        i32_of(d.nb2, "blocks")?,
-        i32_of(d.p2, "block height")?,
-        i32_of(d.r2, "rank")?,
-        i32_of(smem_tasks, "smem tasks")?,
-        flags,
+    let i = |v: usize, what: &str| i32_of(v, what).map(KernelArg::I32);
+    let args = [
+        KernelArg::buf(x),
+        KernelArg::buf(w1),
+        KernelArg::buf(s_dev),
+        KernelArg::buf(w2),
+        KernelArg::buf_mut(y),
+        KernelArg::buf_mut(&mut ws.dec),
+        KernelArg::buf_mut(&mut ws.barrier),
+        i(t, "T")?,
+        i(s.n, "n")?,
+        i(s.m, "m")?,
+        KernelArg::I32(d.mode),
+        i(d.nb1, "blocks")?,
+        i(d.r1, "rank")?,
+        i(d.q1, "block width")?,
+        i(d.nb2, "blocks")?,
+        i(d.p2, "block height")?,
+        i(d.r2, "rank")?,
+        i(smem_tasks, "smem tasks")?,
+        KernelArg::I32(flags),
     ];
-    let mut ptrs: [u64; 7] = [
-        x.device_ptr(),
-        w1.device_ptr(),
-        s_dev.device_ptr(),
-        w2.device_ptr(),
-        y.device_ptr(),
-        ws.dec.device_ptr(),
-        ws.barrier.device_ptr(),
-    ];
-    let mut params: Vec<*mut c_void> = Vec::with_capacity(ptrs.len() + ints.len());
-    for p in ptrs.iter_mut() {
-        params.push((p as *mut u64).cast());
-    }
-    for v in ints.iter_mut() {
-        params.push((v as *mut i32).cast());
-    }
-    let mut attr = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue { cooperative: 1 },
+    let cfg = LaunchEx {
+        grid,
+        block: DECODE_THREADS,
+        smem: u32::try_from(smem).unwrap_or(u32::MAX),
+        attr: match opts.launch {
+            DecodeLaunch::Pdl => LaunchAttr::Programmatic,
+            DecodeLaunch::Cooperative => LaunchAttr::Cooperative,
+        },
     };
-    if opts.launch == DecodeLaunch::Pdl {
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value = sys::CUlaunchAttributeValue {
-            programmaticStreamSerializationAllowed: 1,
-        };
-    }
-    let cfg = sys::CUlaunchConfig {
-        gridDimX: grid,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: DECODE_THREADS,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: u32::try_from(smem).unwrap_or(u32::MAX),
-        hStream: gpu.stream().cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let launch_err = |e| Error::Launch {
-        kernel: name.into(),
-        source: e,
-    };
-    gpu.context().bind_to_thread().map_err(launch_err)?;
-    // SAFETY: blr_decode / blr_decode_half(const bf16* x, const bf16* w1, const bf16* s, const bf16* w2, bf16* y,
-    // bf16* wbuf, unsigned* bar, int T, int n, int m, int mode, int nb1, int r1, int q1, int nb2,
-    // int p2, int r2, int smem_tasks, int flags): `params` points at 7 device pointers and 12
-    // ints in that order, all alive until this call returns (the driver copies them). Buffer
-    // sizes were checked above and in `forward`; the grid (one block per SM, occupancy >= 1) is
-    // co-resident, so the grid barrier cannot deadlock (cooperative: the driver verifies it;
-    // PDL: see decode.cu); `attr` and `cfg` outlive the call.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &cfg,
-            kernel.cuda_function().cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .map_err(launch_err)
+    // SAFETY: blr_decode / blr_decode_half(const bf16* x, const bf16* w1, const bf16* s,
+    // const bf16* w2, bf16* y, bf16* wbuf, unsigned* bar, int T, int n, int m, int mode,
+    // int nb1, int r1, int q1, int nb2, int p2, int r2, int smem_tasks, int flags): `args` holds
+    // 7 device pointers and 12 ints in that order. Buffer sizes were checked above and in
+    // `forward`; the grid (one block per SM, occupancy >= 1) is co-resident, so the grid barrier
+    // cannot deadlock (cooperative: the driver verifies it; PDL: see decode.cu, which touches
+    // x / wbuf / y / the barrier words only after griddepcontrol.wait).
+    unsafe { launch_ex(gpu, kernel, &cfg, &args) }
 }
 
 #[cfg(test)]
