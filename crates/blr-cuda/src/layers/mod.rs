@@ -64,7 +64,7 @@ pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["
 /// decode.cu: `blr_decode` (launched by [`decode`]).
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
 /// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out`, `blr_monarch_stage1`,
-/// `blr_monarch_out_transpose` (and `blr_batched_transpose`, a tiled variant the harness
+/// `blr_monarch_out_transpose`, `blr_monarch_mid_transpose` (and `blr_batched_transpose`, a tiled variant the harness
 /// compares; measured no faster, see docs/perf/kernel-notes.md).
 pub const MONARCH_CU: KernelSource = crate::kernel_source!("monarch.cu", headers: ["common.cuh"]);
 
@@ -269,6 +269,11 @@ pub struct LayerKernels {
     /// Whether this device's shared memory holds blr_monarch_stage1's pipeline.
     monarch_stage1_fits: bool,
     out_transpose: Kernel,
+    /// Monarch partial's intermediate transpose where stage 1 runs on cuBLASLt (monarch.rs).
+    mid_transpose: Kernel,
+    /// Build that intermediate with `out_transpose` (the previous kernel) instead of
+    /// `mid_transpose`: a measurement knob (`BLR_MONARCH_MID=generic` at load).
+    monarch_mid_generic: bool,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
     fused: Option<blast_fused::FusedKernel>,
 }
@@ -286,6 +291,13 @@ impl LayerKernels {
 
     pub fn set_decode_options(&mut self, opts: decode::DecodeOptions) {
         self.decode.opts = opts;
+    }
+
+    /// Whether Monarch `partial` builds its intermediate with the generic per-token transpose
+    /// (the kernel before `blr_monarch_mid_transpose`) where stage 1 runs on cuBLASLt; default
+    /// false, `BLR_MONARCH_MID=generic` at load sets it (side-by-side measurements, tests).
+    pub fn set_monarch_mid_generic(&mut self, on: bool) {
+        self.monarch_mid_generic = on;
     }
 
     pub fn load(gpu: &Gpu) -> Result<Self> {
@@ -306,6 +318,8 @@ impl LayerKernels {
             monarch_stage1: monarch.function("blr_monarch_stage1")?,
             monarch_stage1_fits: false,
             out_transpose: monarch.function("blr_monarch_out_transpose")?,
+            mid_transpose: monarch.function("blr_monarch_mid_transpose")?,
+            monarch_mid_generic: monarch::mid_generic_from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
@@ -322,6 +336,8 @@ impl LayerKernels {
             k.monarch_stage1_fits = true;
         }
         k.out_transpose
+            .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
+        k.mid_transpose
             .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
         Ok(k)
     }

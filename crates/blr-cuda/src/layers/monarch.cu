@@ -320,3 +320,84 @@ extern "C" __global__ void __launch_bounds__(256) blr_monarch_out_transpose(cons
         __syncthreads();
     }
 }
+
+// P[t][l][s] = out1[t][s*b + l] (BRIEF section 2's permutation; P (T, b, R)) where Monarch
+// `partial` runs stage 1 on cuBLASLt (n/b > 256, llama7b down). Per token an (R x b) -> (b x R)
+// transpose through shared memory, laid out so that neither phase pays for bank conflicts:
+// - shared rows of ld = b + 1 elements (b + 2 for odd b): ld is odd, so in the gather phase
+//   lane p's element of row 2p sits in word p*ld + l/2 and 32 consecutive lanes hit 32 banks
+//   (and likewise for row 2p + 1);
+// - load phase: 16-byte loads of the token's b*R elements (4 in flight per thread) where
+//   b*R % 8 == 0, else 2-byte loads; scattered as 2-byte stores (b = 16: lanes' rows 8.5 words
+//   apart, at most 2-way conflicts);
+// - gather phase: thread p of output row l reads rows 2p and 2p + 1 of column l and stores the
+//   pair as one 4-byte word (R even; two 2-byte stores otherwise): a warp writes 128 contiguous
+//   bytes of P.
+// It replaces blr_monarch_out_transpose(rows = R, cols = b) on this path, whose gather phase
+// read 8 rows per thread at a lane stride of 8 rows (an 8-way conflict: 52 us in situ at
+// llama7b down, T = 1024; docs/perf/kernel-notes.md, "Monarch partial v2").
+// Memory: 2 x 2 bytes per element (read once, written once): 96 KB per token at b*R = 24576;
+// floor at T = 1024 ~ 100 MB / 3 TB/s = 33 us (less where out1 is still in L2).
+// Dynamic shared memory: R * ld * 2 bytes (R = 1536, b = 16: 52 KB, 4 blocks per SM).
+// Blocks stride over tokens.
+extern "C" __global__ void __launch_bounds__(256) blr_monarch_mid_transpose(const bf16* __restrict__ in,
+                                                                            bf16* __restrict__ P, int T, int R,
+                                                                            int b) {
+    extern __shared__ __align__(16) unsigned char blr_mmt_smem[];
+    bf16* tile = reinterpret_cast<bf16*>(blr_mmt_smem);
+    const int ld = b + 1 + (b & 1);
+    const int n = R * b;
+    const int hp = (R + 1) >> 1;  // pairs per output row
+    const int np = b * hp;
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const bf16* src = in + (long)t * n;
+        if ((n & 7) == 0) {
+            const int nv = n >> 3;
+            for (int v0 = threadIdx.x; v0 < nv; v0 += 4 * blockDim.x) {
+                uint4 val[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int v = v0 + u * blockDim.x;
+                    if (v < nv) val[u] = ld_ro16(src + (long)v * 8);
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int v = v0 + u * blockDim.x;
+                    if (v < nv) {
+                        const bf16* e = reinterpret_cast<const bf16*>(&val[u]);
+                        int s = (v * 8) / b;
+                        int l = v * 8 - s * b;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            tile[s * ld + l] = e[i];
+                            if (++l == b) {
+                                l = 0;
+                                ++s;
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+                const int s = j / b;
+                tile[s * ld + (j - s * b)] = src[j];
+            }
+        }
+        __syncthreads();
+        bf16* dst = P + (long)t * n;
+        for (int idx = threadIdx.x; idx < np; idx += blockDim.x) {
+            const int l = idx / hp;
+            const int s = 2 * (idx - l * hp);
+            const bf16 lo = tile[s * ld + l];
+            bf16* o = dst + (long)l * R + s;
+            if ((R & 1) == 0) {
+                *reinterpret_cast<__nv_bfloat162*>(o) = __halves2bfloat162(lo, tile[(s + 1) * ld + l]);
+            } else {
+                o[0] = lo;
+                if (s + 1 < R) o[1] = tile[(s + 1) * ld + l];
+            }
+        }
+        __syncthreads();
+    }
+}

@@ -18,8 +18,10 @@
 //!
 //! Where `n/b > 256` (llama7b down: 688) the own mma.sync stage 1 loses more to cuBLASLt's
 //! wgmma GEMM than the permutation pass costs, so stage 1 runs on cuBLASLt from the same `w1`
-//! and one per-token shared-memory transpose (`blr_monarch_out_transpose` with rows = R,
-//! cols = b) builds `P`: still one copy of `w1`, but the intermediate makes a round trip.
+//! and one per-token shared-memory transpose (`blr_monarch_mid_transpose`: conflict-free
+//! gather, 4-byte pair stores) builds `P`: still one copy of `w1`, but the intermediate makes
+//! a round trip. `BLR_MONARCH_MID=generic` builds it with the previous kernel
+//! (`blr_monarch_out_transpose` with rows = R, cols = b) for side-by-side measurements.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -38,15 +40,17 @@ const STAGE1_BN: usize = 128;
 const STAGE1_THREADS: u32 = 256;
 /// 3 stages x (128 + 128) rows x 64 bf16.
 pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
-/// Shared memory blr_monarch_out_transpose may use (allowed at load, capped by the device):
-/// one token's row of rows x (cols + 2) bf16. Larger rows use the per-element kernels.
+/// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
+/// load, capped by the device): one token's rows x (cols + 2) (mid: rows x mid_ld(cols)) bf16.
+/// Larger tiles use the per-element kernels (or, for the intermediate, the own stage 1).
 pub(super) const TRANSPOSE_SMEM_MAX: u32 = 96 * 1024;
 /// Largest K = n/b for which stage 1 runs on blr's own kernel. Beyond it cuBLASLt's stage 1
 /// (wgmma, ~2x blr's mma.sync rate on these shapes) plus a per-token transpose of the
 /// intermediate is faster. Measured on the H100 (docs/perf/kernel-notes.md, "Monarch partial
 /// v2", T=1024): with the own stage 1, llama7b q/k/v/o 74.3 -> 70.7 us and gate/up 143.2 ->
 /// 134.8 (n/b = 256), llama3.2-1b gate 51.8 -> 45.2 (n/b = 128), but down (n/b = 688) 134.3 ->
-/// 174.9; down with this cuBLASLt fallback: 150.2.
+/// 174.9; down with this cuBLASLt fallback: 150.2 with the generic transpose (see
+/// docs/perf/kernel-notes.md, "Monarch mid transpose", for the dedicated one).
 const OWN_STAGE1_MAX_NB: usize = 256;
 
 /// Why Monarch `partial` cannot run this shape (a sentence for the error message), or None.
@@ -65,6 +69,28 @@ pub(super) fn partial_requirement(s: &Shape) -> Option<String> {
         ));
     }
     None
+}
+
+/// Shared-memory row length (elements) of blr_monarch_mid_transpose's tile: `b + 1`, or `b + 2`
+/// for odd `b`, so that the row stride in 4-byte words is odd and the gather phase's 32 lanes
+/// (rows 2p, 2p + 1 of one column) fall into 32 banks. A change in monarch.cu must be made here.
+pub(super) fn mid_ld(b: usize) -> usize {
+    b + 1 + (b & 1)
+}
+
+/// `BLR_MONARCH_MID`: unset or `mid` (default, `blr_monarch_mid_transpose`) or `generic` (the
+/// previous kernel, for measurements).
+pub(super) fn mid_generic_from_env() -> Result<bool> {
+    match std::env::var("BLR_MONARCH_MID") {
+        Err(_) => Ok(false),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" | "mid" => Ok(false),
+            "generic" => Ok(true),
+            other => Err(Error::Shape(format!(
+                "BLR_MONARCH_MID='{other}': expected 'mid' (default) or 'generic'"
+            ))),
+        },
+    }
 }
 
 /// Whether stage 1 stores whole `rb`-element runs with 16-byte vectors (see module docs).
@@ -116,9 +142,12 @@ impl GpuLinear {
         let optin = usize::try_from(gpu.info().max_smem_per_block_optin.0).unwrap_or(0);
         let smem_cap = optin.min(TRANSPOSE_SMEM_MAX as usize);
         // The intermediate as one (R x b) -> (b x R) transpose per token (BRIEF section 2:
-        // P[t][l][s] = out1[t][s*b + l]), as blr_monarch_out_transpose with rows = R, cols = b.
-        let mid_smem = rr * (b + 2) * 2;
-        if nb > OWN_STAGE1_MAX_NB && (b * rr).is_multiple_of(8) && mid_smem <= smem_cap {
+        // P[t][l][s] = out1[t][s*b + l]).
+        let generic_smem = rr * (b + 2) * 2;
+        let mid_smem = rr * mid_ld(b) * 2;
+        let generic =
+            k.monarch_mid_generic && (b * rr).is_multiple_of(8) && generic_smem <= smem_cap;
+        if nb > OWN_STAGE1_MAX_NB && (generic || mid_smem <= smem_cap) {
             let st1 = GemmShape::linear(t, rr, nb)
                 .batched(b, nb, rr * nb, rr)
                 .with_ld(s.n, nb, b * rr);
@@ -126,12 +155,19 @@ impl GpuLinear {
             let blocks = u32::try_from(t)
                 .unwrap_or(u32::MAX)
                 .min(gpu.info().sm_count.max(1) * 16);
-            // SAFETY: out_transpose(const bf16* in, bf16* out, int T, int rows, int cols) with
-            // rows = R, cols = b reads T*R*b elements of ws.a and writes T*b*R of ws.b (both
-            // checked above) as 16-byte vectors (b*R % 8 == 0, checked); its shared tile is
-            // R*(b+2) bf16 = `mid_smem` bytes, within what was allowed at load.
+            let (kernel, smem) = if generic {
+                (&k.out_transpose, generic_smem)
+            } else {
+                (&k.mid_transpose, mid_smem)
+            };
+            // SAFETY: both kernels take (const bf16* in, bf16* out, int T, int rows = R,
+            // int cols = b), read T*R*b elements of ws.a and write T*b*R of ws.b (both checked
+            // above). out_transpose moves 16-byte vectors (b*R % 8 == 0, checked) through a
+            // shared tile of R*(b+2) bf16; mid_transpose uses 16-byte loads only where
+            // b*R % 8 == 0 and 4-byte stores only where R is even (it checks both), through
+            // R*mid_ld(b) bf16. `smem` is that tile's size, within what was allowed at load.
             unsafe {
-                gpu.launch(&k.out_transpose)
+                gpu.launch(kernel)
                     .arg(&ws.a)
                     .arg(&mut ws.b)
                     .arg(&ti)
@@ -140,7 +176,7 @@ impl GpuLinear {
                     .launch(LaunchConfig {
                         grid_dim: (blocks, 1, 1),
                         block_dim: (256, 1, 1),
-                        shared_mem_bytes: u32::try_from(mid_smem).unwrap_or(u32::MAX),
+                        shared_mem_bytes: u32::try_from(smem).unwrap_or(u32::MAX),
                     })?;
             }
             return self.monarch_stage2(gpu, k, t, w2, y, ws);

@@ -240,14 +240,15 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
 /// 16-byte run stores (R/b a multiple of 8) and element stores (R/b odd-sized, b not dividing
 /// R), ragged token, rank and K tiles (T not a multiple of 128, R of 128, n/b of 64), several
 /// column tiles, b from 2 to 16, m not a multiple of 8 (per-element output permutation), and
-/// n/b > 256 (cuBLASLt stage 1 + transposed intermediate).
-/// Outputs are NaN-poisoned before every run.
+/// n/b > 256 (cuBLASLt stage 1 + transposed intermediate, with the dedicated and, as a second
+/// run, the generic transpose; odd b, odd R, b*R not a multiple of 8).
+/// Outputs and the intermediate P are NaN-poisoned before every run.
 #[test]
 fn gpu_monarch_partial_parity_on_odd_shapes() {
     let Some(gpu) = gpu_or_skip("gpu_monarch_partial_parity_on_odd_shapes") else {
         return;
     };
-    let kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
+    let mut kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
     let shapes = [
         // (m, n, b, R): runs of rb = 24, n/b = 40 (K ragged in one 64-wide tile)
         (136, 160, 4, 96),
@@ -271,6 +272,11 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
         (136, 1088, 4, 96),
         // n/b = 264, R % b != 0 (b*R = 152)
         (120, 1056, 4, 38),
+        // n/b = 264, b = 5 (odd: mid transpose rows of b + 2), R = 39 (odd: element stores),
+        // b*R = 195 (not a multiple of 8: element loads)
+        (105, 1320, 5, 39),
+        // n/b = 264, b = 16 as in llama7b down, R = 48
+        (144, 4224, 16, 48),
     ];
     let mut rng = Rng::new(0x304A);
     let mut checked = 0;
@@ -292,18 +298,38 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
             let want = layer.forward(&x, t).expect("cpu forward");
             let xd = gpu.upload_bf16(&x, "x").expect("upload x");
             let mut yd = gpu.alloc::<bf16>(t * m, "y").expect("alloc y");
-            for st in [Strategy::Partial, Strategy::Unfused] {
+            // The generic transpose of the intermediate only matters where n/b > 256.
+            let generic_too = n / b > 256;
+            let runs = [
+                (Strategy::Partial, false),
+                (Strategy::Partial, true),
+                (Strategy::Unfused, false),
+            ];
+            for (st, generic) in runs {
+                if generic && !generic_too {
+                    continue;
+                }
+                kernels.set_monarch_mid_generic(generic);
                 gpu.memset_bytes(&mut yd, 0xFF).expect("poison");
+                gpu.memset_bytes(&mut ws.b, 0xFF).expect("poison P");
                 dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
-                    .unwrap_or_else(|e| panic!("{sh:?} {st} T={t}: {e}"));
+                    .unwrap_or_else(|e| panic!("{sh:?} {st} generic={generic} T={t}: {e}"));
                 let got = gpu.download_f32(&yd).expect("download");
                 let (err, bad) = rel_err(&got, &want);
-                assert_eq!(bad, 0, "{sh:?} {st} T={t}: {bad} outputs unwritten or NaN");
-                assert!(err < 1.5e-2, "{sh:?} {st} T={t}: rel err {err:.3e}");
+                assert_eq!(
+                    bad, 0,
+                    "{sh:?} {st} generic={generic} T={t}: {bad} outputs unwritten or NaN"
+                );
+                assert!(
+                    err < 1.5e-2,
+                    "{sh:?} {st} generic={generic} T={t}: rel err {err:.3e}"
+                );
                 checked += 1;
             }
+            kernels.set_monarch_mid_generic(false);
         }
     }
     eprintln!("gpu monarch partial parity: {checked} (shape, strategy, T) cases within bf16 error");
-    assert_eq!(checked, shapes.len() * 5 * 2);
+    let wide = shapes.iter().filter(|s| s.1 / s.2 > 256).count();
+    assert_eq!(checked, (shapes.len() * 2 + wide) * 5);
 }
