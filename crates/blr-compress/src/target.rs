@@ -89,6 +89,15 @@ impl<'a> Calibration<'a> {
         }
         self.gram.weight(self.damping, target.name)
     }
+
+    /// The loss weight `G'` the calibrated algorithms minimise against (the unit-mean-
+    /// eigenvalue Gram plus `damping * I`, see `Gram::weight`) for `target`, as n x n f32 values
+    /// (symmetric, so row- and column-major alike), after the same checks as the CPU path: for
+    /// back ends that run the calibrated iterations elsewhere (the GPU path in `blr-cuda`).
+    pub fn weight_f32(&self, target: &Target<'_>) -> Result<Vec<f32>> {
+        let g = self.weight_for(target)?;
+        Ok(linalg::to_row_major(g.as_ref()))
+    }
 }
 
 /// `||W - Ŵ||_F / ||W||_F`, or with a Gram `sqrt(tr(E G E^T) / tr(W G W^T))`, i.e.

@@ -6,9 +6,9 @@ use crate::compress::sequential::{HookInput, Twin};
 use crate::table::{bytes, si, Table};
 use anyhow::{bail, Context, Result};
 use blr_compress::{
-    allocate, corrected_target, lowrank, lowrank_error_curve, monarch, monarch_error_curve,
-    relative_error, BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions,
-    MonarchOptions, Progress, Target,
+    allocate, corrected_target, lowrank_error_curve, monarch, monarch_error_curve, relative_error,
+    BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions, MonarchOptions,
+    Progress, Target,
 };
 use blr_core::format::{FormatKind, Shape};
 use blr_core::safetensors::Dtype;
@@ -111,9 +111,10 @@ pub struct Args {
     /// low-rank at equal rank) or `random` (the published initialisation).
     #[arg(long, default_value = "lowrank", value_parser = ["lowrank", "random"])]
     pub blast_init: String,
-    /// Where BLAST factorizations run: auto (the GPU when one is usable, else the CPU), cpu,
-    /// or cuda (an error when no GPU is usable). Calibrated BLAST runs on the CPU (auto says
-    /// so; cuda refuses); low-rank and Monarch run on the CPU.
+    /// Where BLAST and low-rank factorizations run: auto (the GPU when one is usable, else the
+    /// CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and the calibrated
+    /// (whitened) low-rank SVD run on the GPU too; Monarch runs on the CPU. The report says
+    /// which device ran each layer.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// Storage type of the output.
@@ -613,9 +614,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     } else {
         BlastInit::LowRank
     };
-    let device = if plan.iter().any(|p| p.shape.format == FormatKind::Blast) {
+    let device = if plan
+        .iter()
+        .any(|p| matches!(p.shape.format, FormatKind::Blast | FormatKind::LowRank))
+    {
         let d = super::factorize::FactorDevice::pick(&args.device)?;
-        log(format!("BLAST factorizations on {}", d.label));
+        log(format!("BLAST and low-rank factorizations on {}", d.label));
         d
     } else {
         super::factorize::FactorDevice::cpu()
@@ -635,7 +639,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         });
         let mut ran_on = "cpu".to_string();
         let layer = match s.format {
-            FormatKind::LowRank => lowrank(&target, s.rank, calib.as_ref())?,
+            FormatKind::LowRank => {
+                let (layer, label) =
+                    super::factorize::lowrank_on(&device, &target, s.rank, calib.as_ref())?;
+                ran_on = label;
+                layer
+            }
             FormatKind::Monarch => monarch(
                 &target,
                 &MonarchOptions::new(s.b_out, s.rank),

@@ -119,9 +119,10 @@ pub struct Args {
     /// Factor storage type in --out: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
-    /// Where BLAST runs: auto (the GPU when one is usable: driver, device, cuBLAS, NVRTC; else
-    /// the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and --method gd
-    /// run on the CPU (auto says so; cuda refuses). Low-rank and Monarch run on the CPU.
+    /// Where BLAST and low-rank run: auto (the GPU when one is usable: driver, device, cuBLAS,
+    /// NVRTC; else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST
+    /// and the calibrated (whitened) low-rank SVD run on the GPU too; --method gd runs on the
+    /// CPU (auto says so; cuda refuses). Monarch runs on the CPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// GEMM precision of GPU BLAST: fp32, tf32-data (the two large data GEMM families on TF32
@@ -224,13 +225,15 @@ pub(crate) fn blast_on(
     match device.for_blast(opts, calib.is_some())? {
         Some(gpu) => {
             let run = |precision| {
-                blr_cuda::factorize::blast_report(
-                    gpu,
-                    target,
-                    opts,
-                    &blr_cuda::factorize::GpuBlastOptions { precision },
-                    progress,
-                )
+                let gpu_opts = blr_cuda::factorize::GpuBlastOptions { precision };
+                match calib {
+                    Some(c) => blr_cuda::factorize::blast_report_calibrated(
+                        gpu, target, opts, c, &gpu_opts, progress,
+                    ),
+                    None => {
+                        blr_cuda::factorize::blast_report(gpu, target, opts, &gpu_opts, progress)
+                    }
+                }
             };
             match run(precision) {
                 Ok(report) => Ok((report, device.label.clone())),
@@ -239,15 +242,27 @@ pub(crate) fn blast_on(
                 Err(blr_cuda::Error::Numerical { .. })
                     if precision == blr_cuda::factorize::GemmPrecision::Tf32 =>
                 {
-                    let report = run(blr_cuda::factorize::GemmPrecision::Tf32Data)?;
-                    Ok((
-                        report,
-                        format!(
-                            "{} (TF32 Cholesky lost definiteness; reran with tf32-data)",
-                            device.label
-                        ),
-                    ))
+                    match run(blr_cuda::factorize::GemmPrecision::Tf32Data) {
+                        Ok(report) => Ok((
+                            report,
+                            format!(
+                                "{} (TF32 Cholesky lost definiteness; reran with tf32-data)",
+                                device.label
+                            ),
+                        )),
+                        // Still not definite in fp32 (a calibration Gram block near singular
+                        // in single precision): auto finishes on the CPU, in f64.
+                        Err(blr_cuda::Error::Numerical { reason, .. }) if !device.forced => Ok((
+                            blr_compress::blast_report(target, opts, calib, progress)?,
+                            format!("cpu (the GPU run failed: {reason})"),
+                        )),
+                        Err(e) => Err(e.into()),
+                    }
                 }
+                Err(blr_cuda::Error::Numerical { reason, .. }) if !device.forced => Ok((
+                    blr_compress::blast_report(target, opts, calib, progress)?,
+                    format!("cpu (the GPU run failed: {reason})"),
+                )),
                 Err(e) => Err(e.into()),
             }
         }
@@ -264,6 +279,38 @@ pub(crate) fn blast_on(
                 label,
             ))
         }
+    }
+}
+
+/// Low-rank on the chosen device (the truncated SVD, whitened with a calibration); returns the
+/// layer and the device it ran on. Without cuSOLVER, `auto` falls back to the CPU.
+pub(crate) fn lowrank_on(
+    device: &FactorDevice,
+    target: &Target<'_>,
+    rank: usize,
+    calib: Option<&Calibration<'_>>,
+) -> Result<(Linear, String)> {
+    let Some(gpu) = &device.gpu else {
+        return Ok((
+            blr_compress::lowrank(target, rank, calib)?,
+            device.label.clone(),
+        ));
+    };
+    let run = match calib {
+        Some(c) => blr_cuda::factorize::lowrank_calibrated(gpu, target, rank, c),
+        None => blr_cuda::factorize::lowrank(gpu, target, rank),
+    };
+    match run {
+        Ok(layer) => Ok((layer, device.label.clone())),
+        Err(blr_cuda::Error::LibraryNotFound { library, .. }) if !device.forced => Ok((
+            blr_compress::lowrank(target, rank, calib)?,
+            format!("cpu ({library} not found)"),
+        )),
+        Err(blr_cuda::Error::Numerical { reason, .. }) if !device.forced => Ok((
+            blr_compress::lowrank(target, rank, calib)?,
+            format!("cpu (the GPU SVD failed: {reason})"),
+        )),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -336,26 +383,11 @@ pub fn run(args: Args) -> Result<()> {
     // device it ran on); recomputing it on the CPU costs 2 m n r flops.
     let mut blast_error = None;
     let layer = match format {
-        FormatKind::LowRank => match (&device.gpu, &calib) {
-            // Data-free low-rank: the truncated SVD on the GPU (calibrated stays on the CPU).
-            (Some(gpu), None) => match blr_cuda::factorize::lowrank(gpu, &target, shape.rank) {
-                Ok(layer) => layer,
-                Err(blr_cuda::Error::LibraryNotFound { library, .. }) if !device.forced => {
-                    ran_on = format!("cpu ({library} not found)");
-                    blr_compress::lowrank(&target, shape.rank, None)?
-                }
-                Err(e) => return Err(e.into()),
-            },
-            (Some(_), Some(_)) if device.forced => {
-                bail!("--device cuda: calibrated low-rank runs on the CPU only; use --device cpu or auto")
-            }
-            _ => {
-                if device.gpu.is_some() {
-                    ran_on = "cpu (calibrated low-rank runs on the CPU only)".into();
-                }
-                blr_compress::lowrank(&target, shape.rank, calib.as_ref())?
-            }
-        },
+        FormatKind::LowRank => {
+            let (layer, label) = lowrank_on(&device, &target, shape.rank, calib.as_ref())?;
+            ran_on = label;
+            layer
+        }
         FormatKind::Monarch => {
             let opts = MonarchOptions {
                 sweeps: args.sweeps,
@@ -639,6 +671,57 @@ mod tests {
             a.tensor = Some(tensor.into());
             let err = run(a).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn calibrated_requests_follow_the_device_choice() {
+        // Calibrated BLAST and calibrated low-rank on auto (the GPU where one is usable, else
+        // the CPU) land on the CPU path's calibrated error; cuda runs them or says what is
+        // missing. The Gram has rank < n (fewer tokens than features) plus the ridge.
+        let dir = std::env::temp_dir().join(format!("blr-factorize-cal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = 36;
+        let mut gram = blr_compress::Gram::new(n);
+        gram.accumulate(&Rng::new(11).normal_vec(20 * n, 1.0), 20)
+            .unwrap();
+        let gpath = dir.join("gram.safetensors");
+        gram.save(&gpath).unwrap();
+        for (format, blocks, rank) in [("blast", 3, 5), ("lowrank", 1, 7)] {
+            let mut errors = Vec::new();
+            for device in ["cpu", "auto", "cuda"] {
+                let out = dir.join(format!("{format}-{device}.safetensors"));
+                let mut a = args(format, blocks, rank, out.clone());
+                a.synthetic = Some("gaussian".into());
+                a.calib = Some(gpath.clone());
+                a.restarts = 1;
+                a.iterations = 40;
+                a.init = "lowrank".into();
+                a.device = device.into();
+                let (_, m, n, w) =
+                    load_matrix(&a, format.parse().unwrap(), blocks, blocks).unwrap();
+                match run(a) {
+                    Ok(()) => {
+                        let ck = Checkpoint::load(&out).unwrap();
+                        let t = Target::new("w", m, n, &w).unwrap();
+                        let layer = ck.layer("layer0").unwrap();
+                        errors.push(blr_compress::relative_error(&t, layer, Some(&gram)).unwrap());
+                    }
+                    Err(e) if device == "cuda" => {
+                        let msg = format!("{e:#}");
+                        assert!(msg.contains("--device cpu"), "{msg}");
+                    }
+                    Err(e) => panic!("{format} on {device}: {e:#}"),
+                }
+            }
+            for e in &errors[1..] {
+                assert!(
+                    (e - errors[0]).abs() <= 1e-3 * errors[0],
+                    "{format}: {e} vs cpu {}",
+                    errors[0]
+                );
+            }
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

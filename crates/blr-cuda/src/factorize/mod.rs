@@ -16,8 +16,9 @@
 //! (`||A||^2 - 2 <A, Â> + ||Â||^2`, accumulated in f64 on the device so no step waits for the
 //! host). The start (random, low-rank or spectral) and the normalisation come from
 //! `blr_compress::blast_start`, so both paths begin from the same factors; restarts probe the
-//! same way. Calibrated (Gram-weighted) BLAST and the plain-gradient baseline are not ported:
-//! [`unsupported`] says so and the caller runs the CPU path.
+//! same way. Calibrated (Gram-weighted) BLAST is calibrated.rs ([`blast_report_calibrated`]);
+//! the plain-gradient baseline is not ported: [`unsupported`] says so and the caller runs the
+//! CPU path.
 //!
 //! Cost per iteration at 4096 x 11008, b = 16, r = 1488: the two data GEMM families
 //! `A_j V_j` and `U_i^T A_i` (2 m n r = 134 GFLOP each), the Grams and the gradient GEMMs
@@ -31,6 +32,7 @@
 //! the left; r x r matrices back to back.
 
 mod blas;
+mod calibrated;
 mod chol;
 pub mod svd;
 #[cfg(test)]
@@ -48,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
 use crate::memory::DeviceBuffer;
 use blas::{Cublas, Op, Operand};
+pub use calibrated::{blast_report_calibrated, lowrank_calibrated, CALIBRATED_CU};
 use chol::{BatchedCholesky, CholKernels};
 
 /// The source of `factorize.cu`.
@@ -88,10 +91,8 @@ pub struct GpuBlastOptions {
 }
 
 /// Why the GPU path cannot run this request (the caller then runs the CPU path), or `None`.
-pub fn unsupported(opts: &BlastOptions, calibrated: bool) -> Option<&'static str> {
-    if calibrated {
-        return Some("calibrated (Gram-weighted) BLAST runs on the CPU only");
-    }
+/// Calibrated requests run through [`blast_report_calibrated`].
+pub fn unsupported(opts: &BlastOptions, _calibrated: bool) -> Option<&'static str> {
     if opts.method != BlastMethod::Preconditioned {
         return Some("the plain gradient-descent baseline runs on the CPU only");
     }

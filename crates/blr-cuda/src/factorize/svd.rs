@@ -107,68 +107,10 @@ pub fn truncated_svd(gpu: &Gpu, a: &[f32], m: usize, n: usize, t: usize) -> Resu
         // A^T A = A^T (A^T)^T.
         blas.gemm64(Op::N, Op::T, (n, n, m), 1.0, at_op, at_op, 0.0, g_op)?;
     }
-    let mut eig = gpu.alloc_zeros::<f64>(k, "SVD eigenvalues")?;
-    let mut info = gpu.alloc_zeros::<c_int>(1, "cuSOLVER status")?;
-    let ki = int(k, "order")?;
-    let (jobz, uplo) = (
-        cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
-        cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
-    );
-    let mut lwork: c_int = 0;
-    // SAFETY: live handle; gram (k x k, ld k) and eig (k) are live device buffers; lwork is a
-    // host out-pointer.
-    check(
-        unsafe {
-            cs::cusolverDnDsyevd_bufferSize(
-                solver.handle,
-                jobz,
-                uplo,
-                ki,
-                gram.device_ptr() as *const f64,
-                ki,
-                eig.device_ptr() as *const f64,
-                &mut lwork,
-            )
-        },
-        "sizing the eigensolver workspace",
-    )?;
-    let work = gpu.alloc_zeros::<f64>(
-        usize::try_from(lwork).unwrap_or(0).max(1),
-        "eigensolver workspace",
-    )?;
-    // SAFETY: as above, with work holding lwork doubles and info one int, all on the
-    // solver's stream.
-    check(
-        unsafe {
-            cs::cusolverDnDsyevd(
-                solver.handle,
-                jobz,
-                uplo,
-                ki,
-                gram.device_ptr() as *mut f64,
-                ki,
-                eig.device_ptr() as *mut f64,
-                work.device_ptr() as *mut f64,
-                lwork,
-                info.device_ptr() as *mut c_int,
-            )
-        },
-        "the symmetric eigensolver (Dsyevd)",
-    )?;
-    let status = gpu.download(&info)?;
-    if status.first().copied().unwrap_or(0) != 0 {
-        return Err(Error::Numerical {
-            during: format!("truncated SVD of a {m} x {n} matrix on the GPU"),
-            reason: format!(
-                "the eigensolver did not converge (info {}); use --device cpu",
-                status[0]
-            ),
-        });
-    }
-    let lambda = gpu.download(&eig)?;
+    let during = format!("truncated SVD of a {m} x {n} matrix on the GPU");
+    let lambda = sym_eig(gpu, &solver, &mut gram, k, &during)?;
     // The keep largest eigenpairs, largest first: columns k-1, k-2, .. of the eigenvectors.
     let all = gpu.download(&gram)?;
-    drop(work);
     let mut vecs = vec![0f64; k * keep];
     for c in 0..keep {
         let src = (k - 1 - c) * k;
@@ -193,9 +135,6 @@ pub fn truncated_svd(gpu: &Gpu, a: &[f32], m: usize, n: usize, t: usize) -> Resu
         }
     }
     let prod = gpu.download(&other)?;
-    let _ = &mut gram;
-    let _ = &mut info;
-    let _ = &mut eig;
     // Balanced factors: the short side's vector times sqrt(s), the long side's A-product
     // divided by sqrt(s) (= its singular vector times sqrt(s)).
     let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
@@ -225,6 +164,302 @@ pub fn truncated_svd(gpu: &Gpu, a: &[f32], m: usize, n: usize, t: usize) -> Resu
         }
         for (o, &x) in v_col.iter_mut().zip(longv) {
             *o = x / root;
+        }
+    }
+    Ok(Balanced {
+        m,
+        n,
+        t,
+        left,
+        right_t,
+        sigma,
+    })
+}
+
+/// Eigendecomposition of the symmetric `k x k` matrix in `mat` (f64, column-major, lower half
+/// read) by cuSOLVER `Dsyevd`: returns the eigenvalues in ascending order and leaves the
+/// eigenvectors in `mat` (column c belongs to eigenvalue c). `during` names the caller for the
+/// error message.
+fn sym_eig(
+    gpu: &Gpu,
+    solver: &Solver,
+    mat: &mut crate::memory::DeviceBuffer<f64>,
+    k: usize,
+    during: &str,
+) -> Result<Vec<f64>> {
+    let eig = gpu.alloc_zeros::<f64>(k, "SVD eigenvalues")?;
+    let info = gpu.alloc_zeros::<c_int>(1, "cuSOLVER status")?;
+    let ki = int(k, "order")?;
+    let (jobz, uplo) = (
+        cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
+        cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+    );
+    let mut lwork: c_int = 0;
+    // SAFETY: live handle; mat (k x k, ld k) and eig (k) are live device buffers; lwork is a
+    // host out-pointer.
+    check(
+        unsafe {
+            cs::cusolverDnDsyevd_bufferSize(
+                solver.handle,
+                jobz,
+                uplo,
+                ki,
+                mat.device_ptr() as *const f64,
+                ki,
+                eig.device_ptr() as *const f64,
+                &mut lwork,
+            )
+        },
+        "sizing the eigensolver workspace",
+    )?;
+    let work = gpu.alloc_zeros::<f64>(
+        usize::try_from(lwork).unwrap_or(0).max(1),
+        "eigensolver workspace",
+    )?;
+    // SAFETY: as above, with work holding lwork doubles and info one int, all on the
+    // solver's stream.
+    check(
+        unsafe {
+            cs::cusolverDnDsyevd(
+                solver.handle,
+                jobz,
+                uplo,
+                ki,
+                mat.device_ptr() as *mut f64,
+                ki,
+                eig.device_ptr() as *mut f64,
+                work.device_ptr() as *mut f64,
+                lwork,
+                info.device_ptr() as *mut c_int,
+            )
+        },
+        "the symmetric eigensolver (Dsyevd)",
+    )?;
+    let status = gpu.download(&info)?;
+    if status.first().copied().unwrap_or(0) != 0 {
+        return Err(Error::Numerical {
+            during: during.to_string(),
+            reason: format!(
+                "the eigensolver did not converge (info {}); use --device cpu",
+                status[0]
+            ),
+        });
+    }
+    gpu.download(&eig)
+}
+
+/// The `keep` eigenpairs of largest eigenvalue, largest first, from [`sym_eig`]'s output:
+/// (vectors `k x keep` column-major, eigenvalues).
+fn top_pairs(all: &[f64], lambda: &[f64], k: usize, keep: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut vecs = vec![0f64; k * keep];
+    for c in 0..keep {
+        let src = (k - 1 - c) * k;
+        vecs[c * k..(c + 1) * k].copy_from_slice(&all[src..src + k]);
+    }
+    let top = (0..keep).map(|c| lambda[k - 1 - c]).collect();
+    (vecs, top)
+}
+
+/// The balanced rank-`t` factors minimising `||(A - left right) L||_F` for `G' = L L^T` (the
+/// calibrated low-rank problem; `g` is `G'`, n x n, symmetric positive definite, f32), i.e.
+/// the truncated SVD of `A L` mapped back (the whitened SVD of blr-compress's lowrank.rs), in
+/// f64, up to the sign of each singular pair:
+/// - `m <= n`: `A G' A^T = U S^2 U^T` (one m x m eigenproblem) gives `left = U_t sqrt(S_t)`
+///   and `right^T = A^T U_t S_t^-1/2` directly (whatever L is, the left singular vectors of
+///   `A L` are those of `A G' A^T`, and `L^-T (A L)^T U S^-1 = A^T U S^-1`);
+/// - `m > n`: whitening by `G' = E Λ E^T`, `L = E Λ^1/2`; `B = A L` (m, n),
+///   `B^T B = V S^2 V^T`, `left = B V_t S_t^-1/2`, `right^T = E Λ^-1/2 V_t S_t^1/2`.
+///
+/// Pairs with `s_k <= 1e-6 s_0` come back as zero columns, as in [`truncated_svd`].
+pub fn weighted_truncated_svd(
+    gpu: &Gpu,
+    a: &[f32],
+    g: &[f32],
+    m: usize,
+    n: usize,
+    t: usize,
+) -> Result<Balanced> {
+    if a.len() != m * n || g.len() != n * n || m == 0 || n == 0 {
+        return Err(Error::Shape(format!(
+            "weighted truncated SVD of a {m} x {n} matrix given {} values and a weight of {}",
+            a.len(),
+            g.len()
+        )));
+    }
+    let blas = Cublas::new(gpu)?;
+    let solver = Solver::new(gpu)?;
+    let during = format!("calibrated (whitened) SVD of a {m} x {n} matrix on the GPU");
+    let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| f64::from(x)).collect() };
+    let at = gpu.upload(&to64(a), "SVD input")?;
+    let gd = gpu.upload(&to64(g), "SVD weight")?;
+    let keep = t.min(m.min(n));
+    let at_op = Operand::new(at.device_ptr(), n, 0);
+    // (vecs of the short side's eigenproblem, squared singular values, left, right^T products).
+    let mut left = vec![0f64; m * t];
+    let mut right_t = vec![0f64; n * t];
+    let sigma: Vec<f64>;
+    if m <= n {
+        // K = A G' A^T: Y = G' A^T (n, m), K = (A^T)^T Y.
+        let y = gpu.alloc_zeros::<f64>(n * m, "SVD G' A^T")?;
+        let y_op = Operand::new(y.device_ptr(), n, 0);
+        blas.gemm64(
+            Op::N,
+            Op::N,
+            (n, m, n),
+            1.0,
+            Operand::new(gd.device_ptr(), n, 0),
+            at_op,
+            0.0,
+            y_op,
+        )?;
+        let mut kmat = gpu.alloc_zeros::<f64>(m * m, "SVD weighted Gram")?;
+        blas.gemm64(
+            Op::T,
+            Op::N,
+            (m, m, n),
+            1.0,
+            at_op,
+            y_op,
+            0.0,
+            Operand::new(kmat.device_ptr(), m, 0),
+        )?;
+        drop(y);
+        let lambda = sym_eig(gpu, &solver, &mut kmat, m, &during)?;
+        let (vecs, top) = top_pairs(&gpu.download(&kmat)?, &lambda, m, keep);
+        drop(kmat);
+        sigma = top.iter().map(|l| l.max(0.0).sqrt()).collect();
+        let prod = if keep > 0 {
+            let v_dev = gpu.upload(&vecs, "SVD singular vectors")?;
+            let other = gpu.alloc_zeros::<f64>(n * keep, "SVD A^T U")?;
+            blas.gemm64(
+                Op::N,
+                Op::N,
+                (n, keep, m),
+                1.0,
+                at_op,
+                Operand::new(v_dev.device_ptr(), m, 0),
+                0.0,
+                Operand::new(other.device_ptr(), n, 0),
+            )?;
+            gpu.download(&other)?
+        } else {
+            Vec::new()
+        };
+        let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
+        for c in 0..keep {
+            let s = sigma[c];
+            if s.is_nan() || s <= floor || s == 0.0 {
+                continue;
+            }
+            let root = s.sqrt();
+            for (o, &x) in left[c * m..(c + 1) * m].iter_mut().zip(&vecs[c * m..]) {
+                *o = x * root;
+            }
+            for (o, &x) in right_t[c * n..(c + 1) * n].iter_mut().zip(&prod[c * n..]) {
+                *o = x / root;
+            }
+        }
+    } else {
+        // G' = E Λ E^T; L = E Λ^1/2.
+        let mut ebuf = gd;
+        let lam_g = sym_eig(gpu, &solver, &mut ebuf, n, &during)?;
+        let lam_max = lam_g.last().copied().unwrap_or(0.0);
+        if !(lam_g.first().copied().unwrap_or(0.0) > lam_max * 1e-12 && lam_max.is_finite()) {
+            return Err(Error::Numerical {
+                during,
+                reason: format!(
+                    "the calibration weight is not positive definite (eigenvalues {:e} ..                      {lam_max:e}); raise --calib-damping or use --device cpu",
+                    lam_g.first().copied().unwrap_or(0.0)
+                ),
+            });
+        }
+        let e_host = gpu.download(&ebuf)?;
+        let mut l_host = e_host.clone();
+        for (c, &l) in lam_g.iter().enumerate() {
+            let root = l.sqrt();
+            for v in &mut l_host[c * n..(c + 1) * n] {
+                *v *= root;
+            }
+        }
+        let l_dev = gpu.upload(&l_host, "SVD whitening factor")?;
+        drop(l_host);
+        // B^T = L^T A^T (n, m); K = B^T B = B^T (B^T)^T (n, n).
+        let bt = gpu.alloc_zeros::<f64>(n * m, "SVD whitened input")?;
+        let bt_op = Operand::new(bt.device_ptr(), n, 0);
+        blas.gemm64(
+            Op::T,
+            Op::N,
+            (n, m, n),
+            1.0,
+            Operand::new(l_dev.device_ptr(), n, 0),
+            at_op,
+            0.0,
+            bt_op,
+        )?;
+        drop(l_dev);
+        let mut kmat = gpu.alloc_zeros::<f64>(n * n, "SVD weighted Gram")?;
+        blas.gemm64(
+            Op::N,
+            Op::T,
+            (n, n, m),
+            1.0,
+            bt_op,
+            bt_op,
+            0.0,
+            Operand::new(kmat.device_ptr(), n, 0),
+        )?;
+        let lambda = sym_eig(gpu, &solver, &mut kmat, n, &during)?;
+        let (vecs, top) = top_pairs(&gpu.download(&kmat)?, &lambda, n, keep);
+        drop(kmat);
+        sigma = top.iter().map(|l| l.max(0.0).sqrt()).collect();
+        if keep > 0 {
+            // left = B V S^-1/2 = (B^T)^T V S^-1/2; right^T = E (Λ^-1/2 V) S^1/2.
+            let v_dev = gpu.upload(&vecs, "SVD singular vectors")?;
+            let bv = gpu.alloc_zeros::<f64>(m * keep, "SVD B V")?;
+            blas.gemm64(
+                Op::T,
+                Op::N,
+                (m, keep, n),
+                1.0,
+                bt_op,
+                Operand::new(v_dev.device_ptr(), n, 0),
+                0.0,
+                Operand::new(bv.device_ptr(), m, 0),
+            )?;
+            let mut scaled = vecs.clone();
+            for c in 0..keep {
+                for (row, v) in scaled[c * n..(c + 1) * n].iter_mut().enumerate() {
+                    *v /= lam_g[row].sqrt();
+                }
+            }
+            let sv_dev = gpu.upload(&scaled, "SVD unwhitened vectors")?;
+            let e_dev = gpu.upload(&e_host, "SVD weight eigenvectors")?;
+            let ev = gpu.alloc_zeros::<f64>(n * keep, "SVD E Λ^-1/2 V")?;
+            blas.gemm64(
+                Op::N,
+                Op::N,
+                (n, keep, n),
+                1.0,
+                Operand::new(e_dev.device_ptr(), n, 0),
+                Operand::new(sv_dev.device_ptr(), n, 0),
+                0.0,
+                Operand::new(ev.device_ptr(), n, 0),
+            )?;
+            let (bv, ev) = (gpu.download(&bv)?, gpu.download(&ev)?);
+            let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
+            for c in 0..keep {
+                let s = sigma[c];
+                if s.is_nan() || s <= floor || s == 0.0 {
+                    continue;
+                }
+                let root = s.sqrt();
+                for (o, &x) in left[c * m..(c + 1) * m].iter_mut().zip(&bv[c * m..]) {
+                    *o = x / root;
+                }
+                for (o, &x) in right_t[c * n..(c + 1) * n].iter_mut().zip(&ev[c * n..]) {
+                    *o = x * root;
+                }
+            }
         }
     }
     Ok(Balanced {
