@@ -28,9 +28,9 @@ enum What {
 unfused  cuBLAS GEMMs per block stage + simple kernels, every intermediate in memory (the \
 PyTorch reference)\n  \
 partial  BLAST: stage 1 writes Z transposed, tensor-core mixing writes W in the layout stage 3 \
-reads; Monarch: blr's own stage-1 GEMM writes the permuted intermediate stage 2 reads (no \
-permutation pass; for n/b > 256 cuBLAS stage 1 + a per-token transpose), a per-token transpose \
-for the output; lowrank: blr's own tensor-core GEMMs\n  \
+reads; Monarch: blr's own stage-1 GEMM (wgmma on sm_90a) writes the permuted intermediate \
+stage 2 reads (no permutation pass; without wgmma, for n/b > 256 cuBLAS stage 1 + a per-token \
+transpose), a per-token transpose for the output; lowrank: blr's own tensor-core GEMMs\n  \
 decode   T <= 16: one persistent kernel per layer (programmatic dependent launch on sm_90+), every weight streamed once with 16-byte loads\n  \
 fused    BLAST, sm_90: all three stages in one kernel, a thread-block cluster per 128 tokens \
 exchanging Z and W over distributed shared memory (no intermediate in DRAM)\n\

@@ -14,8 +14,9 @@
 //!   and its 197 KB of shared memory fit; `blr_blast_mix_tc2` otherwise) can feed
 //!   `ldmatrix.trans` straight from shared memory and write `W (b_out, T, r)`, exactly the A
 //!   operand of stage 3 (cuBLASLt again). Monarch (monarch.rs): blr's own tensor-core stage 1
-//!   writes the permuted intermediate straight into the layout stage 2 (cuBLASLt) reads, from
-//!   the one canonical copy of `w1`; the output permutation is a per-token shared-memory
+//!   (wgmma on sm_90a, mma.sync elsewhere) writes the permuted intermediate straight into the
+//!   layout stage 2 (cuBLASLt) reads, from the one canonical copy of `w1` (mma.sync beyond
+//!   n/b = 256: cuBLASLt stage 1 and a per-token transpose); the output permutation is a per-token shared-memory
 //!   transpose (monarch.cu): no permutation pass in between. Low-rank `Partial` runs the two GEMMs on blr's own mma.sync kernel (gemm.cu): correct,
 //!   but on H100 2-4x slower than cuBLASLt today, so [`GpuLinear::auto_strategy`] never picks it.
 //! - [`Strategy::Decode`]: `T <= 16`. One persistent kernel (decode.cu, `blr_decode`, launched
@@ -64,7 +65,8 @@ pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["
 /// decode.cu: `blr_decode` (launched by [`decode`]).
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
 /// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out`, `blr_monarch_stage1`,
-/// `blr_monarch_out_transpose`, `blr_monarch_mid_transpose` (and `blr_batched_transpose`, a tiled variant the harness
+/// `blr_monarch_stage1_wg`, `blr_monarch_out_transpose`, `blr_monarch_mid_transpose`,
+/// `blr_monarch_mid_transpose_packed` (and `blr_batched_transpose`, a tiled variant the harness
 /// compares; measured no faster, see docs/perf/kernel-notes.md).
 pub const MONARCH_CU: KernelSource = crate::kernel_source!("monarch.cu", headers: ["common.cuh"]);
 
@@ -269,11 +271,14 @@ pub struct LayerKernels {
     /// Whether this device's shared memory holds blr_monarch_stage1's pipeline.
     monarch_stage1_fits: bool,
     out_transpose: Kernel,
-    /// Monarch partial's intermediate transpose where stage 1 runs on cuBLASLt (monarch.rs).
+    /// Monarch partial's intermediate transposes where stage 1 runs on cuBLASLt (monarch.rs).
     mid_transpose: Kernel,
-    /// Build that intermediate with `out_transpose` (the previous kernel) instead of
-    /// `mid_transpose`: a measurement knob (`BLR_MONARCH_MID=generic` at load).
-    monarch_mid_generic: bool,
+    mid_transpose_packed: Kernel,
+    /// blr_monarch_stage1 on wgmma, and whether this device runs it (sm_90a).
+    monarch_stage1_wg: Kernel,
+    monarch_stage1_wg_ok: bool,
+    /// Monarch partial's kernel choices ([`monarch::MonarchOptions::from_env`] at load).
+    monarch: monarch::MonarchOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
     fused: Option<blast_fused::FusedKernel>,
 }
@@ -293,11 +298,18 @@ impl LayerKernels {
         self.decode.opts = opts;
     }
 
-    /// Whether Monarch `partial` builds its intermediate with the generic per-token transpose
-    /// (the kernel before `blr_monarch_mid_transpose`) where stage 1 runs on cuBLASLt; default
-    /// false, `BLR_MONARCH_MID=generic` at load sets it (side-by-side measurements, tests).
-    pub fn set_monarch_mid_generic(&mut self, on: bool) {
-        self.monarch_mid_generic = on;
+    /// Monarch `partial`'s kernel choices (default: [`monarch::MonarchOptions::from_env`]).
+    pub fn monarch_options(&self) -> monarch::MonarchOptions {
+        self.monarch
+    }
+
+    pub fn set_monarch_options(&mut self, opts: monarch::MonarchOptions) {
+        self.monarch = opts;
+    }
+
+    /// Whether [`monarch::Stage1Mma::Wgmma`] runs on this device (else mma.sync runs).
+    pub fn monarch_wgmma_available(&self) -> bool {
+        self.monarch_stage1_wg_ok
     }
 
     pub fn load(gpu: &Gpu) -> Result<Self> {
@@ -319,7 +331,10 @@ impl LayerKernels {
             monarch_stage1_fits: false,
             out_transpose: monarch.function("blr_monarch_out_transpose")?,
             mid_transpose: monarch.function("blr_monarch_mid_transpose")?,
-            monarch_mid_generic: monarch::mid_generic_from_env()?,
+            mid_transpose_packed: monarch.function("blr_monarch_mid_transpose_packed")?,
+            monarch_stage1_wg: monarch.function("blr_monarch_stage1_wg")?,
+            monarch_stage1_wg_ok: false,
+            monarch: monarch::MonarchOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
@@ -339,6 +354,14 @@ impl LayerKernels {
             .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
         k.mid_transpose
             .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
+        k.mid_transpose_packed
+            .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
+        // The wgmma body is compiled only for sm_90a (Hopper: compute capability 9.0).
+        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_WG_SMEM {
+            k.monarch_stage1_wg
+                .set_max_dynamic_smem(monarch::STAGE1_WG_SMEM)?;
+            k.monarch_stage1_wg_ok = true;
+        }
         Ok(k)
     }
 }
@@ -928,7 +951,7 @@ fn gemm_nt(
 pub mod autotune;
 pub mod blast_fused;
 pub mod decode;
-mod monarch;
+pub mod monarch;
 pub mod timing;
 
 #[cfg(test)]

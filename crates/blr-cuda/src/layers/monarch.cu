@@ -127,14 +127,62 @@ static __device__ __forceinline__ int swz(int row, int chunk) {
 
 }  // namespace blr_mon1
 
-// Grid (ceil(R/128), ceil(T/128), b): block (x, y, z) computes columns 128x.. of tokens 128y..
-// for input block k = z. Dynamic shared memory: blr_mon1::SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
-    blr_monarch_stage1(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P, int T,
-                       int b, int R, int nb, int seg) {
+// wgmma (sm_90a) for the variant blr_monarch_stage1_wg: one warpgroup computes 64 rows x 128
+// columns of the tile per instruction group, A and B straight from the swizzled shared tiles.
+// Measured on the H100 (qkvo T=1024, same run): ncu (its base clocks) 50.6 us mma.sync -> 39.6
+// us wgmma; layer 71.3 -> 62.6 us. Each k-tile's wgmmas are waited for before the next loads
+// may overwrite a stage (3 stages), so MMAs and the epilogue of one block overlap only with the
+// other block on the SM: still ~2x cuBLASLt's 21 us stage 1 (kernel-notes, "Monarch partial v3").
+// The tiles' layout (128-byte rows, 16-byte chunk c of row r at c ^ (r & 7), 1024-byte aligned
+// stages) is the canonical 128-byte-swizzle K-major layout, so the descriptors are: start address
+// >> 4, leading byte offset unused (1), stride byte offset 1024 B (8 rows) >> 4 = 64, layout type
+// 1 (128-byte swizzle) in bits 62-63; the k-th 16-element step starts 32 bytes further.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BLR_MON1_HAVE_WGMMA 1
+static __device__ __forceinline__ unsigned long long wg_desc(blr_u32 saddr) {
+    return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+static __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+static __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// D (64 x 128, f32, the m16n8 fragment layout per warp and n8 block: d[j][0..3]) += A B^T.
+static __device__ __forceinline__ void wg_mma_m64n128k16(float (&d)[16][4], unsigned long long da,
+                                                         unsigned long long db) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+        "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+        "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+          "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+          "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+          "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+          "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(da), "l"(db), "r"(1));
+}
+#endif
+
+// MMA = 0: mma.sync m16n8k16 (8 warps as 2 x 4, 64x32 warp tiles; any sm_80+).
+// MMA = 1: wgmma m64n128k16 (2 warpgroups, each 64 rows x all 128 columns; sm_90a only).
+// Both keep 64 fp32 accumulators per thread and share the loads and the epilogue.
+template <int MMA>
+static __device__ __forceinline__ void mon1_body(const bf16* __restrict__ x, const bf16* __restrict__ w1,
+                                                 bf16* __restrict__ P, int T, int b, int R, int nb, int seg,
+                                                 unsigned char* smem) {
     using namespace blr_mon1;
-    extern __shared__ __align__(128) unsigned char blr_mon1_smem[];
-    bf16* As = reinterpret_cast<bf16*>(blr_mon1_smem);
+    bf16* As = reinterpret_cast<bf16*>(smem);
     bf16* Bs = As + STAGES * A_STAGE;
 
     const int k = blockIdx.z;
@@ -175,11 +223,15 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
         }
     };
 
-    float acc[MI][NI][4];
+    // The accumulators: mma.sync MI x NI fragments of the warp's 64x32 tile, or the warp's 16 rows
+    // x 128 columns of its warpgroup's wgmma tile (same 64 floats, same fragment layout per n8).
+    constexpr int EMI = MMA ? 1 : MI;
+    constexpr int ENI = MMA ? BN / 8 : NI;
+    float acc[EMI][ENI][4];
 #pragma unroll
-    for (int i = 0; i < MI; ++i)
+    for (int i = 0; i < EMI; ++i)
 #pragma unroll
-        for (int j = 0; j < NI; ++j)
+        for (int j = 0; j < ENI; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
@@ -191,51 +243,75 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<STAGES - 2>();
+        if constexpr (MMA == 1) {
+            // cp.async wrote the stage through the generic proxy; wgmma reads it through the
+            // async proxy.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        }
         __syncthreads();
         const int nk = kt + STAGES - 1;
         if (nk < ktiles) load_stage(nk % STAGES, nk * BK);
         cp_async_commit();
         const bf16* as = As + (kt % STAGES) * A_STAGE;
         const bf16* bs = Bs + (kt % STAGES) * B_STAGE;
+        if constexpr (MMA == 1) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+            // Warpgroup g owns tile rows 64g..64g+63 (8 x 1024-byte swizzle atoms).
+            const blr_u32 a0 = smem_addr(as + (warp >> 2) * 64 * BK);
+            const blr_u32 b0 = smem_addr(bs);
+            wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            blr_u32 af[MI][4];
-            blr_u32 bfr[NI][2];
+            for (int kk = 0; kk < BK / 16; ++kk)
+                wg_mma_m64n128k16(acc[0], wg_desc(a0 + kk * 32), wg_desc(b0 + kk * 32));
+            wg_commit();
+            // The stage is overwritten by the loads of iteration kt + 1: finish reading it first.
+            wg_wait0();
+#endif
+        } else {
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                const int r = wm * WTM + mi * 16 + (lane & 15);
-                const int c = kk * 2 + (lane >> 4);
-                ldmatrix_x4(smem_addr(as + swz(r, c)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                blr_u32 af[MI][4];
+                blr_u32 bfr[NI][2];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const int r = wm * WTM + mi * 16 + (lane & 15);
+                    const int c = kk * 2 + (lane >> 4);
+                    ldmatrix_x4(smem_addr(as + swz(r, c)), af[mi][0], af[mi][1], af[mi][2], af[mi][3]);
+                }
+#pragma unroll
+                for (int ni = 0; ni < NI; ni += 2) {
+                    const int r = wn * WTN + ni * 8 + (lane & 7) + ((lane >> 4) << 3);
+                    const int c = kk * 2 + ((lane >> 3) & 1);
+                    ldmatrix_x4(smem_addr(bs + swz(r, c)), bfr[ni][0], bfr[ni][1], bfr[ni + 1][0],
+                                bfr[ni + 1][1]);
+                }
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+                        mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bfr[ni][0],
+                                 bfr[ni][1]);
             }
-#pragma unroll
-            for (int ni = 0; ni < NI; ni += 2) {
-                const int r = wn * WTN + ni * 8 + (lane & 7) + ((lane >> 4) << 3);
-                const int c = kk * 2 + ((lane >> 3) & 1);
-                ldmatrix_x4(smem_addr(bs + swz(r, c)), bfr[ni][0], bfr[ni][1], bfr[ni + 1][0], bfr[ni + 1][1]);
-            }
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni)
-                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bfr[ni][0], bfr[ni][1]);
         }
     }
     cp_async_wait<0>();
     __syncthreads();
 
     // The tile, rounded to bf16, into shared memory (the pipeline buffers are free now).
-    bf16* Cs = reinterpret_cast<bf16*>(blr_mon1_smem);
+    bf16* Cs = reinterpret_cast<bf16*>(smem);
     {
         const int g = lane >> 2;
         const int c4 = lane & 3;
+        const int wrow = MMA ? warp * 16 : wm * WTM;
+        const int wcol = MMA ? 0 : wn * WTN;
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
+        for (int mi = 0; mi < EMI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < NI; ++ni)
+            for (int ni = 0; ni < ENI; ++ni)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const int row = wm * WTM + mi * 16 + g + h * 8;
-                    const int col = wn * WTN + ni * 8 + 2 * c4;
+                    const int row = wrow + mi * 16 + g + h * 8;
+                    const int col = wcol + ni * 8 + 2 * c4;
                     *reinterpret_cast<__nv_bfloat162*>(Cs + row * CLD + col) =
                         __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
                 }
@@ -269,6 +345,29 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
             }
         }
     }
+}
+
+// Grid (ceil(R/128), ceil(T/128), b): block (x, y, z) computes columns 128x.. of tokens 128y..
+// for input block k = z. Dynamic shared memory: blr_mon1::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
+    blr_monarch_stage1(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P, int T,
+                       int b, int R, int nb, int seg) {
+    extern __shared__ __align__(128) unsigned char blr_mon1_smem[];
+    mon1_body<0>(x, w1, P, T, b, R, nb, seg, blr_mon1_smem);
+}
+
+// The same on wgmma (sm_90a; launched only there: elsewhere the body is empty). Dynamic shared
+// memory: blr_mon1::SMEM_BYTES + 1024 (the stages start at the next 1024-byte boundary, which the
+// 128-byte swizzle mode of the descriptors needs).
+extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
+    blr_monarch_stage1_wg(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P, int T,
+                          int b, int R, int nb, int seg) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+    extern __shared__ __align__(1024) unsigned char blr_mon1wg_smem[];
+    const blr_u32 base = smem_addr(blr_mon1wg_smem);
+    unsigned char* aligned = blr_mon1wg_smem + (((base + 1023u) & ~1023u) - base);
+    mon1_body<1>(x, w1, P, T, b, R, nb, seg, aligned);
+#endif
 }
 
 // y[t][u*b + l] = out2[t][l*mb + u]: a (b x mb) -> (mb x b) transpose per token through shared
@@ -397,6 +496,83 @@ extern "C" __global__ void __launch_bounds__(256) blr_monarch_mid_transpose(cons
                 o[0] = lo;
                 if (s + 1 < R) o[1] = tile[(s + 1) * ld + l];
             }
+        }
+        __syncthreads();
+    }
+}
+
+// The same permutation as blr_monarch_mid_transpose for b % 8 == 0 and R % 8 == 0 (llama7b
+// down: b = 16, R = 1536), with every access 16 bytes wide and fewer instructions per element.
+// The shared tile is P's token row itself, transposed on the way in: tile row l (4-byte words)
+// holds at word k the pair (out1 row 2k col l, out1 row 2k + 1 col l) = P[t][l][2k..2k+1].
+// - load phase: item (k, q) reads columns 8q..8q+7 of out1 rows 2k and 2k + 1 (two 16-byte
+//   loads; q runs fastest, so a warp's loads cover whole 32-byte sectors; 3 items = 6 loads in
+//   flight per thread), packs them into 8 words (byte permutes) and stores word i at row
+//   8q + i, column k. Rows are ldw = R/2 + 4 words apart, and the rows of group q = l / 8 start
+//   `sk` = (32 / (b/8)) & ~3 words further (b = 16: 16), so the b/8 groups of consecutive k one
+//   warp stores fall into disjoint banks;
+// - store phase: each P row l is tile row l, copied with 16-byte shared loads and 16-byte global
+//   stores (ldw and sk are multiples of 4 words: rows stay 16-byte aligned).
+// Instructions per 16 bytes: ~2 in the store phase, ~10 in the load phase, against ~8 x (a 2-byte
+// shared access + index update) in each phase of the kernel above.
+// Dynamic shared memory: (b * (R/2 + 4) + (b/8) * sk) * 4 bytes (b = 16, R = 1536: 49.5 KB,
+// 4 blocks per SM). Blocks stride over tokens.
+namespace blr_mmt2 {
+constexpr int U = 3;  // items per thread in flight
+}
+extern "C" __global__ void __launch_bounds__(256) blr_monarch_mid_transpose_packed(const bf16* __restrict__ in,
+                                                                                   bf16* __restrict__ P, int T,
+                                                                                   int R, int b) {
+    using blr_mmt2::U;
+    extern __shared__ __align__(16) unsigned char blr_mmt2_smem[];
+    blr_u32* tile = reinterpret_cast<blr_u32*>(blr_mmt2_smem);
+    const int hk = R >> 1;  // row pairs = P words per row
+    const int ldw = hk + 4;
+    const int b8 = b >> 3;
+    const int sk = (32 / b8) & ~3;
+    const int n = R * b;
+    const int items = hk * b8;
+    const int nv = n >> 3;
+    const int rv = R >> 3;  // 16-byte vectors per P row
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const bf16* src = in + (long)t * n;
+        for (int i0 = threadIdx.x; i0 < items; i0 += U * blockDim.x) {
+            uint4 lo[U], hi[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int it = i0 + u * blockDim.x;
+                if (it < items) {
+                    const int k = it / b8;
+                    const int q = it - k * b8;
+                    const bf16* p = src + (long)(2 * k) * b + 8 * q;
+                    lo[u] = ld_ro16(p);
+                    hi[u] = ld_ro16(p + b);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int it = i0 + u * blockDim.x;
+                if (it < items) {
+                    const int k = it / b8;
+                    const int q = it - k * b8;
+                    blr_u32* d = tile + (8 * q) * ldw + q * sk + k;
+                    const blr_u32 a[4] = {lo[u].x, lo[u].y, lo[u].z, lo[u].w};
+                    const blr_u32 c[4] = {hi[u].x, hi[u].y, hi[u].z, hi[u].w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        d[(2 * e) * ldw] = __byte_perm(a[e], c[e], 0x5410);
+                        d[(2 * e + 1) * ldw] = __byte_perm(a[e], c[e], 0x7632);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        bf16* dst = P + (long)t * n;
+        for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+            const int l = v / rv;
+            const int c = v - l * rv;
+            const uint4 val = *reinterpret_cast<const uint4*>(tile + l * ldw + (l >> 3) * sk + 4 * c);
+            *reinterpret_cast<uint4*>(dst + (long)l * R + 8 * c) = val;
         }
         __syncthreads();
     }

@@ -5,7 +5,8 @@
 //! `mb = m/b`, `rb = R/b`; `w1 (b, R, nb)`, `w2 (b, mb, R)` in their canonical layouts (the only
 //! copies on the device: unfused and decode read the same `w1`).
 //!
-//! Stage 1 (monarch.cu, `blr_monarch_stage1`): one tensor-core GEMM per input block `k`
+//! Stage 1 (monarch.cu, `blr_monarch_stage1` on mma.sync, `blr_monarch_stage1_wg` on wgmma for
+//! sm_90a; same tiles, loads and epilogue): one tensor-core GEMM per input block `k`
 //! (`grid.z`), whose epilogue stores every output at its place in `P`: flat index
 //! `f = k*R + c` of `out1 (T, b*R)` goes to `P[t][f % b][f / b]`. Where `R % b == 0` and
 //! `rb % 8 == 0` the weight rows are gathered in the order `c = (j % rb)*b + j / rb` while the
@@ -14,14 +15,16 @@
 //! its own (any shape, slower).
 //! This replaces cuBLASLt stage 1 on a reordered second copy of `w1` plus a chunk-copy kernel
 //! (a DRAM round trip of the 32 MB intermediate at llama7b q/k/v/o, T=1024): see
-//! docs/perf/kernel-notes.md, "Monarch partial v2".
+//! docs/perf/kernel-notes.md, "Monarch partial v2" and "Monarch partial v3".
 //!
-//! Where `n/b > 256` (llama7b down: 688) the own mma.sync stage 1 loses more to cuBLASLt's
-//! wgmma GEMM than the permutation pass costs, so stage 1 runs on cuBLASLt from the same `w1`
-//! and one per-token shared-memory transpose (`blr_monarch_mid_transpose`: conflict-free
-//! gather, 4-byte pair stores) builds `P`: still one copy of `w1`, but the intermediate makes
-//! a round trip. `BLR_MONARCH_MID=generic` builds it with the previous kernel
-//! (`blr_monarch_out_transpose` with rows = R, cols = b) for side-by-side measurements.
+//! Where the own stage 1 is slower than cuBLASLt's (the mma.sync kernel beyond `n/b = 256`,
+//! llama7b down: 688), stage 1 runs on cuBLASLt from the same `w1` and one per-token
+//! shared-memory transpose builds `P` (still one copy of `w1`, but the intermediate makes a
+//! round trip): `blr_monarch_mid_transpose_packed` (16-byte accesses, `b % 8 == 0`,
+//! `R % 8 == 0`) or `blr_monarch_mid_transpose` (any shape). On sm_90a the wgmma stage 1 is
+//! used at every `n/b` ([`MonarchOptions::own_stage1`]). [`MonarchOptions`] (env knobs
+//! `BLR_MONARCH_MID`, `BLR_MONARCH_STAGE1`, `BLR_MONARCH_OWN_MAX_NB`) selects the other kernels
+//! for side-by-side measurements.
 
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -40,17 +43,19 @@ const STAGE1_BN: usize = 128;
 const STAGE1_THREADS: u32 = 256;
 /// 3 stages x (128 + 128) rows x 64 bf16.
 pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
+/// blr_monarch_stage1_wg: the same plus 1024 bytes to align the stages for the 128-byte swizzle.
+pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
 /// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
 /// load, capped by the device): one token's rows x (cols + 2) (mid: rows x mid_ld(cols)) bf16.
 /// Larger tiles use the per-element kernels (or, for the intermediate, the own stage 1).
 pub(super) const TRANSPOSE_SMEM_MAX: u32 = 96 * 1024;
-/// Largest K = n/b for which stage 1 runs on blr's own kernel. Beyond it cuBLASLt's stage 1
-/// (wgmma, ~2x blr's mma.sync rate on these shapes) plus a per-token transpose of the
+/// Largest K = n/b for which stage 1 runs on blr's own mma.sync kernel. Beyond it cuBLASLt's
+/// stage 1 (wgmma, ~2x blr's mma.sync rate on these shapes) plus a per-token transpose of the
 /// intermediate is faster. Measured on the H100 (docs/perf/kernel-notes.md, "Monarch partial
 /// v2", T=1024): with the own stage 1, llama7b q/k/v/o 74.3 -> 70.7 us and gate/up 143.2 ->
 /// 134.8 (n/b = 256), llama3.2-1b gate 51.8 -> 45.2 (n/b = 128), but down (n/b = 688) 134.3 ->
-/// 174.9; down with this cuBLASLt fallback: 150.2 with the generic transpose (see
-/// docs/perf/kernel-notes.md, "Monarch mid transpose", for the dedicated one).
+/// 174.9; down with this cuBLASLt fallback: 150.2 with the generic transpose, 131.5 with the
+/// packed one ("Monarch partial v3"). The wgmma kernel has no such limit.
 const OWN_STAGE1_MAX_NB: usize = 256;
 
 /// Why Monarch `partial` cannot run this shape (a sentence for the error message), or None.
@@ -78,18 +83,112 @@ pub(super) fn mid_ld(b: usize) -> usize {
     b + 1 + (b & 1)
 }
 
-/// `BLR_MONARCH_MID`: unset or `mid` (default, `blr_monarch_mid_transpose`) or `generic` (the
-/// previous kernel, for measurements).
-pub(super) fn mid_generic_from_env() -> Result<bool> {
-    match std::env::var("BLR_MONARCH_MID") {
-        Err(_) => Ok(false),
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "" | "mid" => Ok(false),
-            "generic" => Ok(true),
-            other => Err(Error::Shape(format!(
-                "BLR_MONARCH_MID='{other}': expected 'mid' (default) or 'generic'"
-            ))),
-        },
+/// Words of blr_monarch_mid_transpose_packed's tile (monarch.cu): b rows of R/2 + 4 words, the
+/// rows of group l / 8 shifted by `(32 / (b/8)) & !3` words. Only for `b % 8 == 0`, `R % 8 == 0`.
+pub(super) fn packed_words(b: usize, rank: usize) -> usize {
+    let b8 = b / 8;
+    let sk = 32usize.checked_div(b8).unwrap_or(0) & !3;
+    b * (rank / 2 + 4) + b8 * sk
+}
+
+/// How Monarch `partial` builds its intermediate `P` where stage 1 runs on cuBLASLt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidTranspose {
+    /// `blr_monarch_out_transpose` with rows = R, cols = b (the first kernel; 8-way bank
+    /// conflict in its gather phase).
+    Generic,
+    /// `blr_monarch_mid_transpose`: conflict-free gather, 4-byte stores (any shape).
+    Pairs,
+    /// `blr_monarch_mid_transpose_packed` where `b % 8 == 0` and `R % 8 == 0` (16-byte accesses
+    /// on both sides), else `Pairs`.
+    Packed,
+}
+
+/// Which MMA blr's own stage 1 uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage1Mma {
+    /// `blr_monarch_stage1`: mma.sync (sm_80+).
+    MmaSync,
+    /// `blr_monarch_stage1_wg`: wgmma, on compute capability 9.0 (sm_90a) only; elsewhere
+    /// `MmaSync` runs.
+    Wgmma,
+}
+
+/// Monarch `partial` choices (development knobs for side-by-side measurements; the defaults
+/// are what measured fastest on the H100, docs/perf/kernel-notes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MonarchOptions {
+    pub mid: MidTranspose,
+    pub stage1: Stage1Mma,
+    /// Largest n/b for which stage 1 runs on blr's own kernel (beyond: cuBLASLt + `mid`);
+    /// `None`: blr's rule ([`MonarchOptions::own_stage1`]).
+    pub own_max_nb: Option<usize>,
+}
+
+impl Default for MonarchOptions {
+    fn default() -> Self {
+        Self {
+            mid: MidTranspose::Packed,
+            stage1: Stage1Mma::Wgmma,
+            own_max_nb: None,
+        }
+    }
+}
+
+impl MonarchOptions {
+    /// Whether stage 1 runs on blr's own kernel at n/b = `nb` (else cuBLASLt + the transpose
+    /// `mid`), given whether wgmma runs on this device. blr's rule: the wgmma kernel at every
+    /// n/b (H100, llama7b down, n/b = 688: T=1024 131.7 us against 131.5 for cuBLASLt + packed
+    /// transpose, T=128 34.8 against 37.7), the mma.sync kernel up to n/b = 256
+    /// (`OWN_STAGE1_MAX_NB`).
+    pub fn own_stage1(&self, nb: usize, wgmma_here: bool) -> bool {
+        match self.own_max_nb {
+            Some(max) => nb <= max,
+            None => (self.stage1 == Stage1Mma::Wgmma && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
+        }
+    }
+
+    /// The defaults, overridden by `BLR_MONARCH_MID=generic|pairs|packed`,
+    /// `BLR_MONARCH_STAGE1=mma|wgmma` and `BLR_MONARCH_OWN_MAX_NB=<n/b>`.
+    pub fn from_env() -> Result<Self> {
+        let mut o = Self::default();
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().to_ascii_lowercase())
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(v) = var("BLR_MONARCH_MID") {
+            o.mid = match v.as_str() {
+                "generic" => MidTranspose::Generic,
+                "pairs" => MidTranspose::Pairs,
+                "packed" => MidTranspose::Packed,
+                other => {
+                    return Err(Error::Shape(format!(
+                        "BLR_MONARCH_MID='{other}': expected generic, pairs or packed"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = var("BLR_MONARCH_STAGE1") {
+            o.stage1 = match v.as_str() {
+                "mma" => Stage1Mma::MmaSync,
+                "wgmma" => Stage1Mma::Wgmma,
+                other => {
+                    return Err(Error::Shape(format!(
+                        "BLR_MONARCH_STAGE1='{other}': expected mma or wgmma"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = var("BLR_MONARCH_OWN_MAX_NB") {
+            o.own_max_nb = Some(v.parse().map_err(|_| {
+                Error::Shape(format!(
+                    "BLR_MONARCH_OWN_MAX_NB='{v}': expected a non-negative integer"
+                ))
+            })?);
+        }
+        Ok(o)
     }
 }
 
@@ -143,11 +242,23 @@ impl GpuLinear {
         let smem_cap = optin.min(TRANSPOSE_SMEM_MAX as usize);
         // The intermediate as one (R x b) -> (b x R) transpose per token (BRIEF section 2:
         // P[t][l][s] = out1[t][s*b + l]).
+        let opts = k.monarch;
         let generic_smem = rr * (b + 2) * 2;
-        let mid_smem = rr * mid_ld(b) * 2;
-        let generic =
-            k.monarch_mid_generic && (b * rr).is_multiple_of(8) && generic_smem <= smem_cap;
-        if nb > OWN_STAGE1_MAX_NB && (generic || mid_smem <= smem_cap) {
+        let pairs_smem = rr * mid_ld(b) * 2;
+        let packed_smem = packed_words(b, rr) * 4;
+        let mid = match opts.mid {
+            MidTranspose::Generic if (b * rr).is_multiple_of(8) && generic_smem <= smem_cap => {
+                Some((&k.out_transpose, generic_smem))
+            }
+            MidTranspose::Packed
+                if b.is_multiple_of(8) && rr.is_multiple_of(8) && packed_smem <= smem_cap =>
+            {
+                Some((&k.mid_transpose_packed, packed_smem))
+            }
+            _ if pairs_smem <= smem_cap => Some((&k.mid_transpose, pairs_smem)),
+            _ => None,
+        };
+        if let (false, Some((kernel, smem))) = (opts.own_stage1(nb, k.monarch_stage1_wg_ok), mid) {
             let st1 = GemmShape::linear(t, rr, nb)
                 .batched(b, nb, rr * nb, rr)
                 .with_ld(s.n, nb, b * rr);
@@ -155,17 +266,14 @@ impl GpuLinear {
             let blocks = u32::try_from(t)
                 .unwrap_or(u32::MAX)
                 .min(gpu.info().sm_count.max(1) * 16);
-            let (kernel, smem) = if generic {
-                (&k.out_transpose, generic_smem)
-            } else {
-                (&k.mid_transpose, mid_smem)
-            };
-            // SAFETY: both kernels take (const bf16* in, bf16* out, int T, int rows = R,
+            // SAFETY: the three kernels take (const bf16* in, bf16* out, int T, int rows = R,
             // int cols = b), read T*R*b elements of ws.a and write T*b*R of ws.b (both checked
             // above). out_transpose moves 16-byte vectors (b*R % 8 == 0, checked) through a
             // shared tile of R*(b+2) bf16; mid_transpose uses 16-byte loads only where
             // b*R % 8 == 0 and 4-byte stores only where R is even (it checks both), through
-            // R*mid_ld(b) bf16. `smem` is that tile's size, within what was allowed at load.
+            // R*mid_ld(b) bf16; mid_transpose_packed needs b % 8 == 0 and R % 8 == 0 (checked)
+            // and packed_words(b, R) words. `smem` is the chosen tile's size, within what was
+            // allowed at load.
             unsafe {
                 gpu.launch(kernel)
                     .arg(&ws.a)
@@ -191,6 +299,12 @@ impl GpuLinear {
             });
         }
         let seg = i32::from(segmented(s));
+        let wg = opts.stage1 == Stage1Mma::Wgmma && k.monarch_stage1_wg_ok;
+        let (stage1, stage1_smem) = if wg {
+            (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
+        } else {
+            (&k.monarch_stage1, STAGE1_SMEM)
+        };
         let grid = (
             u32::try_from(rr.div_ceil(STAGE1_BN)).unwrap_or(u32::MAX),
             u32::try_from(t.div_ceil(STAGE1_BM)).unwrap_or(u32::MAX),
@@ -207,9 +321,11 @@ impl GpuLinear {
         // `forward`) and w1 (b*R*nb, checked above) with 16-byte copies (nb % 8 == 0 by
         // `partial_requirement`), and writes P[t][l*R + s] for t < T, l < b, s < R, i.e. T*b*R
         // elements of ws.b (checked above); 16-byte stores only when `segmented` (R, rb and so
-        // every store offset multiples of 8). Shared memory: STAGE1_SMEM, allowed at load.
+        // every store offset multiples of 8). blr_monarch_stage1_wg takes the same arguments
+        // and is chosen only where it was compiled (sm_90a, `monarch_stage1_wg_ok`). Shared
+        // memory: STAGE1_SMEM / STAGE1_WG_SMEM, allowed at load.
         unsafe {
-            gpu.launch(&k.monarch_stage1)
+            gpu.launch(stage1)
                 .arg(x)
                 .arg(w1)
                 .arg(&mut ws.b)
@@ -221,7 +337,7 @@ impl GpuLinear {
                 .launch(LaunchConfig {
                     grid_dim: grid,
                     block_dim: (STAGE1_THREADS, 1, 1),
-                    shared_mem_bytes: STAGE1_SMEM,
+                    shared_mem_bytes: stage1_smem,
                 })?;
         }
         self.monarch_stage2(gpu, k, t, w2, y, ws)

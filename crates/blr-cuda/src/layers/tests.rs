@@ -2,6 +2,7 @@
 //! strategy on the GPU against `blr_core`'s CPU forward and is skipped (with a message) when no
 //! GPU/driver is present, as on CI.
 
+use super::monarch::{MidTranspose, MonarchOptions, Stage1Mma};
 use super::*;
 use blr_core::rng::Rng;
 
@@ -236,12 +237,34 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
     assert!(checked >= 40, "only {checked} cases ran");
 }
 
+#[test]
+fn monarch_own_stage1_rule() {
+    let d = MonarchOptions::default();
+    // wgmma (sm_90a): blr's stage 1 at every n/b; elsewhere mma.sync up to n/b = 256.
+    assert!(d.own_stage1(688, true));
+    assert!(!d.own_stage1(688, false));
+    assert!(d.own_stage1(256, false));
+    let mma = MonarchOptions {
+        stage1: Stage1Mma::MmaSync,
+        ..d
+    };
+    assert!(!mma.own_stage1(688, true));
+    assert!(mma.own_stage1(256, true));
+    let pinned = MonarchOptions {
+        own_max_nb: Some(100),
+        ..d
+    };
+    assert!(!pinned.own_stage1(128, true));
+    assert!(pinned.own_stage1(96, false));
+}
+
 /// Monarch `partial` (monarch.rs) on shapes that exercise every path of its stage-1 kernel:
 /// 16-byte run stores (R/b a multiple of 8) and element stores (R/b odd-sized, b not dividing
 /// R), ragged token, rank and K tiles (T not a multiple of 128, R of 128, n/b of 64), several
 /// column tiles, b from 2 to 16, m not a multiple of 8 (per-element output permutation), and
-/// n/b > 256 (cuBLASLt stage 1 + transposed intermediate, with the dedicated and, as a second
-/// run, the generic transpose; odd b, odd R, b*R not a multiple of 8).
+/// n/b > 256 (cuBLASLt stage 1 + each of the three intermediate transposes; odd b, odd R,
+/// b*R not a multiple of 8, b = 16), each stage-1 MMA (mma.sync; wgmma on sm_90a), also
+/// beyond n/b = 256.
 /// Outputs and the intermediate P are NaN-poisoned before every run.
 #[test]
 fn gpu_monarch_partial_parity_on_odd_shapes() {
@@ -275,11 +298,14 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
         // n/b = 264, b = 5 (odd: mid transpose rows of b + 2), R = 39 (odd: element stores),
         // b*R = 195 (not a multiple of 8: element loads)
         (105, 1320, 5, 39),
-        // n/b = 264, b = 16 as in llama7b down, R = 48
+        // n/b = 264, b = 16 as in llama7b down, R = 48 (packed transpose: two row groups)
         (144, 4224, 16, 48),
+        // n/b = 264, b = 8 (packed transpose: one row group), R = 40, m/b = 8
+        (64, 2112, 8, 40),
     ];
     let mut rng = Rng::new(0x304A);
     let mut checked = 0;
+    let mut expected = 0;
     for (si, &(m, n, b, rank)) in shapes.iter().enumerate() {
         let sh = shape(FormatKind::Monarch, m, n, b, b, rank);
         assert!(
@@ -289,6 +315,44 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
         let layer = bf16_rounded(&Linear::random(&sh, 700 + si as u64).expect("valid shape"));
         let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
         let mut ws = dev.workspace(&gpu, 300).expect("workspace");
+        // Every kernel choice that can run this shape: stage 1 on mma.sync and (sm_90a) wgmma;
+        // where n/b > 256 also the three intermediate transposes after cuBLASLt's stage 1.
+        let base = MonarchOptions::default();
+        let mut runs = vec![
+            ("partial (default choices)", Strategy::Partial, base),
+            (
+                "partial mma",
+                Strategy::Partial,
+                MonarchOptions {
+                    stage1: Stage1Mma::MmaSync,
+                    own_max_nb: Some(usize::MAX),
+                    ..base
+                },
+            ),
+            ("unfused", Strategy::Unfused, base),
+        ];
+        if kernels.monarch_wgmma_available() {
+            let wg = MonarchOptions {
+                stage1: Stage1Mma::Wgmma,
+                own_max_nb: Some(usize::MAX),
+                ..base
+            };
+            runs.push(("partial wgmma", Strategy::Partial, wg));
+        }
+        if n / b > 256 {
+            for (label, mid) in [
+                ("partial cuBLASLt + generic", MidTranspose::Generic),
+                ("partial cuBLASLt + pairs", MidTranspose::Pairs),
+                ("partial cuBLASLt + packed", MidTranspose::Packed),
+            ] {
+                let cublas_stage1 = MonarchOptions {
+                    mid,
+                    own_max_nb: Some(256),
+                    ..base
+                };
+                runs.push((label, Strategy::Partial, cublas_stage1));
+            }
+        }
         for &t in &[1usize, 5, 13, 77, 300] {
             let x: Vec<f32> = rng
                 .normal_vec(t * n, 1.0)
@@ -298,38 +362,26 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
             let want = layer.forward(&x, t).expect("cpu forward");
             let xd = gpu.upload_bf16(&x, "x").expect("upload x");
             let mut yd = gpu.alloc::<bf16>(t * m, "y").expect("alloc y");
-            // The generic transpose of the intermediate only matters where n/b > 256.
-            let generic_too = n / b > 256;
-            let runs = [
-                (Strategy::Partial, false),
-                (Strategy::Partial, true),
-                (Strategy::Unfused, false),
-            ];
-            for (st, generic) in runs {
-                if generic && !generic_too {
-                    continue;
-                }
-                kernels.set_monarch_mid_generic(generic);
+            for (label, st, opts) in &runs {
+                kernels.set_monarch_options(*opts);
                 gpu.memset_bytes(&mut yd, 0xFF).expect("poison");
                 gpu.memset_bytes(&mut ws.b, 0xFF).expect("poison P");
-                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
-                    .unwrap_or_else(|e| panic!("{sh:?} {st} generic={generic} T={t}: {e}"));
+                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, *st)
+                    .unwrap_or_else(|e| panic!("{sh:?} {label} T={t}: {e}"));
                 let got = gpu.download_f32(&yd).expect("download");
                 let (err, bad) = rel_err(&got, &want);
                 assert_eq!(
                     bad, 0,
-                    "{sh:?} {st} generic={generic} T={t}: {bad} outputs unwritten or NaN"
+                    "{sh:?} {label} T={t}: {bad} outputs unwritten or NaN"
                 );
-                assert!(
-                    err < 1.5e-2,
-                    "{sh:?} {st} generic={generic} T={t}: rel err {err:.3e}"
-                );
+                assert!(err < 1.5e-2, "{sh:?} {label} T={t}: rel err {err:.3e}");
                 checked += 1;
             }
-            kernels.set_monarch_mid_generic(false);
+            expected += runs.len();
         }
     }
     eprintln!("gpu monarch partial parity: {checked} (shape, strategy, T) cases within bf16 error");
-    let wide = shapes.iter().filter(|s| s.1 / s.2 > 256).count();
-    assert_eq!(checked, (shapes.len() * 2 + wide) * 5);
+    kernels.set_monarch_options(MonarchOptions::default());
+    assert_eq!(checked, expected);
+    assert!(checked >= shapes.len() * 5 * 2);
 }
