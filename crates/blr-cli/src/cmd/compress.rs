@@ -6,7 +6,7 @@ use crate::compress::sequential::{HookInput, Twin};
 use crate::table::{bytes, si, Table};
 use anyhow::{bail, Context, Result};
 use blr_compress::{
-    allocate, corrected_target, lowrank_error_curve, monarch, monarch_error_curve, relative_error,
+    allocate, corrected_target, lowrank_error_curve, monarch_error_curve, relative_error,
     BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions, MonarchOptions,
     Progress, Target,
 };
@@ -111,10 +111,10 @@ pub struct Args {
     /// low-rank at equal rank) or `random` (the published initialisation).
     #[arg(long, default_value = "lowrank", value_parser = ["lowrank", "random"])]
     pub blast_init: String,
-    /// Where BLAST and low-rank factorizations run: auto (the GPU when one is usable, else the
-    /// CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and the calibrated
-    /// (whitened) low-rank SVD run on the GPU too; Monarch runs on the CPU. The report says
-    /// which device ran each layer.
+    /// Where BLAST, low-rank and Monarch factorizations run: auto (the GPU when one is usable,
+    /// else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and the
+    /// calibrated (whitened) low-rank SVD run on the GPU too; calibrated Monarch runs on the CPU.
+    /// The report says which device ran each layer.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// Storage type of the output.
@@ -614,12 +614,14 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     } else {
         BlastInit::LowRank
     };
-    let device = if plan
-        .iter()
-        .any(|p| matches!(p.shape.format, FormatKind::Blast | FormatKind::LowRank))
-    {
+    let device = if plan.iter().any(|p| {
+        matches!(
+            p.shape.format,
+            FormatKind::Blast | FormatKind::LowRank | FormatKind::Monarch
+        )
+    }) {
         let d = super::factorize::FactorDevice::pick(&args.device)?;
-        log(format!("BLAST and low-rank factorizations on {}", d.label));
+        log(format!("factorizations on {}", d.label));
         d
     } else {
         super::factorize::FactorDevice::cpu()
@@ -637,7 +639,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             gram: g,
             damping: args.calib_damping,
         });
-        let mut ran_on = "cpu".to_string();
+        let ran_on;
         let layer = match s.format {
             FormatKind::LowRank => {
                 let (layer, label) =
@@ -645,12 +647,17 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 ran_on = label;
                 layer
             }
-            FormatKind::Monarch => monarch(
-                &target,
-                &MonarchOptions::new(s.b_out, s.rank),
-                calib.as_ref(),
-                &stage,
-            )?,
+            FormatKind::Monarch => {
+                let (layer, label) = super::factorize::monarch_on(
+                    &device,
+                    &target,
+                    &MonarchOptions::new(s.b_out, s.rank),
+                    calib.as_ref(),
+                    &stage,
+                )?;
+                ran_on = label;
+                layer
+            }
             FormatKind::Blast => {
                 let mut o = BlastOptions::new(s.b_out, s.rank);
                 o.b_in = s.b_in;

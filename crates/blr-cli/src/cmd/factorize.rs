@@ -119,10 +119,11 @@ pub struct Args {
     /// Factor storage type in --out: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
-    /// Where BLAST and low-rank run: auto (the GPU when one is usable: driver, device, cuBLAS,
+    /// Where BLAST, low-rank and Monarch run: auto (the GPU when one is usable: driver, device, cuBLAS,
     /// NVRTC; else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST
-    /// and the calibrated (whitened) low-rank SVD run on the GPU too; --method gd runs on the
-    /// CPU (auto says so; cuda refuses). Monarch runs on the CPU.
+    /// and the calibrated (whitened) low-rank SVD run on the GPU too, and data-free Monarch
+    /// (batched block SVDs); --method gd and calibrated Monarch run on the CPU (auto says so;
+    /// cuda refuses).
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// GEMM precision of GPU BLAST: fp32, tf32-data (the two large data GEMM families on TF32
@@ -314,6 +315,41 @@ pub(crate) fn lowrank_on(
     }
 }
 
+/// Monarch on the chosen device (the blockwise SVDs batched on the GPU data-free; calibrated
+/// Monarch runs on the CPU); returns the layer and the device it ran on.
+pub(crate) fn monarch_on(
+    device: &FactorDevice,
+    target: &Target<'_>,
+    opts: &MonarchOptions,
+    calib: Option<&Calibration<'_>>,
+    progress: &dyn Progress,
+) -> Result<(Linear, String)> {
+    let cpu = |label: String| -> Result<(Linear, String)> {
+        Ok((blr_compress::monarch(target, opts, calib, progress)?, label))
+    };
+    let Some(gpu) = &device.gpu else {
+        return cpu(device.label.clone());
+    };
+    if calib.is_some() {
+        if device.forced {
+            bail!(
+                "--device cuda: calibrated Monarch runs on the CPU only; use --device cpu or auto"
+            );
+        }
+        return cpu("cpu (calibrated Monarch runs on the CPU only)".into());
+    }
+    match blr_cuda::factorize::monarch(gpu, target, opts) {
+        Ok(layer) => Ok((layer, device.label.clone())),
+        Err(blr_cuda::Error::LibraryNotFound { library, .. }) if !device.forced => {
+            cpu(format!("cpu ({library} not found)"))
+        }
+        Err(blr_cuda::Error::Numerical { reason, .. }) if !device.forced => {
+            cpu(format!("cpu (the GPU SVDs failed: {reason})"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Drives an indicatif bar from the library's progress events.
 struct Bar(ProgressBar);
 
@@ -372,12 +408,15 @@ pub fn run(args: Args) -> Result<()> {
         b
     };
     let progress = Bar(bar);
-    let device = if format == FormatKind::Blast || format == FormatKind::LowRank {
+    let device = if matches!(
+        format,
+        FormatKind::Blast | FormatKind::LowRank | FormatKind::Monarch
+    ) {
         FactorDevice::pick(&args.device)?
     } else {
         FactorDevice::cpu()
     };
-    let mut ran_on = device.label.clone();
+    let ran_on;
     let start = Instant::now();
     // BLAST's report already holds ||W - Ŵ||_F / ||W||_F (from the dense residual, on the
     // device it ran on); recomputing it on the CPU costs 2 m n r flops.
@@ -393,7 +432,9 @@ pub fn run(args: Args) -> Result<()> {
                 sweeps: args.sweeps,
                 ..MonarchOptions::new(b_out, shape.rank)
             };
-            blr_compress::monarch(&target, &opts, calib.as_ref(), &progress)?
+            let (layer, label) = monarch_on(&device, &target, &opts, calib.as_ref(), &progress)?;
+            ran_on = label;
+            layer
         }
         FormatKind::Blast => {
             let opts = BlastOptions {
@@ -677,9 +718,10 @@ mod tests {
 
     #[test]
     fn calibrated_requests_follow_the_device_choice() {
-        // Calibrated BLAST and calibrated low-rank on auto (the GPU where one is usable, else
-        // the CPU) land on the CPU path's calibrated error; cuda runs them or says what is
-        // missing. The Gram has rank < n (fewer tokens than features) plus the ridge.
+        // Calibrated BLAST, calibrated low-rank and Monarch on auto (the GPU where one is
+        // usable, else the CPU) land on the CPU path's (calibrated) error; cuda runs them or
+        // says what is missing. The Gram has rank < n (fewer tokens than features) plus the
+        // ridge.
         let dir = std::env::temp_dir().join(format!("blr-factorize-cal-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let n = 36;
@@ -688,13 +730,20 @@ mod tests {
             .unwrap();
         let gpath = dir.join("gram.safetensors");
         gram.save(&gpath).unwrap();
-        for (format, blocks, rank) in [("blast", 3, 5), ("lowrank", 1, 7)] {
+        // (format, blocks, rank, calibrated): calibrated Monarch runs on the CPU (auto) or is
+        // refused (cuda); data-free Monarch follows the device choice.
+        for (format, blocks, rank, calibrated) in [
+            ("blast", 3, 5, true),
+            ("lowrank", 1, 7, true),
+            ("monarch", 3, 6, false),
+            ("monarch", 3, 6, true),
+        ] {
             let mut errors = Vec::new();
             for device in ["cpu", "auto", "cuda"] {
                 let out = dir.join(format!("{format}-{device}.safetensors"));
                 let mut a = args(format, blocks, rank, out.clone());
                 a.synthetic = Some("gaussian".into());
-                a.calib = Some(gpath.clone());
+                a.calib = calibrated.then(|| gpath.clone());
                 a.restarts = 1;
                 a.iterations = 40;
                 a.init = "lowrank".into();

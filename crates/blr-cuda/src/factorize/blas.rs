@@ -203,3 +203,52 @@ impl Drop for Cublas {
         let _ = unsafe { cb::cublasDestroy_v2(self.handle) };
     }
 }
+
+impl Cublas {
+    /// `C_b = alpha op(A_b) op(B_b) + beta C_b` in f64 for `b` in `0..batch` (strided batch;
+    /// Monarch's block SVDs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm64_batched(
+        &self,
+        ta: Op,
+        tb: Op,
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+        a: Operand,
+        b: Operand,
+        beta: f64,
+        c: Operand,
+        batch: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let during = || format!("f64 GEMM {m}x{n}x{k} ({ta:?}{tb:?}) batch {batch}");
+        let (mi, ni, ki) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
+        // SAFETY: live handle; the caller passes addresses of live f64 device buffers large
+        // enough for these shapes, strides and leading dimensions.
+        let status = unsafe {
+            cb::cublasDgemmStridedBatched(
+                self.handle,
+                ta.raw(),
+                tb.raw(),
+                mi,
+                ni,
+                ki,
+                &alpha,
+                a.ptr as *const f64,
+                int(a.ld.max(1), "lda")?,
+                a.stride as i64,
+                b.ptr as *const f64,
+                int(b.ld.max(1), "ldb")?,
+                b.stride as i64,
+                &beta,
+                c.ptr as *mut f64,
+                int(c.ld.max(1), "ldc")?,
+                c.stride as i64,
+                int(batch, "batch")?,
+            )
+        };
+        check(status, during)
+    }
+}

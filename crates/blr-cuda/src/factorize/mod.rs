@@ -34,6 +34,7 @@
 mod blas;
 mod calibrated;
 mod chol;
+mod monarch;
 pub mod svd;
 #[cfg(test)]
 mod tests;
@@ -52,6 +53,7 @@ use crate::memory::DeviceBuffer;
 use blas::{Cublas, Op, Operand};
 pub use calibrated::{blast_report_calibrated, lowrank_calibrated, CALIBRATED_CU};
 use chol::{BatchedCholesky, CholKernels};
+pub use monarch::monarch;
 
 /// The source of `factorize.cu`.
 pub const FACTORIZE_CU: KernelSource = crate::kernel_source!("factorize.cu");

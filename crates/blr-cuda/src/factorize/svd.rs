@@ -471,3 +471,273 @@ pub fn weighted_truncated_svd(
         sigma,
     })
 }
+
+/// Owns a `cusolverDnParams_t` (the 64-bit API's options object).
+struct Params(cs::cusolverDnParams_t);
+
+impl Drop for Params {
+    fn drop(&mut self) {
+        // SAFETY: created by cusolverDnCreateParams and not used after this.
+        let _ = unsafe { cs::cusolverDnDestroyParams(self.0) };
+    }
+}
+
+/// Eigendecompositions of `batch` symmetric `k x k` matrices stored back to back in `mats`
+/// (f64, column-major, lower halves read) in one call (cuSOLVER `XsyevBatched`): the
+/// eigenvalues, ascending within each matrix (`k` per matrix), with the eigenvectors left in
+/// `mats`.
+fn sym_eig_batched(
+    gpu: &Gpu,
+    solver: &Solver,
+    mats: &mut crate::memory::DeviceBuffer<f64>,
+    k: usize,
+    batch: usize,
+    during: &str,
+) -> Result<Vec<f64>> {
+    let eig = gpu.alloc_zeros::<f64>(k * batch, "batched eigenvalues")?;
+    let info = gpu.alloc_zeros::<c_int>(batch, "cuSOLVER status")?;
+    let mut params: cs::cusolverDnParams_t = std::ptr::null_mut();
+    // SAFETY: out-pointer valid; the library is loaded (the Solver exists).
+    check(
+        unsafe { cs::cusolverDnCreateParams(&mut params) },
+        "creating cuSOLVER parameters",
+    )?;
+    let params = Params(params);
+    let (jobz, uplo, f64t) = (
+        cs::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR,
+        cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+        cs::cudaDataType::CUDA_R_64F,
+    );
+    let (kk, bb) = (k as i64, batch as i64);
+    let (mut dev_bytes, mut host_bytes) = (0usize, 0usize);
+    // SAFETY: live handle and params; mats holds batch k x k matrices (ld k), eig k * batch;
+    // the two sizes are host out-pointers.
+    check(
+        unsafe {
+            cs::cusolverDnXsyevBatched_bufferSize(
+                solver.handle,
+                params.0,
+                jobz,
+                uplo,
+                kk,
+                f64t,
+                mats.device_ptr() as *const std::ffi::c_void,
+                kk,
+                f64t,
+                eig.device_ptr() as *const std::ffi::c_void,
+                f64t,
+                &mut dev_bytes,
+                &mut host_bytes,
+                bb,
+            )
+        },
+        "sizing the batched eigensolver workspace",
+    )?;
+    let work = gpu.alloc_zeros::<f64>(
+        dev_bytes.div_ceil(8).max(1),
+        "batched eigensolver workspace",
+    )?;
+    let mut host_work = vec![0u8; host_bytes.max(1)];
+    // SAFETY: as above, with work holding >= dev_bytes bytes on the device, host_work
+    // host_bytes on the host, info one int per matrix, all on the solver's stream.
+    check(
+        unsafe {
+            cs::cusolverDnXsyevBatched(
+                solver.handle,
+                params.0,
+                jobz,
+                uplo,
+                kk,
+                f64t,
+                mats.device_ptr() as *mut std::ffi::c_void,
+                kk,
+                f64t,
+                eig.device_ptr() as *mut std::ffi::c_void,
+                f64t,
+                work.device_ptr() as *mut std::ffi::c_void,
+                dev_bytes,
+                host_work.as_mut_ptr().cast(),
+                host_bytes,
+                info.device_ptr() as *mut c_int,
+                bb,
+            )
+        },
+        "the batched symmetric eigensolver (XsyevBatched)",
+    )?;
+    let status = gpu.download(&info)?;
+    if let Some(bad) = status.iter().position(|&s| s != 0) {
+        return Err(Error::Numerical {
+            during: during.to_string(),
+            reason: format!(
+                "the batched eigensolver did not converge on matrix {bad} (info {}); use \
+                 --device cpu",
+                status[bad]
+            ),
+        });
+    }
+    drop(work);
+    gpu.download(&eig)
+}
+
+/// The balanced rank-`t` truncated SVDs of Monarch's `b x b` blocks of `a` (m, n) row-major:
+/// block `(l, k)` holds rows `s b + l` (`s < p = m / b`) and columns `k q ..` (`q = n / b`).
+/// Returns, per block `l * b + k`, `left` (p, t) and `right_t` (q, t), column-major f64, from
+/// one batched Gram (f64 GEMMs on strided views of `a`, no copies), one batched eigensolver
+/// call for all `b^2` blocks, and one batched product for the other side. Pairs with
+/// `s <= 1e-6 s_0` of their block, and columns past `min(p, q)`, are zero.
+pub fn monarch_block_svds(
+    gpu: &Gpu,
+    a: &[f32],
+    m: usize,
+    n: usize,
+    b: usize,
+    t: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    if a.len() != m * n || b == 0 || !m.is_multiple_of(b) || !n.is_multiple_of(b) {
+        return Err(Error::Shape(format!(
+            "Monarch block SVDs of a {m} x {n} matrix ({} values) with b = {b}",
+            a.len()
+        )));
+    }
+    let (p, q) = (m / b, n / b);
+    let k = p.min(q);
+    let keep = t.min(k);
+    let nb = b * b;
+    let blas = Cublas::new(gpu)?;
+    let solver = Solver::new(gpu)?;
+    let during = format!("Monarch block SVDs of a {m} x {n} matrix (b = {b}) on the GPU");
+    let host: Vec<f64> = a.iter().map(|&v| f64::from(v)).collect();
+    let at = gpu.upload(&host, "Monarch input")?;
+    drop(host);
+    // Block (l, kk)^T (q, p) is a view of A^T (n, m): offset l n + kk q, ld b n; the b blocks
+    // of a row group are q apart.
+    let block_t = |l: usize| Operand::new(at.device_ptr() + 8 * (l * n) as u64, b * n, q);
+    let mut grams = gpu.alloc_zeros::<f64>(nb * k * k, "Monarch block Grams")?;
+    for l in 0..b {
+        let c = Operand::new(grams.device_ptr() + 8 * (l * b * k * k) as u64, k, k * k);
+        if p <= q {
+            // M M^T (p, p) = (M^T)^T M^T.
+            blas.gemm64_batched(
+                Op::T,
+                Op::N,
+                (p, p, q),
+                1.0,
+                block_t(l),
+                block_t(l),
+                0.0,
+                c,
+                b,
+            )?;
+        } else {
+            // M^T M (q, q) = M^T (M^T)^T.
+            blas.gemm64_batched(
+                Op::N,
+                Op::T,
+                (q, q, p),
+                1.0,
+                block_t(l),
+                block_t(l),
+                0.0,
+                c,
+                b,
+            )?;
+        }
+    }
+    let lambda = sym_eig_batched(gpu, &solver, &mut grams, k, nb, &during)?;
+    let all = gpu.download(&grams)?;
+    drop(grams);
+    // The keep largest pairs of every block, largest first.
+    let mut vecs = vec![0f64; nb * k * keep.max(1)];
+    let mut sigma = vec![0f64; nb * keep.max(1)];
+    for blk in 0..nb {
+        let (v, top) = top_pairs(
+            &all[blk * k * k..(blk + 1) * k * k],
+            &lambda[blk * k..(blk + 1) * k],
+            k,
+            keep,
+        );
+        vecs[blk * k * keep..(blk + 1) * k * keep].copy_from_slice(&v);
+        for (c, l) in top.iter().enumerate() {
+            sigma[blk * keep + c] = l.max(0.0).sqrt();
+        }
+    }
+    drop(all);
+    let long = if p <= q { q } else { p };
+    let mut prod = Vec::new();
+    if keep > 0 {
+        let v_dev = gpu.upload(&vecs, "Monarch singular vectors")?;
+        let other = gpu.alloc_zeros::<f64>(nb * long * keep, "Monarch other side")?;
+        for l in 0..b {
+            let v_op = Operand::new(
+                v_dev.device_ptr() + 8 * (l * b * k * keep) as u64,
+                k,
+                k * keep,
+            );
+            let o_op = Operand::new(
+                other.device_ptr() + 8 * (l * b * long * keep) as u64,
+                long,
+                long * keep,
+            );
+            if p <= q {
+                // M^T U (q, keep).
+                blas.gemm64_batched(
+                    Op::N,
+                    Op::N,
+                    (q, keep, p),
+                    1.0,
+                    block_t(l),
+                    v_op,
+                    0.0,
+                    o_op,
+                    b,
+                )?;
+            } else {
+                // M V (p, keep) = (M^T)^T V.
+                blas.gemm64_batched(
+                    Op::T,
+                    Op::N,
+                    (p, keep, q),
+                    1.0,
+                    block_t(l),
+                    v_op,
+                    0.0,
+                    o_op,
+                    b,
+                )?;
+            }
+        }
+        prod = gpu.download(&other)?;
+    }
+    let mut left = vec![0f64; nb * p * t];
+    let mut right_t = vec![0f64; nb * q * t];
+    for blk in 0..nb {
+        let floor = sigma[blk * keep.max(1)] * 1e-6;
+        for c in 0..keep {
+            let s = sigma[blk * keep + c];
+            if s.is_nan() || s <= floor || s == 0.0 {
+                continue;
+            }
+            let root = s.sqrt();
+            let short = &vecs[(blk * keep + c) * k..(blk * keep + c + 1) * k];
+            let longv = &prod[(blk * keep + c) * long..(blk * keep + c + 1) * long];
+            let (u_col, v_col) = if p <= q {
+                (
+                    &mut left[(blk * t + c) * p..(blk * t + c + 1) * p],
+                    &mut right_t[(blk * t + c) * q..(blk * t + c + 1) * q],
+                )
+            } else {
+                (
+                    &mut right_t[(blk * t + c) * q..(blk * t + c + 1) * q],
+                    &mut left[(blk * t + c) * p..(blk * t + c + 1) * p],
+                )
+            };
+            for (o, &x) in u_col.iter_mut().zip(short) {
+                *o = x * root;
+            }
+            for (o, &x) in v_col.iter_mut().zip(longv) {
+                *o = x / root;
+            }
+        }
+    }
+    Ok((left, right_t))
+}
