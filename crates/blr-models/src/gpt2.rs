@@ -408,8 +408,8 @@ impl<B: Backend> BackendLm for Gpt2<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lm::CausalLm;
     use crate::cpu::Cpu;
+    use crate::lm::CausalLm;
     use blr_core::format::{FormatKind, Shape};
 
     fn tiny() -> Gpt2Config {
