@@ -112,9 +112,10 @@ pub struct Args {
     #[arg(long, default_value = "lowrank", value_parser = ["lowrank", "random"])]
     pub blast_init: String,
     /// Where BLAST, low-rank and Monarch factorizations run: auto (the GPU when one is usable,
-    /// else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST and the
-    /// calibrated (whitened) low-rank SVD run on the GPU too; calibrated Monarch runs on the CPU.
-    /// The report says which device ran each layer.
+    /// else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST (in fp32)
+    /// and the calibrated (whitened) low-rank SVD run on the GPU too; Monarch runs on the CPU
+    /// with auto (its batched GPU block SVDs, data-free only, measured no faster) and on the
+    /// GPU with cuda. The report says which device ran each layer.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
     /// Storage type of the output.

@@ -119,17 +119,18 @@ pub struct Args {
     /// Factor storage type in --out: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
-    /// Where BLAST, low-rank and Monarch run: auto (the GPU when one is usable: driver, device, cuBLAS,
-    /// NVRTC; else the CPU), cpu, or cuda (an error when no GPU is usable). Calibrated BLAST
-    /// and the calibrated (whitened) low-rank SVD run on the GPU too, and data-free Monarch
-    /// (batched block SVDs); --method gd and calibrated Monarch run on the CPU (auto says so;
-    /// cuda refuses).
+    /// Where BLAST, low-rank and Monarch run: auto (the GPU when one is usable: driver,
+    /// device, cuBLAS, NVRTC; else the CPU), cpu, or cuda (an error when no GPU is usable).
+    /// Calibrated BLAST and the calibrated (whitened) low-rank SVD run on the GPU too;
+    /// data-free Monarch runs its batched block SVDs on the GPU with cuda only (auto keeps it
+    /// on the CPU: measured no faster); --method gd and calibrated Monarch run on the CPU (auto
+    /// says so; cuda refuses).
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
-    /// GEMM precision of GPU BLAST: fp32, tf32-data (the two large data GEMM families on TF32
-    /// tensor cores) or tf32 (every large GEMM, the Cholesky factorizations included; the
-    /// triangular solves and the final error stay fp32). docs/perf/factorize-h100.md has the
-    /// time and the error of each.
+    /// GEMM precision of data-free GPU BLAST (calibrated BLAST runs in fp32): fp32, tf32-data
+    /// (the two large data GEMM families on TF32 tensor cores) or tf32 (every large GEMM, the
+    /// Cholesky factorizations included; the triangular solves and the final error stay
+    /// fp32). docs/perf/factorize-h100.md has the time and the error of each.
     #[arg(long, default_value = DEFAULT_GPU_PRECISION, value_parser = ["fp32", "tf32-data", "tf32"])]
     pub gpu_precision: String,
     /// Print one JSON object: {"format","m","n","blocks","rank","params","rel_error","seconds",
@@ -222,7 +223,13 @@ pub(crate) fn blast_on(
     precision: &str,
     progress: &dyn Progress,
 ) -> Result<(blr_compress::BlastReport, String)> {
-    let precision: blr_cuda::factorize::GemmPrecision = precision.parse()?;
+    let mut precision: blr_cuda::factorize::GemmPrecision = precision.parse()?;
+    if calib.is_some() {
+        // Calibrated BLAST keeps every GEMM in fp32: with TF32 its line searches take other
+        // steps and the final error moved by 1.2% at 576x1536 (fp32: within 2e-5 of the CPU
+        // path; docs/perf/factorize-h100.md).
+        precision = blr_cuda::factorize::GemmPrecision::Fp32;
+    }
     match device.for_blast(opts, calib.is_some())? {
         Some(gpu) => {
             let run = |precision| {
@@ -330,6 +337,12 @@ pub(crate) fn monarch_on(
     let Some(gpu) = &device.gpu else {
         return cpu(device.label.clone());
     };
+    if !device.forced {
+        // Measured on the H100 box: the batched GPU block SVDs are no faster than the CPU's
+        // (4096x11008 b=16: 0.89 s vs 0.81 s on 16 cores; 576x1536 b=4: 0.25 s vs 0.06 s), so
+        // auto keeps Monarch on the CPU and --device cuda runs it on the GPU.
+        return cpu("cpu (Monarch's block SVDs measured no faster on the GPU)".into());
+    }
     if calib.is_some() {
         if device.forced {
             bail!(
