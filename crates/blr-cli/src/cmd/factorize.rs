@@ -434,6 +434,7 @@ pub fn run(args: Args) -> Result<()> {
     // BLAST's report already holds ||W - Ŵ||_F / ||W||_F (from the dense residual, on the
     // device it ran on); recomputing it on the CPU costs 2 m n r flops.
     let mut blast_error = None;
+    let mut blast_calib_error = None;
     let layer = match format {
         FormatKind::LowRank => {
             let (layer, label) = lowrank_on(&device, &target, shape.rank, calib.as_ref())?;
@@ -479,8 +480,12 @@ pub fn run(args: Args) -> Result<()> {
                 &progress,
             )?;
             ran_on = label;
+            // The report's error is in the norm it minimised: Frobenius data-free, the raw
+            // calibration Gram's with --calib (recomputing that one costs 4 m n^2 f64 flops).
             if calib.is_none() {
                 blast_error = Some(report.rel_error);
+            } else {
+                blast_calib_error = Some(report.rel_error);
             }
             report.layer
         }
@@ -492,9 +497,10 @@ pub fn run(args: Args) -> Result<()> {
         Some(e) => e,
         None => blr_compress::relative_error(&target, &layer, None)?,
     };
-    let calib_error = match &gram {
-        Some(g) => Some(blr_compress::relative_error(&target, &layer, Some(g))?),
-        None => None,
+    let calib_error = match (&gram, blast_calib_error) {
+        (Some(_), Some(e)) => Some(e),
+        (Some(g), None) => Some(blr_compress::relative_error(&target, &layer, Some(g))?),
+        (None, _) => None,
     };
     let params = layer.params();
 
