@@ -9,8 +9,10 @@
 //!    `A[g0.., G] -= L[g0.., ..g0] L[G, ..g0]^T` (N = 256: the matrix is read once per group,
 //!    not once per 64 columns, which made the one-level version memory-bound);
 //! 2. the `outer x outer` diagonal block is factored by 64-wide left-looking steps confined to
-//!    it (small GEMMs and `chol_diag`, which also writes each `L11^-1`);
-//! 3. the inverses of the 64-wide diagonal blocks are combined into 128- and 256-wide ones,
+//!    it (small GEMMs and `chol_diag_q8`, which also writes each `L11^-1`);
+//! 3. the group's inverse `L_GG^-1` is built from the 64-wide diagonal-block inverses in one
+//!    launch (`chol_inv_group`: block forward substitution, one thread block per column block
+//!    and matrix); for nb != 64 they are combined pairwise into 2 nb-, 4 nb-.. wide ones,
 //!    `[La 0; Lba Lc]^-1 = [La^-1 0; -Lc^-1 Lba La^-1, Lc^-1]` (`chol_inv_place` plus two
 //!    GEMMs per pair);
 //! 4. one GEMM forms the whole panel below it, `L[below, G] = A[below, G] L_GG^-T`.
@@ -30,7 +32,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
 use crate::memory::DeviceBuffer;
 
-/// Shared memory `chol_diag` needs for a panel of width `nb`: L and L^-1, nb x (nb + 1) each.
+/// Shared memory the diagonal kernel needs for a block of width `nb`: L and L^-1, nb x (nb + 1)
+/// each.
 fn diag_smem(nb: usize) -> usize {
     2 * nb * (nb + 1) * 4
 }
@@ -41,7 +44,7 @@ const F: u64 = 4;
 pub struct BatchedCholesky {
     r: usize,
     batch: usize,
-    /// Width of the diagonal steps (64; 33 KB of shared memory for `chol_diag`).
+    /// Width of the diagonal steps (64; 33 KB of shared memory for `chol_diag_q8`).
     nb: usize,
     /// Width of the column groups, of the panel GEMMs and of the solve blocks: `nb 2^k`.
     outer: usize,
@@ -55,15 +58,25 @@ pub struct BatchedCholesky {
     scratch: DeviceBuffer<f32>,
     info: DeviceBuffer<i32>,
     kernels: CholKernels,
+    /// The diagonal-step kernel and its block size.
+    diag: Kernel,
+    diag_threads: u32,
+    /// Whether a group's inverse is built by `chol_inv_group` (one launch; nb = 64 only) or
+    /// pair by pair through GEMMs.
+    fused_inverse: bool,
 }
 
 /// The kernels of factorize.cu the factorization launches.
 #[derive(Clone)]
 pub struct CholKernels {
-    /// `chol_diag`.
+    /// `chol_diag_q8` (diagonal blocks up to 64 wide).
     pub diag: Kernel,
+    /// `chol_diag_q8w` (up to 128 wide).
+    pub diag_wide: Kernel,
     /// `chol_inv_place`.
     pub place: Kernel,
+    /// `chol_inv_group`.
+    pub group: Kernel,
 }
 
 fn env_width(name: &str, allowed: &[usize]) -> Option<usize> {
@@ -81,17 +94,20 @@ impl BatchedCholesky {
         let outer = env_width("BLR_FACTORIZE_OUTER", &[32, 64, 128, 256, 512])
             .unwrap_or(256)
             .max(nb);
-        Self::with_widths(gpu, kernels, r, batch, nb, outer)
+        let variant = std::env::var("BLR_FACTORIZE_INV").unwrap_or_default();
+        Self::with_widths(gpu, kernels, r, batch, (nb, outer), &variant)
     }
 
-    /// `nb` in 32, 64, 128; `outer` = `nb 2^k` (rounded down to one, at least nb).
+    /// `nb` in 32, 64, 128; `outer` = `nb 2^k` (rounded down to one, at least nb). `variant`
+    /// "pairs" (`BLR_FACTORIZE_INV`, a measurement aid) builds the group inverses pair by pair
+    /// through GEMMs, as for nb != 64, instead of with `chol_inv_group`.
     pub fn with_widths(
         gpu: &Gpu,
         kernels: &CholKernels,
         r: usize,
         batch: usize,
-        nb: usize,
-        outer: usize,
+        (nb, outer): (usize, usize),
+        variant: &str,
     ) -> Result<Self> {
         let optin = gpu.info().max_smem_per_block_optin.0 as usize;
         if ![32, 64, 128].contains(&nb) || diag_smem(nb) > optin {
@@ -99,7 +115,16 @@ impl BatchedCholesky {
                 "Cholesky panel width {nb}: use 32, 64 or 128 (shared memory {optin} bytes)"
             )));
         }
-        kernels.diag.set_max_dynamic_smem(diag_smem(nb) as u32)?;
+        // BLR_FACTORIZE_DIAG_THREADS=128|256|512 (measurement aid): the diagonal kernel's
+        // block size.
+        let diag = if nb > 64 {
+            kernels.diag_wide.clone()
+        } else {
+            kernels.diag.clone()
+        };
+        let diag_threads =
+            env_width("BLR_FACTORIZE_DIAG_THREADS", &[128, 256, 512]).map_or(256, |t| t as u32);
+        diag.set_max_dynamic_smem(diag_smem(nb) as u32)?;
         // Levels: nb, 2 nb, .. up to outer, but no wider than the matrix needs.
         let mut widths = vec![nb];
         while widths.last().is_some_and(|&w| 2 * w <= outer && w < r) {
@@ -125,6 +150,9 @@ impl BatchedCholesky {
             scratch: gpu.alloc_zeros::<f32>(batch * half * half, "Cholesky inverse scratch")?,
             info: gpu.alloc_zeros::<i32>(batch, "Cholesky status")?,
             kernels: kernels.clone(),
+            diag,
+            diag_threads,
+            fused_inverse: nb == 64 && !variant.contains("pairs"),
         })
     }
 
@@ -279,16 +307,16 @@ impl BatchedCholesky {
         );
         let cfg = LaunchConfig {
             grid_dim: (batch, 1, 1),
-            block_dim: (512, 1, 1),
+            block_dim: (self.diag_threads, 1, 1),
             shared_mem_bytes: diag_smem(kb) as u32,
         };
-        // SAFETY: chol_diag(const float* a, i64 astride, float* l, i64 lstride, int lda,
+        // SAFETY: chol_diag_q8 / chol_diag_q8w(const float* a, i64 astride, float* l, i64 lstride, int lda,
         // int k0, int kb, float* linv, int nb, int* info): block b reads
         // a[b*astride + (k0..k0+kb)^2] (the caller's `batch` r x r matrices, ld r), writes the
         // same entries of l (self.lfac, batch <= self.batch matrices r*r apart), linv[b*nb*nb..]
         // (block k0/nb of level 0, sized for self.batch) and info[b].
         unsafe {
-            gpu.launch(&self.kernels.diag)
+            gpu.launch(&self.diag)
                 .arg(&a)
                 .arg(&astride)
                 .arg(&l)
@@ -307,6 +335,50 @@ impl BatchedCholesky {
     /// of columns `g0..g1` from the nb-wide ones.
     fn combine(&self, gpu: &Gpu, blas: &Cublas, g0: usize, g1: usize, batch: usize) -> Result<()> {
         let r = self.r;
+        if self.levels.len() > 1 && self.fused_inverse {
+            let top = self.levels.len() - 1;
+            let nbk =
+                u32::try_from((g1 - g0).div_ceil(64)).map_err(|_| Error::Shape("nbk".into()))?;
+            let batch_u = u32::try_from(batch).map_err(|_| Error::Shape("batch".into()))?;
+            let cfg = LaunchConfig {
+                grid_dim: (nbk, batch_u, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (lf, lstride, r_i, g0_i, gw_i) = (
+                self.lfac.device_ptr(),
+                (r * r) as i64,
+                r as i32,
+                g0 as i32,
+                (g1 - g0) as i32,
+            );
+            let (lin, lin_block, out, outer_i) = (
+                self.levels[0].device_ptr(),
+                (self.batch * 64 * 64) as i64,
+                self.inv_of(top, g0 / self.outer),
+                self.outer as i32,
+            );
+            // SAFETY: chol_inv_group(const float* lfac, i64 lstride, int r, int g0, int gw,
+            // const float* linv0, i64 lin_block, float* out, int outer): block (j, b) reads
+            // the factor entries of matrix b < batch <= self.batch inside rows/columns
+            // g0..g0+gw (< r, guarded), level-0 inverses g0/64 .. (g0+gw).div_ceil(64) of
+            // matrix b, and writes column block j < gw.div_ceil(64) of matrix b's outer x outer
+            // slot of the top level (block g0 / outer), all inside their buffers.
+            unsafe {
+                gpu.launch(&self.kernels.group)
+                    .arg(&lf)
+                    .arg(&lstride)
+                    .arg(&r_i)
+                    .arg(&g0_i)
+                    .arg(&gw_i)
+                    .arg(&lin)
+                    .arg(&lin_block)
+                    .arg(&out)
+                    .arg(&outer_i)
+                    .launch(cfg)?;
+            }
+            return Ok(());
+        }
         for l in 0..self.levels.len() - 1 {
             let w = self.nb << l;
             let (t0, t1) = (g0 / (2 * w), g1.div_ceil(2 * w));

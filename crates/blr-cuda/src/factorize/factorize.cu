@@ -251,93 +251,6 @@ extern "C" __global__ void blast_scale_u(float* __restrict__ us, const float* __
 
 // ---------------------------------------------------------------- batched Cholesky
 
-// One diagonal block of the blocked Cholesky (chol.rs), for a batch of matrices: block b
-// (blockIdx.x) factors the kb x kb block at (k0, k0) of its matrix a (lower, column-major, ld
-// lda, matrices astride apart) in shared memory, writes L11 to the same place of l (lstride
-// apart; l may be a), and writes L11^-1 (kb x kb, ld nb, zero above the diagonal) to linv[b]
-// for the panel GEMMs, the wider inverses and the blocked triangular solves. A pivot that is
-// not positive and finite sets info[b] = 1 (the host reports it; the factor is then garbage).
-// Shared memory: L and L^-1, kb x (kb + 1) floats each (+1: column walks hit distinct banks).
-// 512 threads = 16 warps. The kernel is latency-bound (2 kb dependent steps, one barrier
-// each), which is why the batch runs as one grid.
-extern "C" __global__ void chol_diag(const float* a, long long astride, float* l,
-                                     long long lstride, int lda, int k0, int kb,
-                                     float* __restrict__ linv, int nb, int* __restrict__ info) {
-    extern __shared__ float sm[];
-    __shared__ int bad;
-    __shared__ float rinv[128];
-    int ld = kb + 1;
-    float* L = sm;
-    float* X = sm + kb * ld;
-    const float* src = a + (long long)blockIdx.x * astride + (long long)k0 * lda + k0;
-    float* dst = l + (long long)blockIdx.x * lstride + (long long)k0 * lda + k0;
-    for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
-        int row = e % kb, col = e / kb;
-        L[col * ld + row] = row >= col ? src[(long long)col * lda + row] : 0.f;
-        X[col * ld + row] = row == col ? 1.f : 0.f;
-    }
-    if (threadIdx.x == 0) bad = 0;
-    __syncthreads();
-    // Right-looking in shared memory with one barrier per column: step j subtracts
-    // a_j a_j^T / d_j (a_j = column j below the diagonal, still unscaled, d_j its pivot) from
-    // the trailing block; column j is never written again, so scaling it by 1/sqrt(d_j) is
-    // left to one parallel pass at the end. Every thread reads the pivot itself.
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int j = 0; j < kb; ++j) {
-        float dj = L[j * ld + j];
-        if (!(dj > 0.f) || !isfinite(dj)) {
-            if (threadIdx.x == 0) bad = 1;
-            dj = 1.f;
-        }
-        float inv_d = 1.f / dj;
-        for (int col = j + 1 + warp; col < kb; col += warps) {
-            float lc = L[j * ld + col] * inv_d;
-            for (int row = col + lane; row < kb; row += 32) L[col * ld + row] -= L[j * ld + row] * lc;
-        }
-        __syncthreads();
-    }
-    for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
-        int row = e % kb, col = e / kb;
-        if (row > col) {
-            float dc = L[col * ld + col];
-            dc = (dc > 0.f && isfinite(dc)) ? dc : 1.f;
-            L[col * ld + row] *= rsqrtf(dc);
-        }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < kb; e += blockDim.x) {
-        float dc = L[e * ld + e];
-        float v = (dc > 0.f && isfinite(dc)) ? sqrtf(dc) : 1.f;
-        L[e * ld + e] = v;
-        rinv[e] = 1.f / v;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
-        int row = e % kb, col = e / kb;
-        if (row >= col) dst[(long long)col * lda + row] = L[col * ld + row];
-    }
-    // X = L^-1 by column-oriented substitution on I, one barrier per step: after step u - 1,
-    // row u of X holds x_u L[u][u] (x_u the final row), so step u subtracts
-    // L[i][u] (X[u][c] / L[u][u]) from every row i > u, columns c <= u, all (i, c) pairs in
-    // parallel; the rows are divided by their pivots at the end.
-    for (int u = 0; u + 1 < kb; ++u) {
-        int rows = kb - 1 - u;
-        int pairs = rows * (u + 1);
-        float ru = rinv[u];
-        for (int e = threadIdx.x; e < pairs; e += blockDim.x) {
-            int i = u + 1 + e % rows, c = e / rows;
-            X[c * ld + i] -= L[u * ld + i] * (X[c * ld + u] * ru);
-        }
-        __syncthreads();
-    }
-    float* inv = linv + (long long)blockIdx.x * nb * nb;
-    for (int e = threadIdx.x; e < kb * kb; e += blockDim.x) {
-        int row = e % kb, col = e / kb;
-        inv[col * nb + row] = row >= col ? X[col * ld + row] * rinv[row] : 0.f;
-    }
-    if (threadIdx.x == 0 && bad) info[blockIdx.x] = 1;
-}
-
 // Wider diagonal-block inverses from narrower ones: for the pairs t = t0 + blockIdx.y of
 // width-w diagonal blocks (block 2t of order w1, block 2t+1 of order w2, possibly 0) of matrix
 // b = blockIdx.z, writes the parts of
@@ -367,5 +280,324 @@ extern "C" __global__ void chol_inv_place(const float* __restrict__ lin, float* 
             if (rr < w2 && cc < w2) v = C[cc * w + rr];
         }
         X[e] = v;
+    }
+}
+
+// One diagonal block of the blocked Cholesky (chol.rs), for a batch of matrices: block b
+// (blockIdx.x) factors the kb x kb block at (k0, k0) of its matrix a (lower, column-major, ld
+// lda, matrices astride apart) in shared memory, writes L11 to the same place of l (lstride
+// apart; l may be a), and writes L11^-1 (kb x kb, ld nb, zero above the diagonal) to linv[b]
+// for the panel GEMMs and the group inverses. A pivot that is not positive and finite sets
+// info[b] = 1 (the host reports it; the factor is then garbage). Shared memory: L and L^-1,
+// kb x (kb + 1) floats each (+1: column walks hit distinct banks).
+// The kernel is latency-bound (a chain of dependent steps, not arithmetic), so it is built to
+// have few barriers: the columns go in panels of PW = 8. Per panel, (1) all threads apply the
+// finished columns to it (left-looking, L[i][c] -= sum_{t<c0} L[i][t] L[c][t], one thread per
+// entry, 4 independent sums), then (2) warp 0 factors the panel's 8 x 8 diagonal block
+// redundantly in every lane's registers (no shuffles in the dependent chain, rsqrt for the
+// pivots), each lane solves its own rows below it against that block, and the lanes write the
+// block and its inverse D_I (into X). L^-1 is then built from the D_I by recursive doubling,
+// lower-left block of [Xa 0; Lba Xc]^-1 = -Xc (Lba Xa), all pairs of a level at once (widths
+// 8, 16, 32[, 64]). Barriers: 2 per panel and 2 per doubling level (22 at kb = 64, against 127
+// for one column per barrier). Global loads are batched 8 per thread so their latencies
+// overlap. n = the padded order (a power of two >= kb); R = rows per lane / 32 (kb <= 32 R).
+template <int R>
+__device__ __forceinline__ void chol_diag_q(const float* a, long long astride, float* l,
+                                            long long lstride, int lda, int k0, int kb,
+                                            float* __restrict__ linv, int nb,
+                                            int* __restrict__ info) {
+    constexpr int PW = 8;
+    extern __shared__ float sm[];
+    __shared__ int bad;
+    __shared__ float rinv[32 * R];
+    __shared__ float scr[(32 * R) * (32 * R) / 4];  // the pairs' L_ba X_a of one level
+    int ld = kb + 1;
+    float* L = sm;
+    float* X = sm + kb * ld;
+    const float* src = a + (long long)blockIdx.x * astride + (long long)k0 * lda + k0;
+    float* dst = l + (long long)blockIdx.x * lstride + (long long)k0 * lda + k0;
+    int tid = threadIdx.x, nt = blockDim.x;
+    int kk2 = kb * kb;
+    for (int base = 0; base < kk2; base += 8 * nt) {
+        float v[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            int e = base + q * nt + tid;
+            int row = e % kb, col = e / kb;
+            v[q] = (e < kk2 && row >= col) ? src[(long long)col * lda + row] : 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            int e = base + q * nt + tid;
+            if (e < kk2) L[(e / kb) * ld + e % kb] = v[q];
+        }
+    }
+    if (tid == 0) bad = 0;
+    __syncthreads();
+    int lane = tid & 31, warp = tid >> 5;
+    for (int c0 = 0; c0 < kb; c0 += PW) {
+        int w = min(PW, kb - c0);
+        int rows = kb - c0;
+        if (c0 > 0) {
+            for (int e = tid; e < rows * w; e += nt) {
+                int i = c0 + e % rows, c = c0 + e / rows;
+                if (i < c) continue;
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+                int t = 0;
+                for (; t + 4 <= c0; t += 4) {
+                    s0 += L[t * ld + i] * L[t * ld + c];
+                    s1 += L[(t + 1) * ld + i] * L[(t + 1) * ld + c];
+                    s2 += L[(t + 2) * ld + i] * L[(t + 2) * ld + c];
+                    s3 += L[(t + 3) * ld + i] * L[(t + 3) * ld + c];
+                }
+                for (; t < c0; ++t) s0 += L[t * ld + i] * L[t * ld + c];
+                L[c * ld + i] -= (s0 + s1) + (s2 + s3);
+            }
+            __syncthreads();
+        }
+        if (warp == 0) {
+            float d[PW][PW], rr[PW];
+#pragma unroll
+            for (int p = 0; p < PW; ++p)
+#pragma unroll
+                for (int q = 0; q <= p; ++q)
+                    d[p][q] = (p < w) ? L[(c0 + q) * ld + c0 + p] : (p == q ? 1.f : 0.f);
+#pragma unroll
+            for (int j = 0; j < PW; ++j) {
+                float dj = d[j][j];
+                if (!(dj > 0.f) || !isfinite(dj)) {
+                    if (lane == 0 && j < w) bad = 1;
+                    dj = 1.f;
+                }
+                float rj = rsqrtf(dj);
+                rr[j] = rj;
+                d[j][j] = dj * rj;
+#pragma unroll
+                for (int p = j + 1; p < PW; ++p) d[p][j] *= rj;
+#pragma unroll
+                for (int p = j + 1; p < PW; ++p)
+#pragma unroll
+                    for (int q = j + 1; q <= p; ++q) d[p][q] -= d[p][j] * d[q][j];
+            }
+            // The rows below the block: x L_II^T = a, by substitution from registers.
+#pragma unroll
+            for (int k = 0; k < R; ++k) {
+                int i = c0 + PW + lane + 32 * k;
+                if (i < kb) {
+                    float x[PW];
+#pragma unroll
+                    for (int c = 0; c < PW; ++c) x[c] = L[(c0 + c) * ld + i];
+#pragma unroll
+                    for (int j = 0; j < PW; ++j) {
+                        float v = x[j];
+#pragma unroll
+                        for (int t = 0; t < j; ++t) v -= x[t] * d[j][t];
+                        x[j] = v * rr[j];
+                    }
+#pragma unroll
+                    for (int c = 0; c < PW; ++c) L[(c0 + c) * ld + i] = x[c];
+                }
+            }
+            // D = L_II^-1, and both blocks stored by the lane that owns the row (after every
+            // lane has read the block).
+            __syncwarp();
+            float dv[PW][PW];
+#pragma unroll
+            for (int c = 0; c < PW; ++c)
+#pragma unroll
+                for (int p = c; p < PW; ++p) {
+                    float v = (p == c) ? 1.f : 0.f;
+#pragma unroll
+                    for (int t = c; t < p; ++t) v -= d[p][t] * dv[t][c];
+                    dv[p][c] = v * rr[p];
+                }
+#pragma unroll
+            for (int p = 0; p < PW; ++p) {
+                if (lane == p && p < w) {
+                    rinv[c0 + p] = rr[p];
+#pragma unroll
+                    for (int q = 0; q <= p; ++q) {
+                        L[(c0 + q) * ld + c0 + p] = d[p][q];
+                        X[(c0 + q) * ld + c0 + p] = dv[p][q];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    for (int e = tid; e < kk2; e += nt) {
+        int row = e % kb, col = e / kb;
+        if (row >= col) dst[(long long)col * lda + row] = L[col * ld + row];
+    }
+    int n = PW;
+    while (n < kb) n *= 2;
+    for (int w = PW; w < n; w *= 2) {
+        int ww = w * w, cnt = (n / (2 * w)) * ww;
+        for (int e = tid; e < cnt; e += nt) {
+            int pr = e / ww, rem = e % ww, i = rem % w, j = rem / w;
+            int a0 = 2 * pr * w, b0 = a0 + w;
+            float s0 = 0.f, s1 = 0.f;
+            if (b0 + i < kb) {
+                int kend = min(w, kb - a0);
+                int k = j;
+                for (; k + 2 <= kend; k += 2) {
+                    s0 += L[(a0 + k) * ld + b0 + i] * X[(a0 + j) * ld + a0 + k];
+                    s1 += L[(a0 + k + 1) * ld + b0 + i] * X[(a0 + j) * ld + a0 + k + 1];
+                }
+                if (k < kend) s0 += L[(a0 + k) * ld + b0 + i] * X[(a0 + j) * ld + a0 + k];
+            }
+            scr[pr * ww + j * w + i] = s0 + s1;
+        }
+        __syncthreads();
+        for (int e = tid; e < cnt; e += nt) {
+            int pr = e / ww, rem = e % ww, i = rem % w, j = rem / w;
+            int a0 = 2 * pr * w, b0 = a0 + w;
+            if (b0 + i >= kb || a0 + j >= kb) continue;
+            const float* sp = scr + pr * ww + j * w;
+            float s0 = 0.f, s1 = 0.f;
+            int k = 0;
+            for (; k + 2 <= i + 1; k += 2) {
+                s0 += X[(b0 + k) * ld + b0 + i] * sp[k];
+                s1 += X[(b0 + k + 1) * ld + b0 + i] * sp[k + 1];
+            }
+            if (k <= i) s0 += X[(b0 + k) * ld + b0 + i] * sp[k];
+            X[(a0 + j) * ld + b0 + i] = -(s0 + s1);
+        }
+        __syncthreads();
+    }
+    float* inv = linv + (long long)blockIdx.x * nb * nb;
+    for (int e = tid; e < kk2; e += nt) {
+        int row = e % kb, col = e / kb;
+        inv[col * nb + row] = row >= col ? X[col * ld + row] : 0.f;
+    }
+    if (tid == 0 && bad) info[blockIdx.x] = 1;
+}
+
+#define CHOL_DIAG_Q(NAME, R)                                                                   \
+    extern "C" __global__ void NAME(const float* a, long long astride, float* l,              \
+                                    long long lstride, int lda, int k0, int kb,               \
+                                    float* __restrict__ linv, int nb, int* __restrict__ info) { \
+        chol_diag_q<R>(a, astride, l, lstride, lda, k0, kb, linv, nb, info);                  \
+    }
+CHOL_DIAG_Q(chol_diag_q8, 2)
+CHOL_DIAG_Q(chol_diag_q8w, 4)
+
+
+// The inverse of a whole column group's diagonal block, X = L_GG^-1 (gw x gw, ld outer), in one
+// launch from the 64-wide diagonal-block inverses (instead of combining them pairwise level by
+// level: 2 GEMMs and a placement per pair and level). Column block j (blockIdx.x) of X is a
+// block forward substitution of its own: X[j][j] = Li_j, X[k][j] = -Li_k sum_{t=j}^{k-1}
+// L[k][t] X[t][j] for k > j, zero above; matrix blockIdx.y. 64 x 64 tiles, 256 threads with a
+// 4 x 4 register tile each. lfac: the factors (ld r, lstride apart); linv0: the 64-wide
+// inverses of block g0/64 + k at linv0 + k lin_block (matrix b at b 4096); out: this group's
+// slot of the top level (matrix b at b outer^2). X tiles written by this block are read back
+// by it after a barrier (plain loads: never the read-only path for them).
+extern "C" __global__ void __launch_bounds__(256)
+    chol_inv_group(const float* __restrict__ lfac, long long lstride, int r, int g0, int gw,
+                   const float* __restrict__ linv0, long long lin_block, float* out, int outer) {
+    __shared__ float As[64 * 65];  // As[kk * 65 + i] = A[i][kk]
+    __shared__ float Bs[64 * 65];  // Bs[jj * 65 + kk] = B[kk][jj]
+    int j = blockIdx.x;
+    long long b = blockIdx.y;
+    int tid = threadIdx.x;
+    int tx = tid & 15, ty = tid >> 4;
+    int nbk = (gw + 63) / 64;
+    int tiles = outer / 64;
+    const float* L = lfac + b * lstride;
+    float* X = out + b * (long long)outer * outer;
+    // Column block j: zeros above the diagonal block (and below the group), Li_j on it.
+    for (int k = 0; k < tiles; ++k) {
+        if (k > j && k < nbk) continue;
+        const float* li = linv0 + (long long)(g0 / 64 + j) * lin_block + b * 4096;
+        for (int e = tid; e < 4096; e += 256) {
+            int i = e & 63, jj = e >> 6;
+            X[(long long)(j * 64 + jj) * outer + k * 64 + i] = (k == j) ? li[jj * 64 + i] : 0.f;
+        }
+    }
+    __syncthreads();
+    for (int k = j + 1; k < nbk; ++k) {
+        float acc[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+        int row0 = g0 + k * 64;
+        for (int t = j; t < k; ++t) {
+            int col0 = g0 + t * 64;
+            // 16 elements of each tile per thread, loaded 8 at a time before any is stored.
+#pragma unroll
+            for (int q0 = 0; q0 < 16; q0 += 8) {
+                float va[8], vb[8];
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    int e = (q0 + q) * 256 + tid;
+                    int i = e & 63, kk = e >> 6;
+                    int row = row0 + i, col = col0 + kk;
+                    va[q] = (row < r && col < r) ? L[(long long)col * r + row] : 0.f;
+                    vb[q] = X[(long long)(j * 64 + kk) * outer + t * 64 + i];
+                }
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    int e = (q0 + q) * 256 + tid;
+                    As[(e >> 6) * 65 + (e & 63)] = va[q];
+                    Bs[(e >> 6) * 65 + (e & 63)] = vb[q];
+                }
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int kk = 0; kk < 64; ++kk) {
+                float av[4], bv[4];
+#pragma unroll
+                for (int a = 0; a < 4; ++a) av[a] = As[kk * 65 + ty * 4 + a];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) bv[c] = Bs[(tx * 4 + c) * 65 + kk];
+#pragma unroll
+                for (int a = 0; a < 4; ++a)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[a][c] += av[a] * bv[c];
+            }
+            __syncthreads();
+        }
+        // T = acc (rows i = ty*4 + a, columns jj = tx*4 + c) becomes the right operand of
+        // -Li_k T.
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) Bs[(tx * 4 + c) * 65 + ty * 4 + a] = acc[a][c];
+        const float* li = linv0 + (long long)(g0 / 64 + k) * lin_block + b * 4096;
+#pragma unroll
+        for (int q0 = 0; q0 < 16; q0 += 8) {
+            float va[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) va[q] = li[(q0 + q) * 256 + tid];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                int e = (q0 + q) * 256 + tid;
+                As[(e >> 6) * 65 + (e & 63)] = va[q];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+#pragma unroll 8
+        for (int kk = 0; kk < 64; ++kk) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int a = 0; a < 4; ++a) av[a] = As[kk * 65 + ty * 4 + a];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) bv[c] = Bs[(tx * 4 + c) * 65 + kk];
+#pragma unroll
+            for (int a = 0; a < 4; ++a)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[a][c] -= av[a] * bv[c];
+        }
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                X[(long long)(j * 64 + tx * 4 + c) * outer + k * 64 + ty * 4 + a] = acc[a][c];
+        __syncthreads();
     }
 }

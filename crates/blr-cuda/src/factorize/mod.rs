@@ -40,6 +40,7 @@ pub mod svd;
 mod tests;
 
 use cudarc::driver::LaunchConfig;
+use rayon::prelude::*;
 
 use blr_compress::{
     blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart, Progress, Target,
@@ -145,8 +146,10 @@ impl Kernels {
             axpy: m.function("axpy_step")?,
             scale_u: m.function("blast_scale_u")?,
             chol: CholKernels {
-                diag: m.function("chol_diag")?,
+                diag: m.function("chol_diag_q8")?,
+                diag_wide: m.function("chol_diag_q8w")?,
                 place: m.function("chol_inv_place")?,
+                group: m.function("chol_inv_group")?,
             },
         })
     }
@@ -308,7 +311,13 @@ impl<'g> Solver<'g> {
         let blas = Cublas::new(gpu)?;
         let rr = r * r;
         let nblk = b_out * b_in;
-        let norm_sq: f64 = a.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // Fixed chunks summed in order (the same value whatever the thread count).
+        let norm_sq: f64 = a
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum();
         let pm = gpu.alloc_zeros::<f32>(b_out * rr, "BLAST P_i")?;
         let qm = gpu.alloc_zeros::<f32>(b_in * rr, "BLAST Q_j")?;
         let h = gpu.alloc_zeros::<f32>(nblk * rr, "BLAST S Hessians")?;
@@ -373,13 +382,16 @@ impl<'g> Solver<'g> {
     fn set_state(&mut self, start: &BlastStart) -> Result<()> {
         let (n, r, q) = (self.n, self.r, self.q);
         let mut vt = vec![0f32; r * n];
-        for j in 0..self.b_in {
-            for k in 0..r {
-                for c in 0..q {
-                    vt[(j * q + c) * r + k] = start.vt[j * r * q + k * q + c];
+        // Block j: V_j^T (r, q) row-major -> column-major (ld r), one block per task.
+        vt.par_chunks_mut(r * q)
+            .zip(start.vt.par_chunks(r * q))
+            .for_each(|(dst, src)| {
+                for k in 0..r {
+                    for c in 0..q {
+                        dst[c * r + k] = src[k * q + c];
+                    }
                 }
-            }
-        }
+            });
         let s: Vec<f32> = start.s.iter().map(|&v| v as f32).collect();
         // Row-major U (m, r) is the column-major U^T this solver keeps.
         self.gpu.copy_to_device(&start.u, &mut self.u)?;
@@ -394,13 +406,15 @@ impl<'g> Solver<'g> {
         let u = self.gpu.download(&self.u)?;
         let vt_cm = self.gpu.download(&self.vt)?;
         let mut vt = vec![0f32; r * n];
-        for j in 0..self.b_in {
-            for k in 0..r {
-                for c in 0..q {
-                    vt[j * r * q + k * q + c] = vt_cm[(j * q + c) * r + k];
+        vt.par_chunks_mut(r * q)
+            .zip(vt_cm.par_chunks(r * q))
+            .for_each(|(dst, src)| {
+                for k in 0..r {
+                    for c in 0..q {
+                        dst[k * q + c] = src[c * r + k];
+                    }
                 }
-            }
-        }
+            });
         Ok((u, vt, self.gpu.download(&self.s)?))
     }
 
@@ -999,7 +1013,7 @@ pub fn blast_report(
     let solver_for = |scale: f64| {
         let a: Vec<f32> = target
             .weight
-            .iter()
+            .par_iter()
             .map(|&v| (f64::from(v) / scale) as f32)
             .collect();
         Solver::new(

@@ -86,9 +86,23 @@ fn batched_cholesky_reconstructs_spd_matrices() {
         }
         let nrhs = 3;
         let rhs = rng.normal_vec(batch * r * nrhs, 1.0);
-        for (nb, outer) in [(64, 64), (64, 256), (32, 128), (64, 512), (128, 128)] {
+        // Both ways of building the group inverses (one kernel, or pair by pair through
+        // GEMMs) at the default widths, the defaults at all widths.
+        let cases = [
+            (64, 64, ""),
+            (64, 256, ""),
+            (32, 128, ""),
+            (64, 512, ""),
+            (128, 128, ""),
+            (128, 256, ""),
+            (64, 256, "pairs"),
+            (64, 512, "pairs"),
+        ];
+        for (nb, outer, variant) in cases {
+            eprintln!("group inverses '{variant}' nb={nb} outer={outer}");
             let mut chol =
-                BatchedCholesky::with_widths(&gpu, &k.chol, r, batch, nb, outer).unwrap();
+                BatchedCholesky::with_widths(&gpu, &k.chol, r, batch, (nb, outer), variant)
+                    .unwrap();
             let buf = gpu.upload(&host, "test SPD matrices").unwrap();
             chol.factor(&gpu, &blas, buf.device_ptr(), r * r, batch, false, &|_| {
                 Ok(())
