@@ -370,6 +370,267 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------
+// Persistent, warp-specialised wgmma stage 1 (sm_90a): blr_monarch_stage1_ws (128 x 128 tiles)
+// and blr_monarch_stage1_ws256 (128 x 256 tiles). Same function as blr_monarch_stage1 (the B
+// rows gathered in run order where seg = 1, the same two epilogues), organised so that loads,
+// MMAs and the epilogue of one block overlap each other instead of only the other block's
+// (helper "wg", docs/perf/kernel-notes.md "Monarch stage 1: persistent warp-specialised wgmma"):
+// - one block per SM (grid = min(tiles, SMs, cap)), 384 threads: warpgroup 0 is the producer,
+//   warpgroups 1 and 2 the consumers; tiles t = blockIdx.x, + gridDim.x, ... in the order
+//   (column tile fastest, token tile, input block k);
+// - a ring of STAGES k-tile stages runs across tile boundaries, so the next tile's loads go on
+//   while the consumers run this tile's last MMAs and its epilogue. Two mbarriers per stage:
+//   full (128 producer arrivals) and empty (256 consumer arrivals);
+// - producer thread: for ring slot `it`, wait until the consumers released its previous use
+//   (empty, parity of use it/STAGES - 1), cp.async its share (8 A chunks, BN/16 B chunks),
+//   commit; then wait for its group it - LAG (cp.async.wait_group LAG), fence.proxy.async (the
+//   wgmma reads the stage through the async proxy) and arrive on full[it - LAG]. LAG <= STAGES - 2
+//   (a stage is released only after the MMAs of the next stage were issued: wait_group 1);
+// - consumer warpgroup g (rows 64g..64g+63 of the tile): per k-tile wait full, issue
+//   BK/16 x BN/128 wgmma m64n128k16, commit, wgmma.wait_group 1 (the previous k-tile's MMAs are
+//   done: release its stage on empty), so one k-tile's MMAs run while the next stage is awaited;
+//   after the tile, wait_group 0 and the epilogue on the warpgroup's own 64 rows of a separate
+//   shared C tile (named barrier 1 + g, 128 threads; the other warpgroup is not waited for).
+// Shared memory (1024-byte aligned): STAGES x (A 128x64 + B BNx64) bf16, the C tile BM x (BN+8)
+// bf16, 2 x STAGES mbarriers. BN = 128: 5 stages, LAG 3, 199760 B; BN = 256: 3 stages, LAG 1,
+// 216112 B (monarch.rs STAGE1_WS_SMEM / STAGE1_WS256_SMEM).
+namespace blr_mon1ws {
+constexpr int BM = 128;
+constexpr int BK = 64;
+constexpr int THREADS = 384;
+template <int BN>
+struct Cfg {
+    static constexpr int STAGES = BN == 128 ? 5 : 3;
+    static constexpr int LAG = STAGES - 2;
+    static constexpr int A_BYTES = BM * BK * 2;
+    static constexpr int STAGE_BYTES = (BM + BN) * BK * 2;
+    static constexpr int CLD = BN + 8;
+    static constexpr int C_OFF = STAGES * STAGE_BYTES;
+    static constexpr int BAR_OFF = C_OFF + BM * CLD * 2;
+    static constexpr int SMEM = BAR_OFF + 2 * STAGES * 8 + 1024;
+    static constexpr int B_CHUNKS = BN * 8 / 128;  // per producer thread and stage
+};
+}  // namespace blr_mon1ws
+
+#if defined(BLR_MON1_HAVE_WGMMA)
+static __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+static __device__ __forceinline__ void mbar_init(blr_u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void mbar_arrive(blr_u32 bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+static __device__ __forceinline__ void mbar_wait(blr_u32 bar, int parity) {
+    blr_u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+static __device__ __forceinline__ void named_bar(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+template <int BN>
+static __device__ __forceinline__ void mon1_ws_body(const bf16* __restrict__ x, const bf16* __restrict__ w1,
+                                                    bf16* __restrict__ P, int T, int b, int R, int nb, int seg,
+                                                    unsigned char* smem) {
+    using namespace blr_mon1ws;
+    using C = Cfg<BN>;
+    constexpr int STAGES = C::STAGES;
+    constexpr int LAG = C::LAG;
+    const blr_u32 sbase = smem_addr(smem);
+    const blr_u32 full0 = sbase + C::BAR_OFF;
+    const blr_u32 empty0 = full0 + STAGES * 8;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full0 + s * 8, 128);
+            mbar_init(empty0 + s * 8, 256);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int tn = (R + BN - 1) / BN;
+    const int tm = (T + BM - 1) / BM;
+    const int ntiles = tn * tm * b;
+    const int ktiles = (nb + BK - 1) / BK;
+    const long n = (long)b * nb;
+    const int rb = seg ? R / b : 1;
+
+    if (warp < 4) {
+        // Producer warpgroup.
+        const int lc = tid & 7;
+        const int r0 = tid >> 3;  // 0..15
+        int it = 0;
+        for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+            const int cn = tile % tn;
+            const int rest = tile / tn;
+            const int m0 = (rest % tm) * BM;
+            const int k = rest / tm;
+            const int n0 = cn * BN;
+            const bf16* xk = x + (long)k * nb + lc * 8;
+            const bf16* wk = w1 + (long)k * R * nb + lc * 8;
+            int brow[C::B_CHUNKS];
+#pragma unroll
+            for (int i = 0; i < C::B_CHUNKS; ++i) {
+                const int j = n0 + r0 + 16 * i;
+                brow[i] = j < R ? (seg ? (j % rb) * b + j / rb : j) : -1;
+            }
+            for (int kt = 0; kt < ktiles; ++kt, ++it) {
+                const int s = it % STAGES;
+                if (it >= STAGES) mbar_wait(empty0 + s * 8, ((it / STAGES) - 1) & 1);
+                const int k0 = kt * BK;
+                const bool kin = k0 + lc * 8 < nb;
+                bf16* as = reinterpret_cast<bf16*>(smem + s * C::STAGE_BYTES);
+                bf16* bs = reinterpret_cast<bf16*>(smem + s * C::STAGE_BYTES + C::A_BYTES);
+#pragma unroll
+                for (int i = 0; i < BM / 16; ++i) {
+                    const int r = r0 + 16 * i;
+                    const int t = m0 + r;
+                    const bool pa = kin && t < T;
+                    cp_async16(smem_addr(as + blr_mon1::swz(r, lc)), pa ? xk + (long)t * n + k0 : x, pa);
+                }
+#pragma unroll
+                for (int i = 0; i < C::B_CHUNKS; ++i) {
+                    const int r = r0 + 16 * i;
+                    const bool pb = kin && brow[i] >= 0;
+                    cp_async16(smem_addr(bs + blr_mon1::swz(r, lc)), pb ? wk + (long)brow[i] * nb + k0 : w1, pb);
+                }
+                cp_async_commit();
+                if (it >= LAG) {
+                    cp_async_wait<LAG>();
+                    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                    mbar_arrive(full0 + ((it - LAG) % STAGES) * 8);
+                }
+            }
+        }
+        cp_async_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        for (int q = it > LAG ? it - LAG : 0; q < it; ++q) mbar_arrive(full0 + (q % STAGES) * 8);
+        return;
+    }
+
+    // Consumer warpgroups 1, 2 -> g = 0, 1.
+    const int ctid = tid - 128;
+    const int g = ctid >> 7;
+    const int wtid = ctid & 127;
+    const int lane = tid & 31;
+    const int w = (ctid >> 5) & 3;
+    constexpr int NSUB = BN / 128;
+    bf16* Cs = reinterpret_cast<bf16*>(smem + C::C_OFF);
+    const long ldp = (long)b * R;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int cn = tile % tn;
+        const int rest = tile / tn;
+        const int m0 = (rest % tm) * BM;
+        const int k = rest / tm;
+        const int n0 = cn * BN;
+        float acc[NSUB][16][4];
+#pragma unroll
+        for (int u = 0; u < NSUB; ++u)
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[u][j][e] = 0.f;
+        for (int kt = 0; kt < ktiles; ++kt, ++it) {
+            const int s = it % STAGES;
+            mbar_wait(full0 + s * 8, (it / STAGES) & 1);
+            const blr_u32 a0 = sbase + s * C::STAGE_BYTES + g * 64 * BK * 2;
+            const blr_u32 b0 = sbase + s * C::STAGE_BYTES + C::A_BYTES;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+#pragma unroll
+                for (int u = 0; u < NSUB; ++u)
+                    wg_mma_m64n128k16(acc[u], wg_desc(a0 + kk * 32), wg_desc(b0 + u * 128 * BK * 2 + kk * 32));
+            wg_commit();
+            // The previous k-tile's MMAs are done: its stage may be refilled.
+            wg_wait1();
+            if (kt > 0) mbar_arrive(empty0 + ((it - 1) % STAGES) * 8);
+        }
+        wg_wait0();
+        if (ktiles > 0) mbar_arrive(empty0 + ((it - 1) % STAGES) * 8);
+
+        // Epilogue on rows 64g..64g+63: the previous tile's store phase of this warpgroup has
+        // finished reading them before they are overwritten.
+        named_bar(1 + g, 128);
+        {
+            const int gr = lane >> 2;
+            const int c4 = lane & 3;
+#pragma unroll
+            for (int u = 0; u < NSUB; ++u)
+#pragma unroll
+                for (int ni = 0; ni < 16; ++ni)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = g * 64 + w * 16 + gr + h * 8;
+                        const int col = u * 128 + ni * 8 + 2 * c4;
+                        *reinterpret_cast<__nv_bfloat162*>(Cs + row * C::CLD + col) =
+                            __floats2bfloat162_rn(acc[u][ni][2 * h], acc[u][ni][2 * h + 1]);
+                    }
+        }
+        named_bar(1 + g, 128);
+        if (seg) {
+            for (int idx = wtid; idx < 64 * (BN / 8); idx += 128) {
+                const int r = g * 64 + idx / (BN / 8);
+                const int v = idx % (BN / 8);
+                const int t = m0 + r;
+                const int j = n0 + v * 8;
+                if (t < T && j < R) {
+                    const int l = j / rb;
+                    const int a = j - l * rb;
+                    const uint4 val = *reinterpret_cast<const uint4*>(Cs + r * C::CLD + v * 8);
+                    *reinterpret_cast<uint4*>(P + (long)t * ldp + (long)l * R + (long)k * rb + a) = val;
+                }
+            }
+        } else {
+            for (int idx = wtid; idx < 64 * BN; idx += 128) {
+                const int r = g * 64 + idx / BN;
+                const int jj = idx % BN;
+                const int t = m0 + r;
+                const int j = n0 + jj;
+                if (t < T && j < R) {
+                    const long f = (long)k * R + j;
+                    P[(long)t * ldp + (f % b) * R + f / b] = Cs[r * C::CLD + jj];
+                }
+            }
+        }
+    }
+}
+#endif
+
+// Grid (min(tiles, SMs, cap), 1, 1), 384 threads; dynamic shared memory Cfg<BN>::SMEM (the
+// stages start at the next 1024-byte boundary). Launched only on sm_90a (elsewhere empty).
+extern "C" __global__ void __launch_bounds__(blr_mon1ws::THREADS, 1)
+    blr_monarch_stage1_ws(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P, int T,
+                          int b, int R, int nb, int seg) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+    extern __shared__ __align__(1024) unsigned char blr_mon1ws_smem[];
+    const blr_u32 base = smem_addr(blr_mon1ws_smem);
+    unsigned char* aligned = blr_mon1ws_smem + (((base + 1023u) & ~1023u) - base);
+    mon1_ws_body<128>(x, w1, P, T, b, R, nb, seg, aligned);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(blr_mon1ws::THREADS, 1)
+    blr_monarch_stage1_ws256(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P,
+                             int T, int b, int R, int nb, int seg) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+    extern __shared__ __align__(1024) unsigned char blr_mon1ws2_smem[];
+    const blr_u32 base = smem_addr(blr_mon1ws2_smem);
+    unsigned char* aligned = blr_mon1ws2_smem + (((base + 1023u) & ~1023u) - base);
+    mon1_ws_body<256>(x, w1, P, T, b, R, nb, seg, aligned);
+#endif
+}
+
 // y[t][u*b + l] = out2[t][l*mb + u]: a (b x mb) -> (mb x b) transpose per token through shared
 // memory, 16-byte loads and 16-byte stores on both sides (m = b*mb must be a multiple of 8).
 // Shared rows are padded by 2 elements so the 8 rows one thread gathers from spread over banks.
