@@ -65,8 +65,7 @@ pub const BLAST_CU: KernelSource = crate::kernel_source!("blast.cu", headers: ["
 /// decode.cu: `blr_decode` (launched by [`decode`]).
 pub const DECODE_CU: KernelSource = crate::kernel_source!("decode.cu", headers: ["common.cuh"]);
 /// monarch.cu: `blr_monarch_perm_mid`, `blr_monarch_perm_out`, `blr_monarch_stage1`,
-/// `blr_monarch_stage1_wg`, `blr_monarch_stage1_ws`, `blr_monarch_stage1_ws256`,
-/// `blr_monarch_out_transpose`, `blr_monarch_mid_transpose`,
+/// `blr_monarch_stage1_wg`, `blr_monarch_out_transpose`, `blr_monarch_mid_transpose`,
 /// `blr_monarch_mid_transpose_packed` (and `blr_batched_transpose`, a tiled variant the harness
 /// compares; measured no faster, see docs/perf/kernel-notes.md).
 pub const MONARCH_CU: KernelSource = crate::kernel_source!("monarch.cu", headers: ["common.cuh"]);
@@ -278,12 +277,6 @@ pub struct LayerKernels {
     /// blr_monarch_stage1 on wgmma, and whether this device runs it (sm_90a).
     monarch_stage1_wg: Kernel,
     monarch_stage1_wg_ok: bool,
-    /// The persistent warp-specialised wgmma stage 1 (128 x 128 and 128 x 256 tiles), and
-    /// whether this device runs each (sm_90a and its shared memory).
-    monarch_stage1_ws: Kernel,
-    monarch_stage1_ws_ok: bool,
-    monarch_stage1_ws256: Kernel,
-    monarch_stage1_ws256_ok: bool,
     /// Monarch partial's kernel choices ([`monarch::MonarchOptions::from_env`] at load).
     monarch: monarch::MonarchOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
@@ -341,10 +334,6 @@ impl LayerKernels {
             mid_transpose_packed: monarch.function("blr_monarch_mid_transpose_packed")?,
             monarch_stage1_wg: monarch.function("blr_monarch_stage1_wg")?,
             monarch_stage1_wg_ok: false,
-            monarch_stage1_ws: monarch.function("blr_monarch_stage1_ws")?,
-            monarch_stage1_ws_ok: false,
-            monarch_stage1_ws256: monarch.function("blr_monarch_stage1_ws256")?,
-            monarch_stage1_ws256_ok: false,
             monarch: monarch::MonarchOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
@@ -372,16 +361,6 @@ impl LayerKernels {
             k.monarch_stage1_wg
                 .set_max_dynamic_smem(monarch::STAGE1_WG_SMEM)?;
             k.monarch_stage1_wg_ok = true;
-            if optin >= monarch::STAGE1_WS_SMEM {
-                k.monarch_stage1_ws
-                    .set_max_dynamic_smem(monarch::STAGE1_WS_SMEM)?;
-                k.monarch_stage1_ws_ok = true;
-            }
-            if optin >= monarch::STAGE1_WS256_SMEM {
-                k.monarch_stage1_ws256
-                    .set_max_dynamic_smem(monarch::STAGE1_WS256_SMEM)?;
-                k.monarch_stage1_ws256_ok = true;
-            }
         }
         Ok(k)
     }

@@ -45,19 +45,6 @@ const STAGE1_THREADS: u32 = 256;
 pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
 /// blr_monarch_stage1_wg: the same plus 1024 bytes to align the stages for the 128-byte swizzle.
 pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
-/// Threads of the persistent warp-specialised kernels (blr_mon1ws::THREADS): one producer and
-/// two consumer warpgroups.
-const STAGE1_WS_THREADS: u32 = 384;
-/// blr_mon1ws::Cfg<BN>::SMEM of monarch.cu (a change there must be made here too): `stages` x
-/// (A 128x64 + B BNx64) bf16, the C tile 128 x (BN + 8) bf16, 2 x `stages` mbarriers, 1024
-/// bytes of alignment slack.
-const fn ws_smem(bn: u32, stages: u32) -> u32 {
-    stages * (128 + bn) * 64 * 2 + 128 * (bn + 8) * 2 + 2 * stages * 8 + 1024
-}
-/// blr_monarch_stage1_ws: 128 x 128 tiles, 5 stages (199760 B).
-pub(super) const STAGE1_WS_SMEM: u32 = ws_smem(128, 5);
-/// blr_monarch_stage1_ws256: 128 x 256 tiles, 3 stages (216112 B).
-pub(super) const STAGE1_WS256_SMEM: u32 = ws_smem(256, 3);
 /// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
 /// load, capped by the device): one token's rows x (cols + 2) (mid: rows x mid_ld(cols)) bf16.
 /// Larger tiles use the per-element kernels (or, for the intermediate, the own stage 1).
@@ -125,13 +112,6 @@ pub enum Stage1Mma {
     /// `blr_monarch_stage1_wg`: wgmma, on compute capability 9.0 (sm_90a) only; elsewhere
     /// `MmaSync` runs.
     Wgmma,
-    /// `blr_monarch_stage1_ws`: persistent, warp-specialised wgmma kernel (one producer and two
-    /// consumer warpgroups, a 5-stage mbarrier ring across tiles), 128 x 128 tiles; sm_90a only
-    /// (elsewhere `MmaSync`; where its shared memory does not fit, `Wgmma`).
-    WgmmaWs,
-    /// `blr_monarch_stage1_ws256`: the same with 128 x 256 tiles (half the x-tile re-reads)
-    /// and 3 stages.
-    WgmmaWs256,
 }
 
 /// Monarch `partial` choices (development knobs for side-by-side measurements; the defaults
@@ -143,9 +123,6 @@ pub struct MonarchOptions {
     /// Largest n/b for which stage 1 runs on blr's own kernel (beyond: cuBLASLt + `mid`);
     /// `None`: blr's rule ([`MonarchOptions::own_stage1`]).
     pub own_max_nb: Option<usize>,
-    /// Most blocks of the persistent stage-1 kernels (`WgmmaWs*`); `None`: one per SM. A small
-    /// cap makes every block run many tiles (the tests use it to wrap the stage ring).
-    pub ws_blocks: Option<usize>,
 }
 
 impl Default for MonarchOptions {
@@ -154,7 +131,6 @@ impl Default for MonarchOptions {
             mid: MidTranspose::Packed,
             stage1: Stage1Mma::Wgmma,
             own_max_nb: None,
-            ws_blocks: None,
         }
     }
 }
@@ -168,13 +144,12 @@ impl MonarchOptions {
     pub fn own_stage1(&self, nb: usize, wgmma_here: bool) -> bool {
         match self.own_max_nb {
             Some(max) => nb <= max,
-            None => (self.stage1 != Stage1Mma::MmaSync && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
+            None => (self.stage1 == Stage1Mma::Wgmma && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
         }
     }
 
     /// The defaults, overridden by `BLR_MONARCH_MID=generic|pairs|packed`,
-    /// `BLR_MONARCH_STAGE1=mma|wgmma|ws|ws256`, `BLR_MONARCH_OWN_MAX_NB=<n/b>` and
-    /// `BLR_MONARCH_WS_BLOCKS=<blocks>`.
+    /// `BLR_MONARCH_STAGE1=mma|wgmma` and `BLR_MONARCH_OWN_MAX_NB=<n/b>`.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
         let var = |name: &str| {
@@ -199,11 +174,9 @@ impl MonarchOptions {
             o.stage1 = match v.as_str() {
                 "mma" => Stage1Mma::MmaSync,
                 "wgmma" => Stage1Mma::Wgmma,
-                "ws" => Stage1Mma::WgmmaWs,
-                "ws256" => Stage1Mma::WgmmaWs256,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_MONARCH_STAGE1='{other}': expected mma, wgmma, ws or ws256"
+                        "BLR_MONARCH_STAGE1='{other}': expected mma or wgmma"
                     )))
                 }
             };
@@ -214,16 +187,6 @@ impl MonarchOptions {
                     "BLR_MONARCH_OWN_MAX_NB='{v}': expected a non-negative integer"
                 ))
             })?);
-        }
-        if let Some(v) = var("BLR_MONARCH_WS_BLOCKS") {
-            o.ws_blocks = match v.parse::<usize>() {
-                Ok(n) if n > 0 => Some(n),
-                _ => {
-                    return Err(Error::Shape(format!(
-                        "BLR_MONARCH_WS_BLOCKS='{v}': expected a positive integer"
-                    )))
-                }
-            };
         }
         Ok(o)
     }
@@ -336,52 +299,7 @@ impl GpuLinear {
             });
         }
         let seg = i32::from(segmented(s));
-        let persistent = match opts.stage1 {
-            Stage1Mma::WgmmaWs if k.monarch_stage1_ws_ok => {
-                Some((&k.monarch_stage1_ws, STAGE1_WS_SMEM, 128))
-            }
-            Stage1Mma::WgmmaWs256 if k.monarch_stage1_ws256_ok => {
-                Some((&k.monarch_stage1_ws256, STAGE1_WS256_SMEM, 256))
-            }
-            _ => None,
-        };
-        if let Some((kernel, smem, bn)) = persistent {
-            let tiles = rr.div_ceil(bn) * t.div_ceil(STAGE1_BM) * b;
-            let blocks = tiles
-                .min(gpu.info().sm_count.max(1) as usize)
-                .min(opts.ws_blocks.unwrap_or(usize::MAX))
-                .max(1);
-            if i32::try_from(tiles).is_err() {
-                return Err(Error::Shape(format!(
-                    "Monarch partial: {tiles} stage-1 tiles (T = {t}, R = {rr}, b = {b}) exceed \
-                     the 32-bit tile index"
-                )));
-            }
-            // SAFETY: blr_monarch_stage1_ws / _ws256 take the arguments of blr_monarch_stage1
-            // below and read and write the same elements (x: T rows of n, w1: b*R*nb, P: T*b*R
-            // of ws.b, all checked; 16-byte copies with nb % 8 == 0, 16-byte stores only when
-            // `segmented`); every block walks the tiles blockIdx.x, + gridDim.x, ... below
-            // `tiles` (an i32, checked). They are chosen only where compiled (sm_90a) and where
-            // `smem` (STAGE1_WS_SMEM / STAGE1_WS256_SMEM) was allowed at load.
-            unsafe {
-                gpu.launch(kernel)
-                    .arg(x)
-                    .arg(w1)
-                    .arg(&mut ws.b)
-                    .arg(&ti)
-                    .arg(&bi)
-                    .arg(&ri)
-                    .arg(&nbi)
-                    .arg(&seg)
-                    .launch(LaunchConfig {
-                        grid_dim: (u32::try_from(blocks).unwrap_or(1), 1, 1),
-                        block_dim: (STAGE1_WS_THREADS, 1, 1),
-                        shared_mem_bytes: smem,
-                    })?;
-            }
-            return self.monarch_stage2(gpu, k, t, w2, y, ws);
-        }
-        let wg = opts.stage1 != Stage1Mma::MmaSync && k.monarch_stage1_wg_ok;
+        let wg = opts.stage1 == Stage1Mma::Wgmma && k.monarch_stage1_wg_ok;
         let (stage1, stage1_smem) = if wg {
             (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
         } else {

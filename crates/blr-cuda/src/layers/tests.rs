@@ -256,11 +256,6 @@ fn monarch_own_stage1_rule() {
     };
     assert!(!pinned.own_stage1(128, true));
     assert!(pinned.own_stage1(96, false));
-    for stage1 in [Stage1Mma::WgmmaWs, Stage1Mma::WgmmaWs256] {
-        let ws = MonarchOptions { stage1, ..d };
-        assert!(ws.own_stage1(688, true));
-        assert!(!ws.own_stage1(688, false));
-    }
 }
 
 /// Monarch `partial` (monarch.rs) on shapes that exercise every path of its stage-1 kernel:
@@ -268,9 +263,8 @@ fn monarch_own_stage1_rule() {
 /// R), ragged token, rank and K tiles (T not a multiple of 128, R of 128, n/b of 64), several
 /// column tiles, b from 2 to 16, m not a multiple of 8 (per-element output permutation), and
 /// n/b > 256 (cuBLASLt stage 1 + each of the three intermediate transposes; odd b, odd R,
-/// b*R not a multiple of 8, b = 16), each stage-1 MMA (mma.sync; wgmma on sm_90a, also the
-/// persistent warp-specialised kernels with 128- and 256-wide tiles, one block per SM and capped
-/// at 1 and 3 blocks), also beyond n/b = 256.
+/// b*R not a multiple of 8, b = 16), each stage-1 MMA (mma.sync; wgmma on sm_90a), also
+/// beyond n/b = 256.
 /// Outputs and the intermediate P are NaN-poisoned before every run.
 #[test]
 fn gpu_monarch_partial_parity_on_odd_shapes() {
@@ -344,22 +338,6 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
                 ..base
             };
             runs.push(("partial wgmma", Strategy::Partial, wg));
-            // The persistent warp-specialised kernels: one block per SM (here mostly one tile
-            // per block) and capped at 1 and 3 blocks, so that every block runs many tiles and
-            // the stage ring wraps across tile boundaries (mbarrier phases flip many times).
-            for (label, stage1, cap) in [
-                ("partial ws", Stage1Mma::WgmmaWs, None),
-                ("partial ws 1 block", Stage1Mma::WgmmaWs, Some(1)),
-                ("partial ws256", Stage1Mma::WgmmaWs256, None),
-                ("partial ws256 3 blocks", Stage1Mma::WgmmaWs256, Some(3)),
-            ] {
-                let o = MonarchOptions {
-                    stage1,
-                    ws_blocks: cap,
-                    ..wg
-                };
-                runs.push((label, Strategy::Partial, o));
-            }
         }
         if n / b > 256 {
             for (label, mid) in [
