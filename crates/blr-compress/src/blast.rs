@@ -1185,8 +1185,9 @@ fn diag_products(ut: &[Mat<f32>], v: &[Mat<f32>], r: usize) -> Vec<f64> {
 
 /// Exact line search on a quadratic: with `L(a) = L0 - a g.d + a^2 c / 2` and one measured
 /// `L(lr)`, the curvature is `c = 2 (L(lr) - L0 + lr g.d) / lr^2` and the minimiser `g.d / c`,
-/// capped to `[0, lr]` so the schedule still bounds the step.
-fn line_search(loss0: f64, loss_at_lr: f64, gd: f64, lr: f64) -> f64 {
+/// capped to `[0, lr]` so the schedule still bounds the step. Public so that the GPU path
+/// (blr-cuda's calibrated BLAST) takes exactly the same steps.
+pub fn line_search(loss0: f64, loss_at_lr: f64, gd: f64, lr: f64) -> f64 {
     if gd.is_nan() || gd <= 0.0 || !loss_at_lr.is_finite() {
         return if loss_at_lr <= loss0 { lr } else { 0.0 };
     }

@@ -47,7 +47,8 @@ mod rank;
 mod target;
 
 pub use blast::{
-    blast, blast_report, blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
+    blast, blast_report, blast_start, line_search, BlastInit, BlastMethod, BlastOptions,
+    BlastReport, BlastStart,
 };
 pub use correct::{corrected_target, CrossGram};
 pub use error::{CompressError, Result};

@@ -26,8 +26,8 @@
 use cudarc::driver::LaunchConfig;
 
 use blr_compress::{
-    blast_start, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart, Calibration,
-    Progress, Target,
+    blast_start, line_search, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
+    Calibration, Progress, Target,
 };
 use blr_core::{Blast, Linear, LowRank};
 
@@ -83,20 +83,6 @@ const S_LOSS2: i32 = 12;
 const NUM: i32 = 14;
 const DEN: i32 = 15;
 const SLOTS: usize = 16;
-
-/// The exact line search of blr-compress's blast.rs (`line_search`, private there): with
-/// `L(a) = L0 - a g.d + a^2 c / 2` and one measured `L(lr)`, the minimiser `g.d / c` capped to
-/// `[0, lr]`. Kept identical so both paths take the same steps.
-fn line_search(loss0: f64, loss_at_lr: f64, gd: f64, lr: f64) -> f64 {
-    if gd.is_nan() || gd <= 0.0 || !loss_at_lr.is_finite() {
-        return if loss_at_lr <= loss0 { lr } else { 0.0 };
-    }
-    let curvature = 2.0 * (loss_at_lr - loss0 + lr * gd) / (lr * lr);
-    if curvature <= 0.0 {
-        return lr;
-    }
-    (gd / curvature).clamp(0.0, lr)
-}
 
 /// All device state of one calibrated factorization.
 struct CalSolver<'g> {
