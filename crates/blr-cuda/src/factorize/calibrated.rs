@@ -1282,19 +1282,10 @@ mod tests {
     //! real Grams of rank < n (fewer tokens than features, anisotropic features) plus the
     //! default ridge. Print SKIP and pass where no usable GPU is (CI).
 
+    use super::super::tests::{bench_spec, gpu_or_skip};
     use super::*;
     use blr_compress::{Gram, Silent};
     use blr_core::rng::Rng;
-
-    fn gpu_or_skip(test: &str) -> Option<Gpu> {
-        match super::super::open_gpu() {
-            Ok(g) => Some(g),
-            Err(e) => {
-                eprintln!("SKIP {test}: no usable GPU here ({e})");
-                None
-            }
-        }
-    }
 
     /// The Gram of `tokens` activation rows with per-feature scales `exp(0.7 N(0, 1))` and a
     /// shared component (correlated features): rank `min(tokens, n)`.
@@ -1494,11 +1485,13 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_gpu_blast_calibrated() {
-        let Ok(spec) = std::env::var("BLR_CAL_BENCH") else {
-            eprintln!("SKIP bench_gpu_blast_calibrated: set BLR_CAL_BENCH=m,n,b,r,its,cpu_its");
+        let Some(v) = bench_spec(
+            "bench_gpu_blast_calibrated",
+            "BLR_CAL_BENCH",
+            "m,n,b,r,its,cpu_its",
+        ) else {
             return;
         };
-        let v: Vec<usize> = spec.split(',').map(|x| x.trim().parse().unwrap()).collect();
         let (m, n, b, r, its, cpu_its) = (v[0], v[1], v[2], v[3], v[4], v[5]);
         let Some(gpu) = gpu_or_skip("bench_gpu_blast_calibrated") else {
             return;

@@ -62,18 +62,15 @@ pub fn monarch(gpu: &Gpu, target: &Target<'_>, opts: &MonarchOptions) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{bench_spec, gpu_or_skip};
     use super::*;
     use blr_compress::Silent;
     use blr_core::rng::Rng;
 
     #[test]
     fn gpu_monarch_matches_the_cpu_projection() {
-        let gpu = match super::super::open_gpu() {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("SKIP gpu_monarch_matches_the_cpu_projection: no usable GPU here ({e})");
-                return;
-            }
+        let Some(gpu) = gpu_or_skip("gpu_monarch_matches_the_cpu_projection") else {
+            return;
         };
         // (m, n, b, R): p < q, p > q, full rank per block (t = p = q), t > min(p, q), b = 1,
         // odd sizes.
@@ -125,14 +122,11 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_gpu_monarch() {
-        let Ok(spec) = std::env::var("BLR_MON_BENCH") else {
-            eprintln!("SKIP bench_gpu_monarch: set BLR_MON_BENCH=m,n,b,R");
+        let Some(v) = bench_spec("bench_gpu_monarch", "BLR_MON_BENCH", "m,n,b,R") else {
             return;
         };
-        let v: Vec<usize> = spec.split(',').map(|x| x.trim().parse().unwrap()).collect();
         let (m, n, b, rr) = (v[0], v[1], v[2], v[3]);
-        let Ok(gpu) = super::super::open_gpu() else {
-            eprintln!("SKIP bench_gpu_monarch: no GPU");
+        let Some(gpu) = gpu_or_skip("bench_gpu_monarch") else {
             return;
         };
         let w = Rng::new(0).normal_vec(m * n, 1.0);

@@ -6,7 +6,9 @@ use super::*;
 use blr_compress::{BlastInit, BlastOptions, Silent};
 use blr_core::rng::Rng;
 
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
+/// The GPU for `test`, or `None` after printing why it skips (no usable GPU: CI). Shared by
+/// the GPU tests of every factorize module.
+pub(super) fn gpu_or_skip(test: &str) -> Option<Gpu> {
     match open_gpu() {
         Ok(g) => Some(g),
         Err(e) => {
@@ -14,6 +16,16 @@ fn gpu_or_skip(test: &str) -> Option<Gpu> {
             None
         }
     }
+}
+
+/// The comma-separated sizes of a timing probe's environment variable `var` (`fields` names
+/// them), or `None` after printing how to run `test` when it is unset.
+pub(super) fn bench_spec(test: &str, var: &str, fields: &str) -> Option<Vec<usize>> {
+    let Ok(spec) = std::env::var(var) else {
+        eprintln!("SKIP {test}: set {var}={fields}");
+        return None;
+    };
+    Some(spec.split(',').map(|x| x.trim().parse().unwrap()).collect())
 }
 
 fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -427,11 +439,9 @@ fn bad_options_are_errors_on_the_gpu_path_too() {
 #[test]
 #[ignore]
 fn bench_gpu_blast() {
-    let Ok(spec) = std::env::var("BLR_FACT_BENCH") else {
-        eprintln!("SKIP bench_gpu_blast: set BLR_FACT_BENCH=m,n,b,r,iterations");
+    let Some(v) = bench_spec("bench_gpu_blast", "BLR_FACT_BENCH", "m,n,b,r,iterations") else {
         return;
     };
-    let v: Vec<usize> = spec.split(',').map(|x| x.trim().parse().unwrap()).collect();
     let (m, n, b, r, its) = (v[0], v[1], v[2], v[3], v[4]);
     let Some(gpu) = gpu_or_skip("bench_gpu_blast") else {
         return;
