@@ -430,7 +430,12 @@ impl Blas {
         reps: usize,
     ) -> Result<TuneReport> {
         let prepared = Self::prepare::<O>(shape, &x.into(), &w.into(), &y.into())?;
-        let (mut plan, candidates) = self.build_plan::<O>(&prepared.key, 8)?;
+        let knobs = TuneKnobs::from_env();
+        let (mut plan, mut candidates) = self.build_plan::<O>(&prepared.key, knobs.count)?;
+        if knobs.splitk {
+            let extra = self.splitk_variants(&plan, &candidates);
+            candidates.extend(extra);
+        }
         let mut timed = Vec::new();
         for (i, c) in candidates.iter().enumerate() {
             let run = || self.launch(gpu, &prepared, &plan, &c.algo, c.workspaceSize, 1.0, 0.0);
@@ -449,6 +454,18 @@ impl Blas {
                 run,
             )?;
             timed.push((i, stats.median_ms));
+            if knobs.verbose {
+                eprintln!(
+                    "    tune {}x{}x{} batch {}: #{i} {} ws {} B: {:.4} ms",
+                    shape.rows,
+                    shape.cols,
+                    shape.inner,
+                    shape.batch,
+                    algo_config(&c.algo),
+                    c.workspaceSize,
+                    stats.median_ms
+                );
+            }
         }
         let Some(&(best, best_ms)) = timed.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
             return Err(Error::NoGemmAlgorithm {
@@ -467,6 +484,94 @@ impl Blas {
             best_ms,
             best_index: best,
         })
+    }
+
+    /// Copies of each candidate that supports split-K with `SPLITK_NUM` in 2..=16 and the first
+    /// reduction scheme it offers, those `cublasLtMatmulAlgoCheck` accepts within our workspace.
+    fn splitk_variants(
+        &self,
+        plan: &Plan,
+        candidates: &[lt_sys::cublasLtMatmulHeuristicResult_t],
+    ) -> Vec<lt_sys::cublasLtMatmulHeuristicResult_t> {
+        use lt_sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
+        use lt_sys::cublasLtMatmulAlgoConfigAttributes_t as Cfg;
+        let mut out = Vec::new();
+        for c in candidates {
+            let mut support = 0i32;
+            let mut mask = 0u32;
+            let mut written = 0usize;
+            // SAFETY: `c.algo` is an initialised algorithm from the heuristic; each buffer has
+            // the documented size of its attribute (int32 / uint32).
+            let ok = unsafe {
+                lt_sys::cublasLtMatmulAlgoCapGetAttribute(
+                    &c.algo,
+                    Cap::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT,
+                    (&mut support as *mut i32).cast(),
+                    4,
+                    &mut written,
+                )
+                .result()
+                .and_then(|()| {
+                    lt_sys::cublasLtMatmulAlgoCapGetAttribute(
+                        &c.algo,
+                        Cap::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK,
+                        (&mut mask as *mut u32).cast(),
+                        4,
+                        &mut written,
+                    )
+                    .result()
+                })
+            };
+            if ok.is_err() || support == 0 {
+                continue;
+            }
+            let scheme: u32 = [2u32, 4, 1]
+                .into_iter()
+                .find(|b| mask & b != 0)
+                .unwrap_or(0);
+            for splits in [2u32, 3, 4, 6, 8, 16] {
+                let mut algo = c.algo;
+                let mut result = *c;
+                // SAFETY: `algo` is a copy of an initialised algorithm; values are uint32 as
+                // documented for SPLITK_NUM and REDUCTION_SCHEME; the plan's descriptors are live.
+                let checked = unsafe {
+                    lt_sys::cublasLtMatmulAlgoConfigSetAttribute(
+                        &mut algo,
+                        Cfg::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                        (&splits as *const u32).cast(),
+                        4,
+                    )
+                    .result()
+                    .and_then(|()| {
+                        lt_sys::cublasLtMatmulAlgoConfigSetAttribute(
+                            &mut algo,
+                            Cfg::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                            (&scheme as *const u32).cast(),
+                            4,
+                        )
+                        .result()
+                    })
+                    .and_then(|()| {
+                        lt_sys::cublasLtMatmulAlgoCheck(
+                            self.handle,
+                            plan.desc,
+                            plan.a,
+                            plan.b,
+                            plan.c,
+                            plan.c,
+                            &algo,
+                            &mut result,
+                        )
+                        .result()
+                    })
+                };
+                if checked.is_ok() && result.workspaceSize <= self.workspace.len() {
+                    result.algo = algo;
+                    out.push(result);
+                }
+            }
+        }
+        out
     }
 
     /// Validates `shape` against the operands and computes pointers and the plan key.
@@ -807,6 +912,66 @@ impl Blas {
         plan.workspace = first.workspaceSize.min(ws);
         Ok((plan, heuristics))
     }
+}
+
+/// Experiment knobs of [`Blas::tune`]: `BLR_TUNE_CANDIDATES` (how many algorithms to ask the
+/// heuristic for, default 8), `BLR_TUNE_SPLITK=1` (also time split-K variants of those that
+/// support it), `BLR_TUNE_VERBOSE=1` (print each candidate's configuration and time).
+struct TuneKnobs {
+    count: usize,
+    splitk: bool,
+    verbose: bool,
+}
+
+impl TuneKnobs {
+    fn from_env() -> Self {
+        let on = |name: &str| std::env::var_os(name).is_some_and(|v| v != "0" && !v.is_empty());
+        Self {
+            count: std::env::var("BLR_TUNE_CANDIDATES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&c| c > 0)
+                .unwrap_or(8)
+                .min(64),
+            splitk: on("BLR_TUNE_SPLITK"),
+            verbose: on("BLR_TUNE_VERBOSE"),
+        }
+    }
+}
+
+/// `id/tile/splitK/reduction/stages/cluster/swizzle/custom` of a cuBLASLt algorithm, for logs.
+fn algo_config(algo: &lt_sys::cublasLtMatmulAlgo_t) -> String {
+    use lt_sys::cublasLtMatmulAlgoConfigAttributes_t as Cfg;
+    let get = |attr, size: usize| -> i64 {
+        let mut v = 0u32;
+        let mut written = 0usize;
+        // SAFETY: `algo` is initialised; at most 4 bytes are written into `v` (size <= 4).
+        let st = unsafe {
+            lt_sys::cublasLtMatmulAlgoConfigGetAttribute(
+                algo,
+                attr,
+                (&mut v as *mut u32).cast(),
+                size.min(4),
+                &mut written,
+            )
+        };
+        if st == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            i64::from(if size == 2 { v & 0xFFFF } else { v })
+        } else {
+            -1
+        }
+    };
+    format!(
+        "algo {} tile {} splitK {} red {} stages {} cluster {} swizzle {} custom {}",
+        get(Cfg::CUBLASLT_ALGO_CONFIG_ID, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_TILE_ID, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_STAGES_ID, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4),
+        get(Cfg::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4),
+    )
 }
 
 impl Gpu {
