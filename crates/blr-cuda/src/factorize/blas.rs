@@ -155,45 +155,21 @@ impl Cublas {
 }
 
 impl Cublas {
-    /// `C = alpha op(A) op(B) + beta C` in f64 (one matrix; the SVD's Gram and products).
+    /// `C = alpha op(A) op(B) + beta C` in f64 (one matrix; the SVD's Gram and products):
+    /// [`Cublas::gemm64_batched`] with a batch of 1.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm64(
         &self,
         ta: Op,
         tb: Op,
-        (m, n, k): (usize, usize, usize),
+        mnk: (usize, usize, usize),
         alpha: f64,
         a: Operand,
         b: Operand,
         beta: f64,
         c: Operand,
     ) -> Result<()> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let during = || format!("f64 GEMM {m}x{n}x{k} ({ta:?}{tb:?})");
-        let (mi, ni, ki) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
-        // SAFETY: live handle; the caller passes addresses of live f64 device buffers large
-        // enough for these shapes and leading dimensions.
-        let status = unsafe {
-            cb::cublasDgemm_v2(
-                self.handle,
-                ta.raw(),
-                tb.raw(),
-                mi,
-                ni,
-                ki,
-                &alpha,
-                a.ptr as *const f64,
-                int(a.ld.max(1), "lda")?,
-                b.ptr as *const f64,
-                int(b.ld.max(1), "ldb")?,
-                &beta,
-                c.ptr as *mut f64,
-                int(c.ld.max(1), "ldc")?,
-            )
-        };
-        check(status, during)
+        self.gemm64_batched(ta, tb, mnk, alpha, a, b, beta, c, 1)
     }
 }
 

@@ -412,8 +412,10 @@ impl<'g> CalSolver<'g> {
             self.big.device_ptr(),
             self.vt.device_ptr(),
         );
-        // SAFETY: blast_diag(float* d, const float* ut, const float* vt, int r, int n, int q,
-        // int b_in): d holds b_out*b_in*r, ut b_out (r, n) matrices, vt (r, n).
+        let from_av = 0i32;
+        // SAFETY: blast_diag(float* d, const float* x, const float* y, int r, int len, int w,
+        // int b_in, int from_av = 0): d holds b_out*b_in*r, x = ut b_out (r, n) matrices,
+        // y = vt (r, n).
         unsafe {
             self.gpu
                 .launch(&self.k.diag)
@@ -424,6 +426,7 @@ impl<'g> CalSolver<'g> {
                 .arg(&n)
                 .arg(&q)
                 .arg(&b_in)
+                .arg(&from_av)
                 .launch(cfg)
         }
     }

@@ -61,9 +61,24 @@ pub struct BatchedCholesky {
     /// The diagonal-step kernel and its block size.
     diag: Kernel,
     diag_threads: u32,
-    /// Whether a group's inverse is built by `chol_inv_group` (one launch; nb = 64 only) or
-    /// pair by pair through GEMMs.
-    fused_inverse: bool,
+    /// How a group's inverse is built (one launch for nb = 64, or pair by pair through GEMMs).
+    inverse: GroupInverse,
+}
+
+/// How the group inverses `L_GG^-1` are formed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GroupInverse {
+    /// Pair by pair: `chol_inv_place` and two GEMMs per pair (any nb).
+    Pairs,
+    /// `chol_inv_group`, fp32 on CUDA cores, whatever the GEMM precision.
+    Cuda,
+    /// `chol_inv_group_tc` (TF32 tensor cores) when the factorization runs its GEMMs on TF32,
+    /// `chol_inv_group` otherwise (the default for nb = 64).
+    Auto,
+    /// `chol_inv_group_tc3` (3 TF32 products per product: about fp32 accuracy), always.
+    Tc3,
+    /// `chol_inv_group_tc`, always.
+    Tc,
 }
 
 /// The kernels of factorize.cu the factorization launches.
@@ -77,6 +92,10 @@ pub struct CholKernels {
     pub place: Kernel,
     /// `chol_inv_group`.
     pub group: Kernel,
+    /// `chol_inv_group_tc` (TF32 tensor cores).
+    pub group_tc: Kernel,
+    /// `chol_inv_group_tc3` (3xTF32 tensor cores).
+    pub group_tc3: Kernel,
 }
 
 fn env_width(name: &str, allowed: &[usize]) -> Option<usize> {
@@ -99,8 +118,10 @@ impl BatchedCholesky {
     }
 
     /// `nb` in 32, 64, 128; `outer` = `nb 2^k` (rounded down to one, at least nb). `variant`
-    /// "pairs" (`BLR_FACTORIZE_INV`, a measurement aid) builds the group inverses pair by pair
-    /// through GEMMs, as for nb != 64, instead of with `chol_inv_group`.
+    /// (`BLR_FACTORIZE_INV`, a measurement aid): "pairs" builds the group inverses pair by pair
+    /// through GEMMs, as for nb != 64; "cuda", "tc", "tc3" use `chol_inv_group`,
+    /// `chol_inv_group_tc` or `chol_inv_group_tc3` whatever the GEMM precision; anything else
+    /// is the default (tensor cores with TF32 GEMMs, CUDA cores with fp32 ones).
     pub fn with_widths(
         gpu: &Gpu,
         kernels: &CholKernels,
@@ -152,7 +173,14 @@ impl BatchedCholesky {
             kernels: kernels.clone(),
             diag,
             diag_threads,
-            fused_inverse: nb == 64 && !variant.contains("pairs"),
+            inverse: match variant {
+                _ if nb != 64 => GroupInverse::Pairs,
+                "pairs" => GroupInverse::Pairs,
+                "cuda" => GroupInverse::Cuda,
+                "tc" => GroupInverse::Tc,
+                "tc3" => GroupInverse::Tc3,
+                _ => GroupInverse::Auto,
+            },
         })
     }
 
@@ -259,7 +287,7 @@ impl BatchedCholesky {
                 k0 += kb;
             }
             mark("chol: diag block")?;
-            self.combine(gpu, blas, g0, g1, batch)?;
+            self.combine(gpu, blas, g0, g1, batch, tf32)?;
             mark("chol: inverses")?;
             if g1 < r {
                 // L[g1.., G] = A[g1.., G] L_GG^-T.
@@ -332,10 +360,24 @@ impl BatchedCholesky {
     }
 
     /// Builds the inverses of the diagonal blocks of widths 2 nb .. outer inside the group
-    /// of columns `g0..g1` from the nb-wide ones.
-    fn combine(&self, gpu: &Gpu, blas: &Cublas, g0: usize, g1: usize, batch: usize) -> Result<()> {
+    /// of columns `g0..g1` from the nb-wide ones (`tf32`: the factorization's GEMM precision).
+    fn combine(
+        &self,
+        gpu: &Gpu,
+        blas: &Cublas,
+        g0: usize,
+        g1: usize,
+        batch: usize,
+        tf32: bool,
+    ) -> Result<()> {
         let r = self.r;
-        if self.levels.len() > 1 && self.fused_inverse {
+        if self.levels.len() > 1 && self.inverse != GroupInverse::Pairs {
+            let kernel = match self.inverse {
+                GroupInverse::Tc => &self.kernels.group_tc,
+                GroupInverse::Auto if tf32 => &self.kernels.group_tc,
+                GroupInverse::Tc3 => &self.kernels.group_tc3,
+                _ => &self.kernels.group,
+            };
             let top = self.levels.len() - 1;
             let nbk =
                 u32::try_from((g1 - g0).div_ceil(64)).map_err(|_| Error::Shape("nbk".into()))?;
@@ -358,14 +400,14 @@ impl BatchedCholesky {
                 self.inv_of(top, g0 / self.outer),
                 self.outer as i32,
             );
-            // SAFETY: chol_inv_group(const float* lfac, i64 lstride, int r, int g0, int gw,
+            // SAFETY: chol_inv_group / _tc / _tc3 (same signature)(const float* lfac, i64 lstride, int r, int g0, int gw,
             // const float* linv0, i64 lin_block, float* out, int outer): block (j, b) reads
             // the factor entries of matrix b < batch <= self.batch inside rows/columns
             // g0..g0+gw (< r, guarded), level-0 inverses g0/64 .. (g0+gw).div_ceil(64) of
             // matrix b, and writes column block j < gw.div_ceil(64) of matrix b's outer x outer
             // slot of the top level (block g0 / outer), all inside their buffers.
             unsafe {
-                gpu.launch(&self.kernels.group)
+                gpu.launch(kernel)
                     .arg(&lf)
                     .arg(&lstride)
                     .arg(&r_i)

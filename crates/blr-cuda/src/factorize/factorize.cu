@@ -108,18 +108,24 @@ extern "C" __global__ void add_eps_diag(float* __restrict__ a, long long stride,
     }
 }
 
-// d[(i*b_in + j)*r + k] = (U_i^T A_ij V_j)_kk = sum_c UT_i[k, j q + c] V^T[k, j q + c], from
-// UT_i = U_i^T A_i (r, n) stored one after the other and V^T (r, n). One thread per (k, block).
-extern "C" __global__ void blast_diag(float* __restrict__ d, const float* __restrict__ ut,
-                                      const float* __restrict__ vt, int r, int n, int q, int b_in) {
+// d[(i*b_in + j)*r + k] = (U_i^T A_ij V_j)_kk, one thread per (k, block), two ways:
+// from_av = 0: sum_c UT_i[k, j q + c] V^T[k, j q + c], from x = UT_i = U_i^T A_i (r, n) stored
+//   one after the other and y = V^T (r, n) (len = n, w = q);
+// from_av = 1: sum_c TV_j[k, i p + c] U^T[k, i p + c], from x = TV_j = V_j^T A_j^T (r, m) and
+//   y = U^T (r, m) (len = m, w = p): b_in r m floats read instead of b_out r n. The blocks of
+//   one i are neighbours, so the y slice they share comes from L2.
+extern "C" __global__ void blast_diag(float* __restrict__ d, const float* __restrict__ x,
+                                      const float* __restrict__ y, int r, int len, int w,
+                                      int b_in, int from_av) {
     int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= r) return;
     int ij = blockIdx.y;
     int i = ij / b_in, j = ij % b_in;
-    const float* u = ut + (long long)i * r * n + (long long)j * q * r + k;
-    const float* v = vt + (long long)j * q * r + k;
+    int xi = from_av ? j : i, blk = from_av ? i : j;
+    const float* u = x + (long long)xi * r * len + (long long)blk * w * r + k;
+    const float* v = y + (long long)blk * w * r + k;
     float acc = 0.f;
-    for (int c = 0; c < q; ++c) acc += u[(long long)c * r] * v[(long long)c * r];
+    for (int c = 0; c < w; ++c) acc += u[(long long)c * r] * v[(long long)c * r];
     d[(long long)ij * r + k] = acc;
 }
 
@@ -483,29 +489,133 @@ CHOL_DIAG_Q(chol_diag_q8, 2)
 CHOL_DIAG_Q(chol_diag_q8w, 4)
 
 
+// ---------------------------------------------------------------- group inverse
+
 // The inverse of a whole column group's diagonal block, X = L_GG^-1 (gw x gw, ld outer), in one
 // launch from the 64-wide diagonal-block inverses (instead of combining them pairwise level by
 // level: 2 GEMMs and a placement per pair and level). Column block j (blockIdx.x) of X is a
 // block forward substitution of its own: X[j][j] = Li_j, X[k][j] = -Li_k sum_{t=j}^{k-1}
-// L[k][t] X[t][j] for k > j, zero above; matrix blockIdx.y. 64 x 64 tiles, 256 threads with a
-// 4 x 4 register tile each. lfac: the factors (ld r, lstride apart); linv0: the 64-wide
+// L[k][t] X[t][j] for k > j, zero above; matrix blockIdx.y. 64 x 64 tiles, 256 threads. lfac: the factors (ld r, lstride apart); linv0: the 64-wide
 // inverses of block g0/64 + k at linv0 + k lin_block (matrix b at b 4096); out: this group's
 // slot of the top level (matrix b at b outer^2). X tiles written by this block are read back
 // by it after a barrier (plain loads: never the read-only path for them).
-extern "C" __global__ void __launch_bounds__(256)
-    chol_inv_group(const float* __restrict__ lfac, long long lstride, int r, int g0, int gw,
-                   const float* __restrict__ linv0, long long lin_block, float* out, int outer) {
-    __shared__ float As[64 * 65];  // As[kk * 65 + i] = A[i][kk]
-    __shared__ float Bs[64 * 65];  // Bs[jj * 65 + kk] = B[kk][jj]
+// The 64 x 64 x 64 tile products come in three kinds (IG_MODE): fp32 multiply-adds on CUDA
+// cores (chol_inv_group), TF32 tensor cores, mma.sync m16n8k8 (chol_inv_group_tc), or 3 TF32
+// products of the operands' high and low parts, a_hi b_hi + a_hi b_lo + a_lo b_hi, about fp32
+// accuracy (chol_inv_group_tc3). Each of the 8 warps owns a 32 x 16 part of a 64 x 64 result
+// (2 x 2 m16n8 tiles; the fp32 kind computes the same entries per lane as the mma fragments).
+// Shared layouts: As[kk * IG_SA + i] = A[i][kk], Bs[jj * IG_SB + kk] = B[kk][jj]; the paddings
+// make the fragment loads free of bank conflicts (rows 8 t + g, columns 4 g + t).
+#define IG_SA 72
+#define IG_SB 68
+
+__device__ __forceinline__ unsigned ig_tf32(float x) {
+    unsigned v;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(v) : "f"(x));
+    return v;
+}
+
+__device__ __forceinline__ void ig_mma(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define IG_FP32 0
+#define IG_TF32 1
+#define IG_TF32X3 2
+
+// acc (this warp's 32 x 16 part, rows wm*32.., columns wn*16..) += A B over the 64-wide k.
+// acc[mi][ni] holds the m16n8 tile's entries (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+template <int MODE>
+__device__ __forceinline__ void ig_tile(float (&acc)[2][2][4], const float* As, const float* Bs,
+                                        int wm, int wn, int g, int t) {
+    if (MODE == IG_FP32) {
+#pragma unroll 8
+        for (int kk = 0; kk < 64; ++kk) {
+            float av[2][2], bv[2][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                int m0 = wm * 32 + mi * 16 + g;
+                av[mi][0] = As[kk * IG_SA + m0];
+                av[mi][1] = As[kk * IG_SA + m0 + 8];
+            }
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+                int n0 = wn * 16 + ni * 8 + 2 * t;
+                bv[ni][0] = Bs[n0 * IG_SB + kk];
+                bv[ni][1] = Bs[(n0 + 1) * IG_SB + kk];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 2; ++ni) {
+                    acc[mi][ni][0] += av[mi][0] * bv[ni][0];
+                    acc[mi][ni][1] += av[mi][0] * bv[ni][1];
+                    acc[mi][ni][2] += av[mi][1] * bv[ni][0];
+                    acc[mi][ni][3] += av[mi][1] * bv[ni][1];
+                }
+        }
+        return;
+    }
+    const bool split = MODE == IG_TF32X3;
+#pragma unroll 2
+    for (int k0 = 0; k0 < 64; k0 += 8) {
+        unsigned ah[2][4], al[2][4], bh[2][2], bl[2][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            int m0 = wm * 32 + mi * 16 + g;
+            float x[4] = {As[(k0 + t) * IG_SA + m0], As[(k0 + t) * IG_SA + m0 + 8],
+                          As[(k0 + t + 4) * IG_SA + m0], As[(k0 + t + 4) * IG_SA + m0 + 8]};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                ah[mi][e] = ig_tf32(x[e]);
+                if (split) al[mi][e] = ig_tf32(x[e] - __uint_as_float(ah[mi][e]));
+            }
+        }
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni) {
+            int n0 = wn * 16 + ni * 8 + g;
+            float y[2] = {Bs[n0 * IG_SB + k0 + t], Bs[n0 * IG_SB + k0 + t + 4]};
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                bh[ni][e] = ig_tf32(y[e]);
+                if (split) bl[ni][e] = ig_tf32(y[e] - __uint_as_float(bh[ni][e]));
+            }
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+                if (split) {
+                    ig_mma(acc[mi][ni], al[mi], bh[ni]);
+                    ig_mma(acc[mi][ni], ah[mi], bl[ni]);
+                }
+                ig_mma(acc[mi][ni], ah[mi], bh[ni]);
+            }
+    }
+}
+
+template <int MODE>
+__device__ __forceinline__ void chol_inv_group_impl(const float* __restrict__ lfac,
+                                                       long long lstride, int r, int g0, int gw,
+                                                       const float* __restrict__ linv0,
+                                                       long long lin_block, float* out,
+                                                       int outer) {
+    __shared__ float As[64 * IG_SA];
+    __shared__ float Bs[64 * IG_SB];
     int j = blockIdx.x;
     long long b = blockIdx.y;
     int tid = threadIdx.x;
-    int tx = tid & 15, ty = tid >> 4;
+    int lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int wm = warp & 1, wn = warp >> 1;
     int nbk = (gw + 63) / 64;
     int tiles = outer / 64;
     const float* L = lfac + b * lstride;
     float* X = out + b * (long long)outer * outer;
-    // Column block j: zeros above the diagonal block (and below the group), Li_j on it.
     for (int k = 0; k < tiles; ++k) {
         if (k > j && k < nbk) continue;
         const float* li = linv0 + (long long)(g0 / 64 + j) * lin_block + b * 4096;
@@ -516,15 +626,16 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     __syncthreads();
     for (int k = j + 1; k < nbk; ++k) {
-        float acc[4][4];
+        float acc[2][2][4];
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
+        for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+            for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
         int row0 = g0 + k * 64;
-        for (int t = j; t < k; ++t) {
-            int col0 = g0 + t * 64;
-            // 16 elements of each tile per thread, loaded 8 at a time before any is stored.
+        for (int tt = j; tt < k; ++tt) {
+            int col0 = g0 + tt * 64;
 #pragma unroll
             for (int q0 = 0; q0 < 16; q0 += 8) {
                 float va[8], vb[8];
@@ -534,36 +645,32 @@ extern "C" __global__ void __launch_bounds__(256)
                     int i = e & 63, kk = e >> 6;
                     int row = row0 + i, col = col0 + kk;
                     va[q] = (row < r && col < r) ? L[(long long)col * r + row] : 0.f;
-                    vb[q] = X[(long long)(j * 64 + kk) * outer + t * 64 + i];
+                    vb[q] = X[(long long)(j * 64 + kk) * outer + tt * 64 + i];
                 }
 #pragma unroll
                 for (int q = 0; q < 8; ++q) {
                     int e = (q0 + q) * 256 + tid;
-                    As[(e >> 6) * 65 + (e & 63)] = va[q];
-                    Bs[(e >> 6) * 65 + (e & 63)] = vb[q];
+                    As[(e >> 6) * IG_SA + (e & 63)] = va[q];
+                    Bs[(e >> 6) * IG_SB + (e & 63)] = vb[q];
                 }
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 64; ++kk) {
-                float av[4], bv[4];
-#pragma unroll
-                for (int a = 0; a < 4; ++a) av[a] = As[kk * 65 + ty * 4 + a];
-#pragma unroll
-                for (int c = 0; c < 4; ++c) bv[c] = Bs[(tx * 4 + c) * 65 + kk];
-#pragma unroll
-                for (int a = 0; a < 4; ++a)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) acc[a][c] += av[a] * bv[c];
-            }
+            ig_tile<MODE>(acc, As, Bs, wm, wn, g, t);
             __syncthreads();
         }
-        // T = acc (rows i = ty*4 + a, columns jj = tx*4 + c) becomes the right operand of
-        // -Li_k T.
+        // T = acc becomes the right operand of -Li_k T: Bs[col * IG_SB + row] = T[row][col].
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
+        for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) Bs[(tx * 4 + c) * 65 + ty * 4 + a] = acc[a][c];
+            for (int ni = 0; ni < 2; ++ni) {
+                int m0 = wm * 32 + mi * 16 + g, n0 = wn * 16 + ni * 8 + 2 * t;
+                Bs[n0 * IG_SB + m0] = acc[mi][ni][0];
+                Bs[(n0 + 1) * IG_SB + m0] = acc[mi][ni][1];
+                Bs[n0 * IG_SB + m0 + 8] = acc[mi][ni][2];
+                Bs[(n0 + 1) * IG_SB + m0 + 8] = acc[mi][ni][3];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+            }
         const float* li = linv0 + (long long)(g0 / 64 + k) * lin_block + b * 4096;
 #pragma unroll
         for (int q0 = 0; q0 < 16; q0 += 8) {
@@ -573,31 +680,100 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int q = 0; q < 8; ++q) {
                 int e = (q0 + q) * 256 + tid;
-                As[(e >> 6) * 65 + (e & 63)] = va[q];
+                As[(e >> 6) * IG_SA + (e & 63)] = va[q];
             }
         }
         __syncthreads();
+        ig_tile<MODE>(acc, As, Bs, wm, wn, g, t);
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
+        for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
-#pragma unroll 8
-        for (int kk = 0; kk < 64; ++kk) {
-            float av[4], bv[4];
-#pragma unroll
-            for (int a = 0; a < 4; ++a) av[a] = As[kk * 65 + ty * 4 + a];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) bv[c] = Bs[(tx * 4 + c) * 65 + kk];
-#pragma unroll
-            for (int a = 0; a < 4; ++a)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[a][c] -= av[a] * bv[c];
-        }
-#pragma unroll
-        for (int a = 0; a < 4; ++a)
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-                X[(long long)(j * 64 + tx * 4 + c) * outer + k * 64 + ty * 4 + a] = acc[a][c];
+            for (int ni = 0; ni < 2; ++ni) {
+                int m0 = k * 64 + wm * 32 + mi * 16 + g;
+                long long c0 = (long long)(j * 64 + wn * 16 + ni * 8 + 2 * t) * outer;
+                X[c0 + m0] = -acc[mi][ni][0];
+                X[c0 + outer + m0] = -acc[mi][ni][1];
+                X[c0 + m0 + 8] = -acc[mi][ni][2];
+                X[c0 + outer + m0 + 8] = -acc[mi][ni][3];
+            }
         __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    chol_inv_group(const float* __restrict__ lfac, long long lstride, int r, int g0, int gw,
+                   const float* __restrict__ linv0, long long lin_block, float* out, int outer) {
+    chol_inv_group_impl<IG_FP32>(lfac, lstride, r, g0, gw, linv0, lin_block, out, outer);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    chol_inv_group_tc(const float* __restrict__ lfac, long long lstride, int r, int g0, int gw,
+                      const float* __restrict__ linv0, long long lin_block, float* out,
+                      int outer) {
+    chol_inv_group_impl<IG_TF32>(lfac, lstride, r, g0, gw, linv0, lin_block, out, outer);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    chol_inv_group_tc3(const float* __restrict__ lfac, long long lstride, int r, int g0, int gw,
+                       const float* __restrict__ linv0, long long lin_block, float* out,
+                       int outer) {
+    chol_inv_group_impl<IG_TF32X3>(lfac, lstride, r, g0, gw, linv0, lin_block, out, outer);
+}
+
+// ---------------------------------------------------------------- V step: rhs and diagonal
+
+// blast_v_rhs and blast_diag in one pass over UT (both read all of U^T A, b_out (r, n)
+// matrices): g (r, n) = -sum_i diag(s_ij) UT_i as blast_v_rhs (same order of the sum), and
+// d[(i*b_in + j)*r + k] = sum_c UT_i[k, j q + c] V^T[k, j q + c] as blast_diag. Thread block
+// (32 rows k, column block j): warp w walks the columns c = w, w + 8, .. of block j, each lane
+// keeps the b_out partial sums of d in registers; the 8 warps' partials are added in a fixed
+// order at the end. b_out <= VD_MAXB (the caller falls back to the two kernels otherwise).
+#define VD_MAXB 16
+extern "C" __global__ void __launch_bounds__(256)
+    blast_v_rhs_diag(float* __restrict__ g, float* __restrict__ d, const float* __restrict__ ut,
+                     const float* __restrict__ vt, const float* __restrict__ s, int r, int n,
+                     int q, int b_out, int b_in) {
+    __shared__ float part[8][VD_MAXB][33];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int k = blockIdx.x * 32 + lane;
+    int j = blockIdx.y;
+    bool ok = k < r;
+    long long total = (long long)r * n;
+    float sv[VD_MAXB], dacc[VD_MAXB];
+#pragma unroll
+    for (int i = 0; i < VD_MAXB; ++i) {
+        sv[i] = (ok && i < b_out) ? s[((long long)i * b_in + j) * r + k] : 0.f;
+        dacc[i] = 0.f;
+    }
+    if (ok) {
+        for (int c = w; c < q; c += 8) {
+            long long e = (long long)(j * q + c) * r + k;
+            float v = vt[e];
+            float u[VD_MAXB];
+#pragma unroll
+            for (int i = 0; i < VD_MAXB; ++i) u[i] = i < b_out ? ut[i * total + e] : 0.f;
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < VD_MAXB; ++i) {
+                if (i < b_out) {
+                    acc += sv[i] * u[i];
+                    dacc[i] += u[i] * v;
+                }
+            }
+            g[e] = -acc;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < VD_MAXB; ++i) part[w][i][lane] = dacc[i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < b_out * 32; idx += blockDim.x) {
+        int i = idx >> 5, l = idx & 31;
+        int kk = blockIdx.x * 32 + l;
+        if (kk < r) {
+            float acc = 0.f;
+#pragma unroll
+            for (int ww = 0; ww < 8; ++ww) acc += part[ww][i][l];
+            d[((long long)i * b_in + j) * r + kk] = acc;
+        }
     }
 }

@@ -120,6 +120,7 @@ struct Kernels {
     add_eps: Kernel,
     diag: Kernel,
     v_rhs: Kernel,
+    v_rhs_diag: Kernel,
     hadamard: Kernel,
     s_grad: Kernel,
     s_update: Kernel,
@@ -139,6 +140,7 @@ impl Kernels {
             add_eps: m.function("add_eps_diag")?,
             diag: m.function("blast_diag")?,
             v_rhs: m.function("blast_v_rhs")?,
+            v_rhs_diag: m.function("blast_v_rhs_diag")?,
             hadamard: m.function("hadamard_blocks")?,
             s_grad: m.function("blast_s_grad")?,
             s_update: m.function("blast_s_update")?,
@@ -150,6 +152,8 @@ impl Kernels {
                 diag_wide: m.function("chol_diag_q8w")?,
                 place: m.function("chol_inv_place")?,
                 group: m.function("chol_inv_group")?,
+                group_tc: m.function("chol_inv_group_tc")?,
+                group_tc3: m.function("chol_inv_group_tc3")?,
             },
         })
     }
@@ -192,6 +196,12 @@ struct Solver<'g> {
     /// (0.8 s of 8.2 at 4096 x 11008, final error 1e-6 relative from the fp32 solves'; the
     /// solve residual goes from ~2e-6 to ~1.5e-3, well inside what the damped step needs).
     tf32_solve: bool,
+    /// The V step's right-hand side and `diag(U^T A V)` in one pass over `U^T A`
+    /// (`blast_v_rhs_diag`, b_out <= 16), unless `BLR_FACTORIZE_VFUSE=0`.
+    fuse_v_rhs: bool,
+    /// The U step's `V^T A^T` formed at the end of the S step and read by the S step's
+    /// `diag(U^T A V)` (see [`Solver::av_product`]), unless `BLR_FACTORIZE_AVS=0`.
+    av_in_s: bool,
     m: usize,
     n: usize,
     r: usize,
@@ -307,8 +317,24 @@ impl<'g> Solver<'g> {
             b_in,
         } = shape;
         let (p, q) = (m / b_out, n / b_in);
+        // BLR_FACTORIZE_PROFILE: where the set-up's time goes (host wall clock).
+        let clock = std::time::Instant::now();
+        let profiling = std::env::var_os("BLR_FACTORIZE_PROFILE").is_some_and(|v| v != "0");
+        let lap = |what: &str| {
+            if profiling {
+                let _ = gpu.synchronize();
+                eprintln!(
+                    "profile set-up {what:>12}: {:8.1} ms",
+                    clock.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        };
         let k = Kernels::load(gpu)?;
+        lap("kernels");
         let blas = Cublas::new(gpu)?;
+        lap("cublas");
+        let at = gpu.upload(a, "BLAST target A^T")?;
+        lap("upload A");
         let rr = r * r;
         let nblk = b_out * b_in;
         // Fixed chunks summed in order (the same value whatever the thread count).
@@ -331,13 +357,17 @@ impl<'g> Solver<'g> {
             .filter(|v| v != "0")
             .map(|_| std::cell::RefCell::new(Profile::default()));
         let chol = BatchedCholesky::new(gpu, &k.chol, r, nblk.max(b_out).max(b_in))?;
-        Ok(Self {
+        lap("cholesky ws");
+        let solver = Self {
             gpu,
             blas,
             tf32: gpu_opts.precision != GemmPrecision::Fp32,
             tf32_rest: gpu_opts.precision == GemmPrecision::Tf32,
             tf32_solve: gpu_opts.precision == GemmPrecision::Tf32
                 && std::env::var_os("BLR_FACTORIZE_SOLVE_TF32").is_none_or(|v| v != "0"),
+            fuse_v_rhs: b_out <= 16
+                && std::env::var_os("BLR_FACTORIZE_VFUSE").is_none_or(|v| v != "0"),
+            av_in_s: std::env::var_os("BLR_FACTORIZE_AVS").is_none_or(|v| v != "0"),
             m,
             n,
             r,
@@ -347,7 +377,7 @@ impl<'g> Solver<'g> {
             q,
             norm_sq,
             damping,
-            at: gpu.upload(a, "BLAST target A^T")?,
+            at,
             u: gpu.alloc_zeros::<f32>(m * r, "BLAST U^T")?,
             vt: gpu.alloc_zeros::<f32>(r * n, "BLAST V^T")?,
             s: gpu.alloc_zeros::<f32>(nblk * r, "BLAST S")?,
@@ -375,7 +405,9 @@ impl<'g> Solver<'g> {
             use_graph: profile.is_none()
                 && std::env::var_os("BLR_FACTORIZE_GRAPH").is_none_or(|v| v != "0"),
             profile,
-        })
+        };
+        lap("buffers");
+        Ok(solver)
     }
 
     /// Uploads a start (host layouts of [`BlastStart`]) into the column-major device factors.
@@ -534,13 +566,17 @@ impl<'g> Solver<'g> {
         }
     }
 
-    fn diag_products(&self) -> Result<()> {
-        let (r, n, q, b_in) = (
-            self.r as i32,
-            self.n as i32,
-            self.q as i32,
-            self.b_in as i32,
-        );
+    /// `d_ij = diag(U_i^T A_ij V_j)` from `big` = `U^T A` (`blast_diag`, reading b_out r n
+    /// floats) or, with `from_av`, from `big` = `V^T A^T` ([`Solver::av_product`]) and U^T
+    /// (`blast_diag_av`, b_in r m).
+    fn diag_products(&self, from_av: bool) -> Result<()> {
+        let (other, len, width) = if from_av {
+            (self.u.device_ptr(), self.m, self.p)
+        } else {
+            (self.vt.device_ptr(), self.n, self.q)
+        };
+        let from_av = i32::from(from_av);
+        let (r, len, width, b_in) = (self.r as i32, len as i32, width as i32, self.b_in as i32);
         let cfg = LaunchConfig {
             grid_dim: (
                 Gpu::grid_1d(self.r, 128),
@@ -550,23 +586,22 @@ impl<'g> Solver<'g> {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (d, ut, vt) = (
-            self.d.device_ptr(),
-            self.big.device_ptr(),
-            self.vt.device_ptr(),
-        );
-        // SAFETY: blast_diag(float* d, const float* ut, const float* vt, int r, int n, int q,
-        // int b_in): d holds b_out*b_in*r, ut b_out (r, n) matrices, vt (r, n).
+        let (d, big) = (self.d.device_ptr(), self.big.device_ptr());
+        // SAFETY: blast_diag(float* d, const float* x, const float* y, int r, int len, int w,
+        // int b_in, int from_av): d holds b_out*b_in*r; from_av = 0: x = big holds b_out (r, n)
+        // matrices, y = vt (r, n); from_av = 1: big holds b_in (r, m) (big >= b_in*m*r),
+        // y = u (r, m).
         unsafe {
             self.gpu
                 .launch(&self.k.diag)
                 .arg(&d)
-                .arg(&ut)
-                .arg(&vt)
+                .arg(&big)
+                .arg(&other)
                 .arg(&r)
-                .arg(&n)
-                .arg(&q)
+                .arg(&len)
+                .arg(&width)
                 .arg(&b_in)
+                .arg(&from_av)
                 .launch(cfg)
         }
     }
@@ -603,31 +638,38 @@ impl<'g> Solver<'g> {
         )
     }
 
-    fn step_u(&self) -> Result<()> {
-        let (m, n, p, q, r, b_out, b_in) = (
-            self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
-        );
-        let (at, u, vt, big, rhs, pm) = (
-            self.at.device_ptr(),
-            self.u.device_ptr(),
-            self.vt.device_ptr(),
-            self.big.device_ptr(),
-            self.rhs.device_ptr(),
-            self.pm.device_ptr(),
-        );
+    /// `TVt_j = V_j^T A_j^T` (r, m) into `big`: the U step's data term. With `av_in_s` it is
+    /// formed at the end of the S step (V does not change between it and the next U step), so
+    /// that the S step's `diag(U_i^T A_ij V_j)` reads it (b_in r m floats) instead of
+    /// `U^T A` (b_out r n), and once before the first iteration (`run`).
+    fn av_product(&self) -> Result<()> {
+        let (m, n, q, r, b_in) = (self.m, self.n, self.q, self.r, self.b_in);
         // TVt_j = V_j^T A_j^T (r, m): A_j^T = rows jq.. of at.
         self.blas.gemm(
             Op::N,
             Op::N,
             (r, m, q),
             1.0,
-            Operand::new(vt, r, q * r),
-            Operand::new(at, n, q),
+            Operand::new(self.vt.device_ptr(), r, q * r),
+            Operand::new(self.at.device_ptr(), n, q),
             0.0,
-            Operand::new(big, r, r * m),
+            Operand::new(self.big.device_ptr(), r, r * m),
             b_in,
             self.tf32,
-        )?;
+        )
+    }
+
+    fn step_u(&self) -> Result<()> {
+        let (m, p, r, b_out, b_in) = (self.m, self.p, self.r, self.b_out, self.b_in);
+        let (u, big, rhs, pm) = (
+            self.u.device_ptr(),
+            self.big.device_ptr(),
+            self.rhs.device_ptr(),
+            self.pm.device_ptr(),
+        );
+        if !self.av_in_s {
+            self.av_product()?;
+        }
         self.mark("u: A V")?;
         let (mi, ri, pi, bi) = (m as i32, r as i32, p as i32, b_in as i32);
         let s = self.s.device_ptr();
@@ -711,7 +753,36 @@ impl<'g> Solver<'g> {
         )?;
         self.mark("v: U^T A")?;
         self.mix(qm, self.jm.device_ptr(), b_in, b_out, 1, b_in)?;
-        self.diag_products()?;
+        let (ri, ni, qi, bo, bi) = (r as i32, n as i32, q as i32, b_out as i32, b_in as i32);
+        let s = self.s.device_ptr();
+        if self.fuse_v_rhs {
+            let cfg = LaunchConfig {
+                grid_dim: (Gpu::grid_1d(r, 32), b_in as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let d = self.d.device_ptr();
+            // SAFETY: blast_v_rhs_diag(float* g, float* d, const float* ut, const float* vt,
+            // const float* s, int r, int n, int q, int b_out, int b_in): g and vt (r, n), d and s
+            // b_out*b_in*r, ut b_out (r, n) matrices; b_out <= 16 (fuse_v_rhs), grid r/32 x b_in.
+            unsafe {
+                self.gpu
+                    .launch(&self.k.v_rhs_diag)
+                    .arg(&gv)
+                    .arg(&d)
+                    .arg(&big)
+                    .arg(&vt)
+                    .arg(&s)
+                    .arg(&ri)
+                    .arg(&ni)
+                    .arg(&qi)
+                    .arg(&bo)
+                    .arg(&bi)
+                    .launch(cfg)?;
+            }
+        } else {
+            self.diag_products(false)?;
+        }
         let nblk = b_out * b_in;
         self.dot(
             self.s.device_ptr(),
@@ -721,22 +792,22 @@ impl<'g> Solver<'g> {
             1.0,
         )?;
         self.dot(qm, self.km.device_ptr(), b_in * r * r, V_LOSS + 1, 1.0)?;
-        let (ri, ni, qi, bo, bi) = (r as i32, n as i32, q as i32, b_out as i32, b_in as i32);
-        let s = self.s.device_ptr();
-        // SAFETY: blast_v_rhs(float* g, const float* ut, const float* s, int r, int n, int q,
-        // int b_out, int b_in): g (r, n), ut b_out (r, n) matrices, s b_out*b_in*r.
-        unsafe {
-            self.gpu
-                .launch(&self.k.v_rhs)
-                .arg(&gv)
-                .arg(&big)
-                .arg(&s)
-                .arg(&ri)
-                .arg(&ni)
-                .arg(&qi)
-                .arg(&bo)
-                .arg(&bi)
-                .launch(grid(self.gpu, r * n))?;
+        if !self.fuse_v_rhs {
+            // SAFETY: blast_v_rhs(float* g, const float* ut, const float* s, int r, int n,
+            // int q, int b_out, int b_in): g (r, n), ut b_out (r, n) matrices, s b_out*b_in*r.
+            unsafe {
+                self.gpu
+                    .launch(&self.k.v_rhs)
+                    .arg(&gv)
+                    .arg(&big)
+                    .arg(&s)
+                    .arg(&ri)
+                    .arg(&ni)
+                    .arg(&qi)
+                    .arg(&bo)
+                    .arg(&bi)
+                    .launch(grid(self.gpu, r * n))?;
+            }
         }
         // grad_j^T = Q_j V_j^T - sum_i diag(s_ij) UT_ij.
         self.gemm(
@@ -779,7 +850,10 @@ impl<'g> Solver<'g> {
         let (r, b_in) = (self.r, self.b_in);
         let nblk = self.b_out * b_in;
         let rr = r * r;
-        self.diag_products()?;
+        if self.av_in_s {
+            self.av_product()?;
+        }
+        self.diag_products(self.av_in_s)?;
         let (h, s, d, hs, g, gk) = (
             self.h.device_ptr(),
             self.s.device_ptr(),
@@ -1214,6 +1288,9 @@ fn run(
     }
     solver.u_gram()?;
     solver.v_gram()?;
+    if solver.av_in_s {
+        solver.av_product()?;
+    }
     solver.chol.reset(gpu)?;
     // Read the errors back every few iterations (a synchronisation), not after each.
     let every = 10usize;

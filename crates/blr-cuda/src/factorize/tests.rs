@@ -109,6 +109,10 @@ fn batched_cholesky_reconstructs_spd_matrices() {
             (128, 256, ""),
             (64, 256, "pairs"),
             (64, 512, "pairs"),
+            (64, 256, "cuda"),
+            (64, 256, "tc3"),
+            (64, 512, "tc3"),
+            (64, 256, "tc"),
         ];
         for (nb, outer, variant) in cases {
             eprintln!("group inverses '{variant}' nb={nb} outer={outer}");
@@ -127,7 +131,13 @@ fn batched_cholesky_reconstructs_spd_matrices() {
                     "cholesky r={r} nb={nb} outer={} batch {b}: ||LL^T - A|| / ||A|| = {err:.2e}",
                     chol.outer()
                 );
-                assert!(err < 1e-5, "r={r} nb={nb} outer={outer} b={b}: {err}");
+                // "tc" forms the group inverses on TF32 tensor cores even in an fp32
+                // factorization: TF32's tolerance.
+                let tol = if variant == "tc" { 1e-2 } else { 1e-5 };
+                assert!(
+                    err < tol,
+                    "r={r} nb={nb} outer={outer} '{variant}' b={b}: {err}"
+                );
             }
             // The blocked solve: (L L^T)^-1 B for B (r, 3) per matrix, checked by multiplying
             // back (fp32, and TF32 with a looser bound).
@@ -161,7 +171,8 @@ fn batched_cholesky_reconstructs_spd_matrices() {
                     eprintln!(
                         "solve r={r} nb={nb} outer={outer} tf32={tf32} batch {b}: ||A x - b|| / ||b|| = {err:.2e}"
                     );
-                    assert!(err < if tf32 { 1e-2 } else { 1e-4 }, "r={r} b={b}: {err}");
+                    let tol = if tf32 || variant == "tc" { 1e-2 } else { 1e-4 };
+                    assert!(err < tol, "r={r} '{variant}' b={b}: {err}");
                 }
             }
             // TF32 GEMMs inside: a factor of a nearby matrix.

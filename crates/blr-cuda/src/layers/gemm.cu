@@ -172,39 +172,3 @@ static __device__ __forceinline__ void gemm_nt_block(const bf16* __restrict__ A,
 
 BLR_GEMM_ENTRY(blr_gemm_nt_128x128, 128, 128)
 BLR_GEMM_ENTRY(blr_gemm_nt_128x256, 128, 256)
-
-// Split-K reduction for low-rank `partial` (lowrank.rs): out[i] = bf16(sum_s parts[s*stride + i])
-// for i < count. Four consecutive elements per thread (16-byte loads of every slice issued
-// before the adds, 8-byte bf16 store); grid-stride. Needs count, stride multiples of 4 and
-// 16-byte aligned parts (the launcher checks). Bytes per output: 4 * splits read + 2 written,
-// mostly from L2 (the partials were just written by the GEMM).
-extern "C" __global__ void __launch_bounds__(256) blr_splitk_reduce(const float* __restrict__ parts,
-                                                                     bf16* __restrict__ out, long long count,
-                                                                     int splits, long long stride) {
-    const long long step = (long long)gridDim.x * blockDim.x * 4;
-    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < count; i += step) {
-        float4 acc = __ldcs(reinterpret_cast<const float4*>(parts + i));
-        int s = 1;
-        for (; s + 1 < splits; s += 2) {
-            const float4 a = __ldcs(reinterpret_cast<const float4*>(parts + s * stride + i));
-            const float4 b = __ldcs(reinterpret_cast<const float4*>(parts + (s + 1) * stride + i));
-            acc.x += a.x + b.x;
-            acc.y += a.y + b.y;
-            acc.z += a.z + b.z;
-            acc.w += a.w + b.w;
-        }
-        if (s < splits) {
-            const float4 a = __ldcs(reinterpret_cast<const float4*>(parts + s * stride + i));
-            acc.x += a.x;
-            acc.y += a.y;
-            acc.z += a.z;
-            acc.w += a.w;
-        }
-        __nv_bfloat162 lo = __floats2bfloat162_rn(acc.x, acc.y);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(acc.z, acc.w);
-        uint2 v;
-        v.x = *reinterpret_cast<blr_u32*>(&lo);
-        v.y = *reinterpret_cast<blr_u32*>(&hi);
-        *reinterpret_cast<uint2*>(out + i) = v;
-    }
-}

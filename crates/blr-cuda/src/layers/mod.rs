@@ -277,14 +277,8 @@ pub struct LayerKernels {
     /// blr_monarch_stage1 on wgmma, and whether this device runs it (sm_90a).
     monarch_stage1_wg: Kernel,
     monarch_stage1_wg_ok: bool,
-    /// Experiments next to it ([`monarch::Stage1Mma::WgmmaPipe3`] / `WgmmaPipe4`).
-    monarch_stage1_wgp3: Kernel,
-    monarch_stage1_wgp4: Kernel,
     /// Monarch partial's kernel choices ([`monarch::MonarchOptions::from_env`] at load).
     monarch: monarch::MonarchOptions,
-    /// Low-rank partial's split-K reduction (gemm.cu) and K-slice counts ([`lowrank`]).
-    splitk_reduce: Kernel,
-    lowrank: lowrank::LowRankOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
     fused: Option<blast_fused::FusedKernel>,
 }
@@ -311,15 +305,6 @@ impl LayerKernels {
 
     pub fn set_monarch_options(&mut self, opts: monarch::MonarchOptions) {
         self.monarch = opts;
-    }
-
-    /// Low-rank `partial`'s K-slice counts (default: [`lowrank::LowRankOptions::from_env`]).
-    pub fn lowrank_options(&self) -> lowrank::LowRankOptions {
-        self.lowrank
-    }
-
-    pub fn set_lowrank_options(&mut self, opts: lowrank::LowRankOptions) {
-        self.lowrank = opts;
     }
 
     /// Whether [`monarch::Stage1Mma::Wgmma`] runs on this device (else mma.sync runs).
@@ -349,11 +334,7 @@ impl LayerKernels {
             mid_transpose_packed: monarch.function("blr_monarch_mid_transpose_packed")?,
             monarch_stage1_wg: monarch.function("blr_monarch_stage1_wg")?,
             monarch_stage1_wg_ok: false,
-            monarch_stage1_wgp3: monarch.function("blr_monarch_stage1_wgp3")?,
-            monarch_stage1_wgp4: monarch.function("blr_monarch_stage1_wgp4")?,
             monarch: monarch::MonarchOptions::from_env()?,
-            splitk_reduce: gemm.function("blr_splitk_reduce")?,
-            lowrank: lowrank::LowRankOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
@@ -376,13 +357,9 @@ impl LayerKernels {
         k.mid_transpose_packed
             .set_max_dynamic_smem(optin.min(monarch::TRANSPOSE_SMEM_MAX))?;
         // The wgmma body is compiled only for sm_90a (Hopper: compute capability 9.0).
-        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_WGP4_SMEM {
+        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_WG_SMEM {
             k.monarch_stage1_wg
                 .set_max_dynamic_smem(monarch::STAGE1_WG_SMEM)?;
-            k.monarch_stage1_wgp3
-                .set_max_dynamic_smem(monarch::STAGE1_WG_SMEM)?;
-            k.monarch_stage1_wgp4
-                .set_max_dynamic_smem(monarch::STAGE1_WGP4_SMEM)?;
             k.monarch_stage1_wg_ok = true;
         }
         Ok(k)
@@ -428,8 +405,6 @@ pub struct Workspace {
     dec: DeviceBuffer<bf16>,
     /// decode: grid-barrier words (count, generation), zeroed once.
     barrier: DeviceBuffer<u32>,
-    /// Low-rank partial: the fp32 partial products of a split-K GEMM ([`lowrank`]).
-    parts: DeviceBuffer<f32>,
     /// When set, every cuBLASLt stage GEMM is autotuned ([`crate::gemm::Blas::tune`]: each
     /// algorithm the heuristic offers is timed and the fastest pinned for that shape) instead of
     /// run once, and `(heuristic ms, best ms)` is recorded here.
@@ -457,13 +432,13 @@ impl Workspace {
 }
 
 /// One cuBLASLt stage GEMM, or its autotuning when `tune` is set (see [`Workspace`]).
-fn stage_gemm<'x, 'w, 'y, O: crate::gemm::GemmOutput>(
+fn stage_gemm<'x, 'w, 'y>(
     gpu: &Gpu,
     tune: &mut Option<Vec<(f64, f64)>>,
     shape: &GemmShape,
     x: impl Into<crate::gemm::MatRef<'x, bf16>>,
     w: impl Into<crate::gemm::MatRef<'w, bf16>>,
-    y: impl Into<crate::gemm::MatMut<'y, O>>,
+    y: impl Into<crate::gemm::MatMut<'y, bf16>>,
 ) -> Result<()> {
     match tune {
         Some(reports) => {
@@ -472,70 +447,6 @@ fn stage_gemm<'x, 'w, 'y, O: crate::gemm::GemmOutput>(
             Ok(())
         }
         None => gpu.gemm(shape, x, w, y),
-    }
-}
-
-/// `y (t, cols) = x (t, inner) w^T` with `w (cols, inner)`, K split into `splits` slices
-/// ([`lowrank`]): one strided-batched cuBLASLt GEMM writes the fp32 partial products into
-/// `parts`, `blr_splitk_reduce` sums them into `y`. `splits = 1` is the plain GEMM.
-#[allow(clippy::too_many_arguments)]
-fn splitk_gemm(
-    gpu: &Gpu,
-    k: &LayerKernels,
-    tune: &mut Option<Vec<(f64, f64)>>,
-    parts: &mut DeviceBuffer<f32>,
-    (t, cols, inner, splits): (usize, usize, usize, usize),
-    x: &DeviceBuffer<bf16>,
-    w: &DeviceBuffer<bf16>,
-    y: &mut DeviceBuffer<bf16>,
-) -> Result<()> {
-    if splits <= 1 {
-        return stage_gemm(gpu, tune, &GemmShape::linear(t, cols, inner), x, w, y);
-    }
-    let count = t * cols;
-    if !inner.is_multiple_of(8 * splits) || !cols.is_multiple_of(4) {
-        return Err(Error::Shape(format!(
-            "split-K GEMM {t}x{cols}x{inner}: {splits} slices need K = {inner} divisible into \
-             multiples of 8 and cols = {cols} a multiple of 4"
-        )));
-    }
-    if splits * count > parts.len() || y.len() < count {
-        return Err(Error::Shape(format!(
-            "split-K GEMM {t}x{cols}x{inner} in {splits} slices needs {} fp32 partials (workspace \
-             has {}) and {count} outputs (y has {}); make the workspace with the same \
-             BLR_LOWRANK_SPLITS as the kernels",
-            splits * count,
-            parts.len(),
-            y.len()
-        )));
-    }
-    let slice = inner / splits;
-    let shape = GemmShape::linear(t, cols, slice)
-        .with_ld(inner, inner, cols)
-        .batched(splits, slice, slice, count);
-    stage_gemm(gpu, tune, &shape, x, w, &mut *parts)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            Gpu::grid_1d(count.div_ceil(4), 256).min(gpu.info().sm_count * 16),
-            1,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (count_arg, stride) = (count as i64, count as i64);
-    let splits_arg = i32_of(splits, "split-K slices")?;
-    // SAFETY: blr_splitk_reduce(const float* parts, bf16* out, long long count, int splits,
-    // long long stride): parts holds splits * count floats and y count bf16 (checked above);
-    // count and stride are multiples of 4 (cols is) and both buffers start 256-byte aligned.
-    unsafe {
-        gpu.launch(&k.splitk_reduce)
-            .arg(&*parts)
-            .arg(y)
-            .arg(&count_arg)
-            .arg(&splits_arg)
-            .arg(&stride)
-            .launch(cfg)
     }
 }
 
@@ -606,17 +517,6 @@ impl GpuLinear {
             }
         };
         let alloc = |n: usize, what: &str| gpu.alloc::<bf16>(n.max(8), what);
-        let parts = match s.format {
-            FormatKind::LowRank => lowrank::parts_capacity(
-                &lowrank::LowRankOptions::from_env()?,
-                s.n,
-                s.m,
-                s.rank,
-                t,
-                gpu.info().sm_count as usize,
-            ),
-            _ => 0,
-        };
         Ok(Workspace {
             max_tokens: t,
             // Zeroed once: BLAST `partial` keeps Z^T rows padded to round8(T) columns that no
@@ -628,7 +528,6 @@ impl GpuLinear {
             c: alloc(c, "layer workspace (stage-2 output)")?,
             dec: alloc(dec, "decode intermediate")?,
             barrier: gpu.alloc_zeros::<u32>(2, "decode grid barrier")?,
-            parts: gpu.alloc::<f32>(parts.max(8), "split-K partial products")?,
             tune: None,
             prefill_chunk: None,
         })
@@ -694,16 +593,8 @@ impl GpuLinear {
             }
             (Factors::LowRank { u, v }, Strategy::Partial) => {
                 let r = s.rank;
-                if k.lowrank.own_gemm {
-                    gemm_nt(gpu, k, NtGemm::plain(t, r, s.n), x, v, &mut ws.a)?;
-                    return gemm_nt(gpu, k, NtGemm::plain(t, s.m, r), &ws.a, u, y);
-                }
-                let sms = gpu.info().sm_count as usize;
-                let s1 = k.lowrank.splits(0, t, r, s.n, sms);
-                let s2 = k.lowrank.splits(1, t, s.m, r, sms);
-                let (tune, parts) = (&mut ws.tune, &mut ws.parts);
-                splitk_gemm(gpu, k, tune, parts, (t, r, s.n, s1), x, v, &mut ws.a)?;
-                splitk_gemm(gpu, k, tune, parts, (t, s.m, r, s2), &ws.a, u, y)
+                gemm_nt(gpu, k, NtGemm::plain(t, r, s.n), x, v, &mut ws.a)?;
+                gemm_nt(gpu, k, NtGemm::plain(t, s.m, r), &ws.a, u, y)
             }
             (Factors::LowRank { u, v }, Strategy::Decode) => {
                 let d = decode::DecodeDims {
@@ -1060,7 +951,6 @@ fn gemm_nt(
 pub mod autotune;
 pub mod blast_fused;
 pub mod decode;
-pub mod lowrank;
 pub mod monarch;
 pub mod timing;
 

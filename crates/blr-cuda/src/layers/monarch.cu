@@ -150,7 +150,6 @@ static __device__ __forceinline__ unsigned long long wg_desc(blr_u32 saddr) {
 static __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-static __device__ __forceinline__ void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // D (64 x 128, f32, the m16n8 fragment layout per warp and n8 block: d[j][0..3]) += A B^T.
 static __device__ __forceinline__ void wg_mma_m64n128k16(float (&d)[16][4], unsigned long long da,
                                                          unsigned long long db) {
@@ -183,17 +182,11 @@ static __device__ __forceinline__ void wg_mma_m64n128k16(float (&d)[16][4], unsi
 // MMA = 0: mma.sync m16n8k16 (8 warps as 2 x 4, 64x32 warp tiles; any sm_80+).
 // MMA = 1: wgmma m64n128k16 (2 warpgroups, each 64 rows x all 128 columns; sm_90a only).
 // Both keep 64 fp32 accumulators per thread and share the loads and the epilogue.
-// NST: shared-memory stages. PIPE = 1 (wgmma only): each k-tile's wgmmas stay in flight through
-// the next iteration's wait and barrier (`wgmma.wait_group 1`), so the loads run NST - 2 tiles
-// ahead (a stage is refilled only once the MMAs of the tile two back are done): NST = 3 keeps
-// two blocks per SM with one tile ahead, NST = 4 (128 KB) one block per SM with two ahead.
-template <int MMA, int NST = blr_mon1::STAGES, int PIPE = 0>
+template <int MMA>
 static __device__ __forceinline__ void mon1_body(const bf16* __restrict__ x, const bf16* __restrict__ w1,
                                                  bf16* __restrict__ P, int T, int b, int R, int nb, int seg,
                                                  unsigned char* smem) {
     using namespace blr_mon1;
-    static_assert(PIPE == 0 || (MMA == 1 && NST >= 3), "the pipelined loop is wgmma-only");
-    constexpr int STAGES = NST;
     bf16* As = reinterpret_cast<bf16*>(smem);
     bf16* Bs = As + STAGES * A_STAGE;
 
@@ -248,39 +241,6 @@ static __device__ __forceinline__ void mon1_body(const bf16* __restrict__ x, con
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
     const int ktiles = (nb + BK - 1) / BK;
-    if constexpr (PIPE == 1) {
-#if defined(BLR_MON1_HAVE_WGMMA)
-        constexpr int AHEAD = STAGES - 2;
-#pragma unroll
-        for (int s = 0; s < AHEAD; ++s) {
-            if (s < ktiles) load_stage(s, s * BK);
-            cp_async_commit();
-        }
-        for (int kt = 0; kt < ktiles; ++kt) {
-            // Groups committed so far: AHEAD + kt, one per tile; tile kt is the oldest of them
-            // that must have landed.
-            cp_async_wait<AHEAD - 1>();
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            // After this barrier every warpgroup has passed its wait_group 1 of iteration
-            // kt - 1, so the MMAs of tile kt - 2 are done and its stage may be refilled.
-            __syncthreads();
-            const int nk = kt + AHEAD;
-            if (nk < ktiles) load_stage(nk % STAGES, nk * BK);
-            cp_async_commit();
-            const bf16* as = As + (kt % STAGES) * A_STAGE;
-            const bf16* bs = Bs + (kt % STAGES) * B_STAGE;
-            const blr_u32 a0 = smem_addr(as + (warp >> 2) * 64 * BK);
-            const blr_u32 b0 = smem_addr(bs);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk)
-                wg_mma_m64n128k16(acc[0], wg_desc(a0 + kk * 32), wg_desc(b0 + kk * 32));
-            wg_commit();
-            wg_wait1();
-        }
-        wg_wait0();
-#endif
-    } else {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < ktiles) load_stage(s, s * BK);
@@ -338,7 +298,6 @@ static __device__ __forceinline__ void mon1_body(const bf16* __restrict__ x, con
                                  bfr[ni][1]);
             }
         }
-    }
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -413,31 +372,6 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
     const blr_u32 base = smem_addr(blr_mon1wg_smem);
     unsigned char* aligned = blr_mon1wg_smem + (((base + 1023u) & ~1023u) - base);
     mon1_body<1>(x, w1, P, T, b, R, nb, seg, aligned);
-#endif
-}
-
-// Experiment (BLR_MONARCH_STAGE1=wgp3 / wgp4): the wgmma kernel with its MMAs in flight across
-// k-tiles (mon1_body's PIPE = 1), 3 stages (2 blocks per SM) or 4 stages (128 KB + 1024, one
-// block per SM). Same arguments and grid.
-extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
-    blr_monarch_stage1_wgp3(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P,
-                            int T, int b, int R, int nb, int seg) {
-#if defined(BLR_MON1_HAVE_WGMMA)
-    extern __shared__ __align__(1024) unsigned char blr_mon1wg_smem[];
-    const blr_u32 base = smem_addr(blr_mon1wg_smem);
-    unsigned char* aligned = blr_mon1wg_smem + (((base + 1023u) & ~1023u) - base);
-    mon1_body<1, 3, 1>(x, w1, P, T, b, R, nb, seg, aligned);
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 1)
-    blr_monarch_stage1_wgp4(const bf16* __restrict__ x, const bf16* __restrict__ w1, bf16* __restrict__ P,
-                            int T, int b, int R, int nb, int seg) {
-#if defined(BLR_MON1_HAVE_WGMMA)
-    extern __shared__ __align__(1024) unsigned char blr_mon1wg_smem[];
-    const blr_u32 base = smem_addr(blr_mon1wg_smem);
-    unsigned char* aligned = blr_mon1wg_smem + (((base + 1023u) & ~1023u) - base);
-    mon1_body<1, 4, 1>(x, w1, P, T, b, R, nb, seg, aligned);
 #endif
 }
 

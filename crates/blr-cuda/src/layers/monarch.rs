@@ -45,8 +45,6 @@ const STAGE1_THREADS: u32 = 256;
 pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
 /// blr_monarch_stage1_wg: the same plus 1024 bytes to align the stages for the 128-byte swizzle.
 pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
-/// blr_monarch_stage1_wgp4: 4 stages + 1024 alignment bytes (one block per SM).
-pub(super) const STAGE1_WGP4_SMEM: u32 = 4 * (128 + 128) * 64 * 2 + 1024;
 /// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
 /// load, capped by the device): one token's rows x (cols + 2) (mid: rows x mid_ld(cols)) bf16.
 /// Larger tiles use the per-element kernels (or, for the intermediate, the own stage 1).
@@ -114,17 +112,6 @@ pub enum Stage1Mma {
     /// `blr_monarch_stage1_wg`: wgmma, on compute capability 9.0 (sm_90a) only; elsewhere
     /// `MmaSync` runs.
     Wgmma,
-    /// Experiments: `blr_monarch_stage1_wgp3` / `_wgp4`, the wgmma kernel with each k-tile's
-    /// MMAs in flight across the next barrier (3 or 4 stages); sm_90a only, like `Wgmma`.
-    WgmmaPipe3,
-    WgmmaPipe4,
-}
-
-impl Stage1Mma {
-    /// Whether this choice runs a wgmma kernel (where the device has one).
-    pub fn is_wgmma(self) -> bool {
-        !matches!(self, Stage1Mma::MmaSync)
-    }
 }
 
 /// Monarch `partial` choices (development knobs for side-by-side measurements; the defaults
@@ -157,7 +144,7 @@ impl MonarchOptions {
     pub fn own_stage1(&self, nb: usize, wgmma_here: bool) -> bool {
         match self.own_max_nb {
             Some(max) => nb <= max,
-            None => (self.stage1.is_wgmma() && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
+            None => (self.stage1 == Stage1Mma::Wgmma && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
         }
     }
 
@@ -187,11 +174,9 @@ impl MonarchOptions {
             o.stage1 = match v.as_str() {
                 "mma" => Stage1Mma::MmaSync,
                 "wgmma" => Stage1Mma::Wgmma,
-                "wgp3" => Stage1Mma::WgmmaPipe3,
-                "wgp4" => Stage1Mma::WgmmaPipe4,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_MONARCH_STAGE1='{other}': expected mma, wgmma, wgp3 or wgp4"
+                        "BLR_MONARCH_STAGE1='{other}': expected mma or wgmma"
                     )))
                 }
             };
@@ -314,12 +299,11 @@ impl GpuLinear {
             });
         }
         let seg = i32::from(segmented(s));
-        let (stage1, stage1_smem) = match opts.stage1 {
-            _ if !k.monarch_stage1_wg_ok => (&k.monarch_stage1, STAGE1_SMEM),
-            Stage1Mma::MmaSync => (&k.monarch_stage1, STAGE1_SMEM),
-            Stage1Mma::Wgmma => (&k.monarch_stage1_wg, STAGE1_WG_SMEM),
-            Stage1Mma::WgmmaPipe3 => (&k.monarch_stage1_wgp3, STAGE1_WG_SMEM),
-            Stage1Mma::WgmmaPipe4 => (&k.monarch_stage1_wgp4, STAGE1_WGP4_SMEM),
+        let wg = opts.stage1 == Stage1Mma::Wgmma && k.monarch_stage1_wg_ok;
+        let (stage1, stage1_smem) = if wg {
+            (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
+        } else {
+            (&k.monarch_stage1, STAGE1_SMEM)
         };
         let grid = (
             u32::try_from(rr.div_ceil(STAGE1_BN)).unwrap_or(u32::MAX),

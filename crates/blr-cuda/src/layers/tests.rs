@@ -237,87 +237,6 @@ fn gpu_parity_every_format_and_strategy_on_odd_shapes() {
     assert!(checked >= 40, "only {checked} cases ran");
 }
 
-/// Low-rank `partial` (lowrank.rs): split-K GEMMs (fp32 partials + `blr_splitk_reduce`) with
-/// the rule's counts and forced ones (slices of 8..520 elements, 2..16 of them, either stage,
-/// counts lowered to what divides K), and blr's own mma.sync GEMMs; ragged T, m and r against
-/// 128-wide tiles. y and the partials are NaN-poisoned before every run.
-#[test]
-fn gpu_lowrank_splitk_parity_on_odd_shapes() {
-    let Some(gpu) = gpu_or_skip("gpu_lowrank_splitk_parity_on_odd_shapes") else {
-        return;
-    };
-    let mut kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
-    let shapes = [
-        // n = 1040 = 8 * 130: splits 2, 5, 10, 13; r = 24 (stage 2 splits of 8).
-        shape(FormatKind::LowRank, 136, 1040, 1, 1, 24),
-        // m = 1000 (8 column tiles, the last ragged), r = 72, n = 2048 (the rule splits at T=300).
-        shape(FormatKind::LowRank, 1000, 2048, 1, 1, 72),
-    ];
-    let options = [
-        lowrank::LowRankOptions::default(),
-        lowrank::LowRankOptions {
-            splits: [Some(2), Some(1)],
-            own_gemm: false,
-        },
-        lowrank::LowRankOptions {
-            splits: [Some(5), Some(3)],
-            own_gemm: false,
-        },
-        lowrank::LowRankOptions {
-            splits: [Some(16), Some(4)],
-            own_gemm: false,
-        },
-        lowrank::LowRankOptions {
-            splits: [Some(1), Some(1)],
-            own_gemm: true,
-        },
-    ];
-    let mut rng = Rng::new(0x5B17);
-    let mut checked = 0;
-    let mut split_runs = 0;
-    for (si, sh) in shapes.iter().enumerate() {
-        let layer = bf16_rounded(&Linear::random(sh, 300 + si as u64).expect("valid shape"));
-        let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
-        let max_t = 300;
-        let mut ws = dev.workspace(&gpu, max_t).expect("workspace");
-        for &t in &[1usize, 5, 77, 300] {
-            let x: Vec<f32> = rng
-                .normal_vec(t * sh.n, 1.0)
-                .into_iter()
-                .map(|v| bf16::from_f32(v).to_f32())
-                .collect();
-            let want = layer.forward(&x, t).expect("cpu forward");
-            let xd = gpu.upload_bf16(&x, "x").expect("upload x");
-            let mut yd = gpu.alloc::<bf16>(t * sh.m, "y").expect("alloc y");
-            for o in options {
-                kernels.set_lowrank_options(o);
-                let sms = gpu.info().sm_count as usize;
-                let s1 = o.splits(0, t, sh.rank, sh.n, sms);
-                let s2 = o.splits(1, t, sh.m, sh.rank, sms);
-                if !o.own_gemm && (s1 > 1 || s2 > 1) {
-                    split_runs += 1;
-                }
-                gpu.memset_bytes(&mut yd, 0xFF).expect("poison y");
-                gpu.memset_bytes(&mut ws.parts, 0xFF)
-                    .expect("poison partials");
-                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, Strategy::Partial)
-                    .unwrap_or_else(|e| panic!("{sh:?} {o:?} T={t}: {e}"));
-                let got = gpu.download_f32(&yd).expect("download");
-                let (err, bad) = rel_err(&got, &want);
-                assert_eq!(bad, 0, "{sh:?} {o:?} (splits {s1},{s2}) T={t}: {bad} NaN");
-                assert!(
-                    err < 1.5e-2,
-                    "{sh:?} {o:?} (splits {s1},{s2}) T={t}: rel err {err:.3e}"
-                );
-                checked += 1;
-            }
-        }
-    }
-    kernels.set_lowrank_options(lowrank::LowRankOptions::default());
-    eprintln!("low-rank split-K parity: {checked} cases ({split_runs} with a split GEMM)");
-    assert!(split_runs >= 20, "only {split_runs} split-K runs");
-}
-
 #[test]
 fn monarch_own_stage1_rule() {
     let d = MonarchOptions::default();
@@ -419,12 +338,6 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
                 ..base
             };
             runs.push(("partial wgmma", Strategy::Partial, wg));
-            for (label, stage1) in [
-                ("partial wgmma pipelined, 3 stages", Stage1Mma::WgmmaPipe3),
-                ("partial wgmma pipelined, 4 stages", Stage1Mma::WgmmaPipe4),
-            ] {
-                runs.push((label, Strategy::Partial, MonarchOptions { stage1, ..wg }));
-            }
         }
         if n / b > 256 {
             for (label, mid) in [
