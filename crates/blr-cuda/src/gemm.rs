@@ -32,6 +32,17 @@
 //!
 //! Alignment is part of the key because cuBLASLt's heuristic assumes 256-byte aligned operands
 //! unless told otherwise: a sub-matrix at an odd offset gets a plan built for its real alignment.
+//!
+//! # Measured algorithm choices (the GEMM cache)
+//! The heuristic's first algorithm is not always cuBLASLt's fastest: on the H100 the low-rank
+//! GEMMs of llama7b down_proj (1024 x 1488 x 11008) ran 80.9 us with it and 64.0 us with its
+//! third candidate (docs/perf/kernel-notes.md, "Low-rank prefill"). [`Blas::tune`] times the
+//! candidates (and their split-K variants) with L2 flushed; `blr bench layer --tune-gemms` keeps
+//! a layer's tuned algorithms only where the whole layer then ran faster in place, and writes
+//! them to a per-device cache file (`$BLR_GEMM_CACHE`, else `~/.cache/blr/gemm-algos.tsv`;
+//! `BLR_GEMM_CACHE=off` disables it). Every [`Blas`] reads that file: a plan whose key (device,
+//! cuBLASLt version, shape, strides, output type, alignment) is in it uses the stored algorithm
+//! once `cublasLtMatmulAlgoCheck` accepts it for these descriptors, else the heuristic's.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -229,8 +240,92 @@ pub struct TuneReport {
     /// Median of the heuristic's first choice (NaN if it did not run).
     pub heuristic_ms: f64,
     pub best_ms: f64,
-    /// Heuristic rank of the pinned algorithm.
+    /// Heuristic rank of the pinned algorithm (ranks past the heuristic's list are its
+    /// split-K variants, `BLR_TUNE_SPLITK=1`).
     pub best_index: usize,
+}
+
+/// One measured algorithm choice of the GEMM cache (module docs).
+#[derive(Debug, Clone, PartialEq)]
+struct StoredAlgo {
+    algo: [u64; 8],
+    workspace: usize,
+    heuristic_ms: f64,
+    best_ms: f64,
+}
+
+/// Where the GEMM cache lives: `$BLR_GEMM_CACHE` (`off` or `0`: nowhere), else
+/// `$XDG_CACHE_HOME/blr/gemm-algos.tsv` or `~/.cache/blr/gemm-algos.tsv`.
+pub fn gemm_cache_path() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("BLR_GEMM_CACHE").filter(|v| !v.is_empty()) {
+        if p == "off" || p == "0" {
+            return None;
+        }
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("blr").join("gemm-algos.tsv"))
+}
+
+/// Parses the GEMM cache text: `key<TAB>a0,..,a7 (hex)<TAB>workspace<TAB>heuristic_ms<TAB>best_ms`
+/// per line, `#` comments. Returns the entries and the first malformed line, if any (that line
+/// is skipped: a damaged cache costs speed, never correctness).
+fn parse_gemm_cache(text: &str) -> (HashMap<String, StoredAlgo>, Option<String>) {
+    let mut out = HashMap::new();
+    let mut bad = None;
+    for (no, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        let parsed = (f.len() == 5)
+            .then(|| {
+                let words: Vec<u64> = f[1]
+                    .split(',')
+                    .filter_map(|w| u64::from_str_radix(w.trim(), 16).ok())
+                    .collect();
+                let algo: [u64; 8] = words.try_into().ok()?;
+                Some(StoredAlgo {
+                    algo,
+                    workspace: f[2].trim().parse().ok()?,
+                    heuristic_ms: f[3].trim().parse().ok()?,
+                    best_ms: f[4].trim().parse().ok()?,
+                })
+            })
+            .flatten();
+        match parsed {
+            Some(a) => {
+                out.insert(f[0].to_string(), a);
+            }
+            None => {
+                bad.get_or_insert_with(|| format!("line {}: '{line}'", no + 1));
+            }
+        }
+    }
+    (out, bad)
+}
+
+fn format_gemm_cache(entries: &std::collections::BTreeMap<String, StoredAlgo>) -> String {
+    let mut text = String::from(
+        "# blr GEMM cache: cuBLASLt algorithm measured fastest per device|cuBLASLt|GEMM key \
+         (blr bench layer --tune-gemms); columns: key, algorithm words (hex), workspace bytes, \
+         heuristic ms, best ms\n",
+    );
+    for (k, a) in entries {
+        let words: Vec<String> = a.algo.iter().map(|w| format!("{w:x}")).collect();
+        text.push_str(&format!(
+            "{k}\t{}\t{}\t{:.6}\t{:.6}\n",
+            words.join(","),
+            a.workspace,
+            a.heuristic_ms,
+            a.best_ms
+        ));
+    }
+    text
 }
 
 /// A validated GEMM call: its plan key and operand addresses.
@@ -294,6 +389,14 @@ pub struct Blas {
     /// initcheck still checks everything else, and an element the GEMM failed to write stays
     /// NaN, which every test's NaN check catches. Off in normal runs (it costs a write of Y).
     poison_outputs: bool,
+    /// `device|cuBLASLt version` prefix of this handle's GEMM cache keys.
+    cache_prefix: String,
+    /// Measured choices read from the GEMM cache at creation (module docs).
+    stored: HashMap<String, StoredAlgo>,
+    /// Why the GEMM cache was (partly) not used, if it was not.
+    cache_problem: Option<String>,
+    /// Choices [`Blas::tune`] pinned in this process, in order (for [`Blas::save_tuned`]).
+    tuned: Mutex<Vec<(PlanKey, StoredAlgo)>>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from several threads (calls are serialised on our one
@@ -360,6 +463,12 @@ fn alignment_of(addr: u64) -> u32 {
 impl Blas {
     /// Workspace size per NVIDIA's recommendation: 32 MiB on Hopper, 4 MiB before.
     pub(crate) fn new(gpu: &Gpu) -> Result<Self> {
+        Self::with_cache(gpu, gemm_cache_path().as_deref())
+    }
+
+    /// Like [`Blas::new`], reading measured choices from the GEMM cache at `cache` (none: the
+    /// heuristic everywhere).
+    pub fn with_cache(gpu: &Gpu, cache: Option<&std::path::Path>) -> Result<Self> {
         crate::libs::ensure_cublaslt()?;
         let handle = lt::create_handle().map_err(Error::cublas("creating the cuBLASLt handle"))?;
         let ws_bytes = if gpu.info().compute_capability.0 >= 9 {
@@ -377,12 +486,117 @@ impl Blas {
                 return Err(e);
             }
         };
+        let version = cublaslt_version()
+            .map(|(a, b, c)| format!("{a}.{b}.{c}"))
+            .unwrap_or_else(|_| "?".into());
+        let cache_prefix = format!("{}|cublaslt {version}", gpu.info().name);
+        let (stored, cache_problem) = match cache {
+            None => (HashMap::new(), None),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let (all, bad) = parse_gemm_cache(&text);
+                    let mine = all
+                        .into_iter()
+                        .filter(|(k, _)| k.starts_with(&cache_prefix))
+                        .collect();
+                    let problem =
+                        bad.map(|b| format!("{}: skipped a malformed {b}", path.display()));
+                    (mine, problem)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (HashMap::new(), None),
+                Err(e) => (
+                    HashMap::new(),
+                    Some(format!("cannot read {}: {e}", path.display())),
+                ),
+            },
+        };
         Ok(Self {
             handle,
             workspace,
             plans: Mutex::new(HashMap::new()),
             poison_outputs: std::env::var_os("BLR_POISON_GEMM_OUTPUTS").is_some_and(|v| v != "0"),
+            cache_prefix,
+            stored,
+            cache_problem,
+            tuned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// How many measured choices this handle read from the GEMM cache for its device, and why
+    /// the cache was (partly) unusable, if it was.
+    pub fn gemm_cache_status(&self) -> (usize, Option<&str>) {
+        (self.stored.len(), self.cache_problem.as_deref())
+    }
+
+    /// The GEMM cache key of a plan key (module docs).
+    fn cache_key(&self, key: &PlanKey) -> String {
+        let s = &key.shape;
+        format!(
+            "{}|{}x{}x{}|{:?}|batch {}|ld {},{},{}|stride {},{},{}|out {}|align {},{},{}",
+            self.cache_prefix,
+            s.rows,
+            s.cols,
+            s.inner,
+            s.w_layout,
+            s.batch,
+            s.ld_x,
+            s.ld_w,
+            s.ld_y,
+            s.stride_x,
+            s.stride_w,
+            s.stride_y,
+            key.out_type,
+            key.align[0],
+            key.align[1],
+            key.align[2]
+        )
+    }
+
+    /// How many choices [`Blas::tune`] pinned so far (a mark for [`Blas::discard_tuned_since`]).
+    pub fn tuned_len(&self) -> usize {
+        self.tuned.lock().map(|t| t.len()).unwrap_or(0)
+    }
+
+    /// Drops the choices pinned after `mark` (their plans are rebuilt on next use, from the
+    /// GEMM cache or the heuristic): for tuning that did not make the caller's work faster.
+    pub fn discard_tuned_since(&self, mark: usize) {
+        let dropped: Vec<PlanKey> = match self.tuned.lock() {
+            Ok(mut t) if t.len() > mark => t.drain(mark..).map(|(k, _)| k).collect(),
+            _ => return,
+        };
+        if let Ok(mut plans) = self.plans.lock() {
+            for k in &dropped {
+                plans.remove(k);
+            }
+        }
+    }
+
+    /// Merges the choices pinned in this process into the GEMM cache file at `path` (creating
+    /// its directory; an unreadable or damaged file is replaced by valid entries). Returns how
+    /// many were written.
+    pub fn save_tuned(&self, path: &std::path::Path) -> Result<usize> {
+        let io = |what: &str, e: std::io::Error| {
+            Error::Shape(format!(
+                "cannot {what} the GEMM cache {}: {e}",
+                path.display()
+            ))
+        };
+        let mut entries: std::collections::BTreeMap<String, StoredAlgo> =
+            match std::fs::read_to_string(path) {
+                Ok(text) => parse_gemm_cache(&text).0.into_iter().collect(),
+                Err(_) => Default::default(),
+            };
+        let tuned = self.tuned.lock().map(|t| t.clone()).unwrap_or_default();
+        for (k, a) in &tuned {
+            entries.insert(self.cache_key(k), a.clone());
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
+        }
+        let tmp = path.with_extension("tsv.tmp");
+        std::fs::write(&tmp, format_gemm_cache(&entries)).map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("replace", e))?;
+        Ok(tuned.len())
     }
 
     /// How many distinct GEMM plans are cached.
@@ -444,12 +658,15 @@ impl Blas {
             if run().is_err() {
                 continue;
             }
+            // L2 flushed before every run: back to back, weights that fit in L2 (a 33 MB
+            // low-rank factor) stay there and favour algorithms that re-read them (measured:
+            // picks that won unflushed lost in the layer).
             let stats = crate::timing::bench(
                 gpu,
                 &crate::timing::BenchOptions {
                     warmup: 2,
                     reps: reps.max(3),
-                    flush_l2: false,
+                    flush_l2: true,
                 },
                 run,
             )?;
@@ -477,6 +694,17 @@ impl Blas {
         plan.workspace = candidates[best].workspaceSize.min(self.workspace.len());
         if let Ok(mut plans) = self.plans.lock() {
             plans.insert(prepared.key, std::sync::Arc::new(plan));
+        }
+        if let Ok(mut t) = self.tuned.lock() {
+            t.push((
+                prepared.key,
+                StoredAlgo {
+                    algo: candidates[best].algo.data,
+                    workspace: candidates[best].workspaceSize,
+                    heuristic_ms,
+                    best_ms,
+                },
+            ));
         }
         Ok(TuneReport {
             candidates: timed,
@@ -720,7 +948,34 @@ impl Blas {
         if let Some(p) = self.plans.lock().ok().and_then(|p| p.get(key).cloned()) {
             return Ok(p);
         }
-        let (plan, _) = self.build_plan::<O>(key, 1)?;
+        let (mut plan, _) = self.build_plan::<O>(key, 1)?;
+        if let Some(stored) = self.stored.get(&self.cache_key(key)) {
+            let algo = lt_sys::cublasLtMatmulAlgo_t { data: stored.algo };
+            // SAFETY: zeroed plain-data output struct, filled by the call below.
+            let mut result: lt_sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+            // SAFETY: the plan's descriptors are live; `algo` is read-only input (a stored
+            // copy of an algorithm this cuBLASLt version on this device produced); `result` is
+            // a valid output location.
+            let ok = unsafe {
+                lt_sys::cublasLtMatmulAlgoCheck(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    &algo,
+                    &mut result,
+                )
+            };
+            // A stored choice this library or these descriptors reject is ignored.
+            if ok == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && result.workspaceSize <= self.workspace.len()
+            {
+                plan.algo = algo;
+                plan.workspace = result.workspaceSize;
+            }
+        }
         let plan = std::sync::Arc::new(plan);
         if let Ok(mut plans) = self.plans.lock() {
             plans.insert(*key, std::sync::Arc::clone(&plan));
@@ -1090,6 +1345,112 @@ mod tests {
         let w = vec![0.0f32; 64];
         let mut y = vec![0.0f32; 64];
         assert!(gemm_reference(&s, &x, &w, &mut y, 1.0, 0.0).is_err());
+    }
+
+    #[test]
+    fn gemm_cache_round_trips_and_skips_damaged_lines() {
+        let a = StoredAlgo {
+            algo: [1, 0xdead_beef, 3, 4, 5, 6, 7, u64::MAX],
+            workspace: 4096,
+            heuristic_ms: 0.0809,
+            best_ms: 0.064,
+        };
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            "H100|cublaslt 13.0.0|1024x1488x11008|OutIn".to_string(),
+            a.clone(),
+        );
+        let text = format_gemm_cache(&m);
+        let (back, bad) = parse_gemm_cache(&text);
+        assert_eq!(bad, None);
+        assert_eq!(
+            back.get("H100|cublaslt 13.0.0|1024x1488x11008|OutIn"),
+            Some(&a)
+        );
+        let damaged = format!("{text}key\t1,2,3\t0\t1\t1\nnot a line\n");
+        let (back, bad) = parse_gemm_cache(&damaged);
+        assert_eq!(back.len(), 1);
+        assert!(
+            bad.is_some_and(|b| b.contains("line 3")),
+            "first bad line reported"
+        );
+    }
+
+    /// A choice tuned and saved by one handle is read and used by a fresh one (the plan holds
+    /// the stored algorithm, the result matches the f64 reference); a stored entry cuBLASLt
+    /// rejects is ignored (heuristic, still correct). Skips without a GPU.
+    #[test]
+    fn gpu_gemm_cache_is_used_and_checked() {
+        let gpu = match Gpu::open_default() {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("SKIP gpu_gemm_cache_is_used_and_checked: no GPU ({e})");
+                return;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("blr-gemm-cache-{}", std::process::id()));
+        let path = dir.join("gemm-algos.tsv");
+        let shape = GemmShape::linear(136, 1000, 2056);
+        let mut rng = blr_core::rng::Rng::new(41);
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect()
+        };
+        let x = round(rng.normal_vec(136 * 2056, 1.0));
+        let w = round(rng.normal_vec(1000 * 2056, 1.0));
+        let mut want = vec![0f32; 136 * 1000];
+        gemm_reference(&shape, &x, &w, &mut want, 1.0, 0.0).expect("reference");
+        let xd = gpu.upload_bf16(&x, "x").expect("x");
+        let wd = gpu.upload_bf16(&w, "w").expect("w");
+        let mut yd = gpu.alloc::<bf16>(136 * 1000, "y").expect("y");
+        let check = |blas: &Blas, yd: &mut DeviceBuffer<bf16>, what: &str| {
+            gpu.memset_bytes(yd, 0xFF).expect("poison");
+            blas.gemm(&gpu, &shape, &xd, &wd, &mut *yd, 1.0, 0.0)
+                .expect("gemm");
+            let got = gpu.download_f32(yd).expect("download");
+            let (mut num, mut den) = (0f64, 0f64);
+            for (g, r) in got.iter().zip(&want) {
+                assert!(g.is_finite(), "{what}: unwritten or NaN output");
+                num += (f64::from(*g) - f64::from(*r)).powi(2);
+                den += f64::from(*r).powi(2);
+            }
+            let err = (num / den).sqrt();
+            assert!(err < 1e-2, "{what}: rel err {err:.3e}");
+        };
+        let first = Blas::with_cache(&gpu, None).expect("blas");
+        first
+            .tune(&gpu, &shape, &xd, &wd, &mut yd, 3)
+            .expect("tune");
+        assert_eq!(first.tuned_len(), 1);
+        assert_eq!(first.save_tuned(&path).expect("save"), 1);
+        let second = Blas::with_cache(&gpu, Some(&path)).expect("blas from cache");
+        assert_eq!(second.gemm_cache_status(), (1, None));
+        check(&second, &mut yd, "stored algorithm");
+        let (stored_words, key) = {
+            let plans = second.plans.lock().expect("plans");
+            let (key, plan) = plans.iter().next().expect("one plan");
+            (plan.algo.data, *key)
+        };
+        let tuned = first.tuned.lock().expect("tuned")[0].1.algo;
+        assert_eq!(stored_words, tuned, "the plan uses the stored algorithm");
+        // A damaged entry (words no cuBLASLt algorithm has) must be rejected, not run.
+        let bad = format_gemm_cache(
+            &[(
+                second.cache_key(&key),
+                StoredAlgo {
+                    algo: [u64::MAX; 8],
+                    workspace: 0,
+                    heuristic_ms: 1.0,
+                    best_ms: 0.5,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        );
+        std::fs::write(&path, bad).expect("write damaged cache");
+        let third = Blas::with_cache(&gpu, Some(&path)).expect("blas from damaged cache");
+        assert_eq!(third.gemm_cache_status().0, 1);
+        check(&third, &mut yd, "damaged entry ignored");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

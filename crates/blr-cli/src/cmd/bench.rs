@@ -84,7 +84,10 @@ pub struct LayerArgs {
     #[arg(long)]
     pub no_autotune: bool,
     /// Before timing a row, time every algorithm cuBLASLt's heuristic offers for each of its
-    /// GEMMs and pin the fastest (in this process only; prints heuristic -> best ms per GEMM).
+    /// GEMMs (L2 flushed) and pin the fastest; the row is timed before and after, and the
+    /// pinned algorithms are kept only if the row got faster. Kept choices are written to the
+    /// GEMM cache ($BLR_GEMM_CACHE, else ~/.cache/blr/gemm-algos.tsv; not with
+    /// --no-autotune), which every later blr process on this device uses.
     #[arg(long)]
     pub tune_gemms: bool,
     /// Tokens per chunk of BLAST partial's first two passes (stage 1 + mixing), instead of
@@ -249,6 +252,15 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
         "device {} ({}, {} SMs, L2 {}) | measured: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s",
         info.name, info.arch, info.sm_count, info.l2_cache, ceil.copy_gbs, ceil.gemm_tflops
     );
+    {
+        let (n, problem) = gpu.blas()?.gemm_cache_status();
+        let path = blr_cuda::gemm::gemm_cache_path()
+            .map_or_else(|| "off".to_string(), |p| p.display().to_string());
+        eprintln!("gemm cache: {n} measured cuBLASLt choices for this device ({path})");
+        if let Some(p) = problem {
+            eprintln!("gemm cache: {p}");
+        }
+    }
     eprintln!(
         "{:<18} {:>5} {:<8} {:<9} {:>9} {:>9} {:>6} {:>8} {:>9}",
         "config", "T", "format", "strategy", "ms", "floor_ms", "frac", "vs_dense", "rel_err"
@@ -320,6 +332,14 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                     let rows = t.min(check_t);
                     let err = rel_error(&got[..rows * m], &want[..rows * m]);
                     if a.tune_gemms {
+                        let blas = gpu.blas()?;
+                        let run_row = |ws: &mut _, yd: &mut _, flusher: &mut _| {
+                            bench(&gpu, flusher, a.reps, t <= 16, || {
+                                dev.forward(&gpu, &kernels, &xd, t, yd, ws, st)
+                            })
+                        };
+                        let before = run_row(&mut ws, &mut yd, &mut flusher)?.stats.median_ms;
+                        let mark = blas.tuned_len();
                         ws.set_tuning(true);
                         dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)?;
                         let rep: Vec<String> = ws
@@ -327,12 +347,22 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                             .iter()
                             .map(|(h, b)| format!("{:.4}->{:.4}", h, b))
                             .collect();
-                        eprintln!(
-                            "  tuned {} {format} {st} T={t}: {}",
-                            cfg.name,
-                            rep.join(" ")
-                        );
                         ws.set_tuning(false);
+                        let after = run_row(&mut ws, &mut yd, &mut flusher)?.stats.median_ms;
+                        // Keep the pinned algorithms only where the layer itself got faster
+                        // (by more than 2%, above the run-to-run spread of these rows).
+                        let keep = after < 0.98 * before;
+                        if !keep {
+                            blas.discard_tuned_since(mark);
+                        }
+                        eprintln!(
+                            "  tuned {} {format} {st} T={t}: GEMMs {} (ms, heuristic->best, L2 flushed); layer {:.4} -> {:.4} ms: {}",
+                            cfg.name,
+                            rep.join(" "),
+                            before,
+                            after,
+                            if keep { "kept" } else { "discarded" }
+                        );
                     }
                     let timed = bench(&gpu, &mut flusher, a.reps, t <= 16, || {
                         dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, st)
@@ -452,6 +482,18 @@ pub fn collect(a: &LayerArgs) -> anyhow::Result<Vec<Record>> {
                 }
             }
             records.extend(graph_rows);
+        }
+    }
+    if a.tune_gemms && !a.no_autotune {
+        match blr_cuda::gemm::gemm_cache_path() {
+            Some(path) => {
+                let n = gpu.blas()?.save_tuned(&path)?;
+                eprintln!(
+                    "gemm cache: {n} measured cuBLASLt choices recorded in {}",
+                    path.display()
+                );
+            }
+            None => eprintln!("gemm cache: off (BLR_GEMM_CACHE=off or no HOME); not saved"),
         }
     }
     if !a.no_autotune {
