@@ -255,6 +255,27 @@ extern "C" __global__ void blast_scale_u(float* __restrict__ us, const float* __
     }
 }
 
+// dst_z (cols x rows, ld cols) = src_z^T for src_z (rows x cols, ld rows), z = blockIdx.z, the
+// blocks rows * cols floats apart: V^T's blocks between the solver's column-major layout (ld r)
+// and blr's row-major one, on the device instead of the host. 32 x 32 tiles through shared
+// memory (padded: no bank conflicts), 32 x 8 threads.
+extern "C" __global__ void transpose_blocks(float* __restrict__ dst, const float* __restrict__ src,
+                                            int rows, int cols) {
+    __shared__ float tile[32][33];
+    long long off = (long long)blockIdx.z * rows * cols;
+    int r0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int k = ty; k < 32; k += 8) {
+        int rr = r0 + tx, cc = c0 + k;
+        if (rr < rows && cc < cols) tile[k][tx] = src[off + (long long)cc * rows + rr];
+    }
+    __syncthreads();
+    for (int k = ty; k < 32; k += 8) {
+        int cc = c0 + tx, rr = r0 + k;
+        if (rr < rows && cc < cols) dst[off + (long long)rr * cols + cc] = tile[tx][k];
+    }
+}
+
 // ---------------------------------------------------------------- batched Cholesky
 
 // Wider diagonal-block inverses from narrower ones: for the pairs t = t0 + blockIdx.y of

@@ -127,6 +127,7 @@ struct Kernels {
     record: Kernel,
     axpy: Kernel,
     scale_u: Kernel,
+    transpose: Kernel,
     chol: CholKernels,
 }
 
@@ -147,6 +148,7 @@ impl Kernels {
             record: m.function("blast_record")?,
             axpy: m.function("axpy_step")?,
             scale_u: m.function("blast_scale_u")?,
+            transpose: m.function("transpose_blocks")?,
             chol: CholKernels {
                 diag: m.function("chol_diag_q8")?,
                 diag_wide: m.function("chol_diag_q8w")?,
@@ -303,6 +305,7 @@ impl Solver<'_> {
 impl<'g> Solver<'g> {
     fn new(
         gpu: &'g Gpu,
+        (k, blas): (Kernels, Cublas),
         a: &[f32],
         shape: Shape,
         iterations: usize,
@@ -329,10 +332,6 @@ impl<'g> Solver<'g> {
                 );
             }
         };
-        let k = Kernels::load(gpu)?;
-        lap("kernels");
-        let blas = Cublas::new(gpu)?;
-        lap("cublas");
         let at = gpu.upload(a, "BLAST target A^T")?;
         lap("upload A");
         let rr = r * r;
@@ -410,44 +409,53 @@ impl<'g> Solver<'g> {
         Ok(solver)
     }
 
-    /// Uploads a start (host layouts of [`BlastStart`]) into the column-major device factors.
+    /// Uploads a start (host layouts of [`BlastStart`]) into the column-major device factors
+    /// (V^T's row-major blocks go up as they are, into `big`, and are transposed there).
     fn set_state(&mut self, start: &BlastStart) -> Result<()> {
-        let (n, r, q) = (self.n, self.r, self.q);
-        let mut vt = vec![0f32; r * n];
-        // Block j: V_j^T (r, q) row-major -> column-major (ld r), one block per task.
-        vt.par_chunks_mut(r * q)
-            .zip(start.vt.par_chunks(r * q))
-            .for_each(|(dst, src)| {
-                for k in 0..r {
-                    for c in 0..q {
-                        dst[c * r + k] = src[k * q + c];
-                    }
-                }
-            });
         let s: Vec<f32> = start.s.iter().map(|&v| v as f32).collect();
         // Row-major U (m, r) is the column-major U^T this solver keeps.
         self.gpu.copy_to_device(&start.u, &mut self.u)?;
-        self.gpu.copy_to_device(&vt, &mut self.vt)?;
+        self.gpu.copy_to_device(&start.vt, &mut self.big)?;
+        // Block j: V_j^T (r, q) row-major = (q x r, ld q) -> column-major (ld r).
+        self.transpose_blocks(self.vt.device_ptr(), self.big.device_ptr(), self.q, self.r)?;
         self.gpu.copy_to_device(&s, &mut self.s)?;
         Ok(())
     }
 
-    /// The factors in blr's layout: `U (m, r)` row-major, `V_j^T (r, q)` blocks, `s`.
+    /// The factors in blr's layout: `U (m, r)` row-major, `V_j^T (r, q)` blocks, `s`
+    /// (V^T's blocks transposed on the device, into `big`).
     fn get_state(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (n, r, q) = (self.n, self.r, self.q);
+        let (n, r) = (self.n, self.r);
+        self.transpose_blocks(self.big.device_ptr(), self.vt.device_ptr(), r, self.q)?;
         let u = self.gpu.download(&self.u)?;
-        let vt_cm = self.gpu.download(&self.vt)?;
-        let mut vt = vec![0f32; r * n];
-        vt.par_chunks_mut(r * q)
-            .zip(vt_cm.par_chunks(r * q))
-            .for_each(|(dst, src)| {
-                for k in 0..r {
-                    for c in 0..q {
-                        dst[k * q + c] = src[c * r + k];
-                    }
-                }
-            });
+        let vt = self.gpu.download_prefix(&self.big, r * n)?;
         Ok((u, vt, self.gpu.download(&self.s)?))
+    }
+
+    /// `dst_j = src_j^T` for the b_in blocks `src_j` (rows x cols, ld rows), rows * cols apart.
+    fn transpose_blocks(&self, dst: u64, src: u64, rows: usize, cols: usize) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (
+                Gpu::grid_1d(rows, 32),
+                Gpu::grid_1d(cols, 32),
+                self.b_in as u32,
+            ),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols) = (rows as i32, cols as i32);
+        // SAFETY: transpose_blocks(float* dst, const float* src, int rows, int cols): block z
+        // reads and writes rows*cols floats at z*rows*cols; dst and src (vt and big) hold at
+        // least b_in*rows*cols = r*n floats and do not overlap.
+        unsafe {
+            self.gpu
+                .launch(&self.k.transpose)
+                .arg(&dst)
+                .arg(&src)
+                .arg(&rows)
+                .arg(&cols)
+                .launch(cfg)
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1084,7 +1092,7 @@ pub fn blast_report(
         b_out,
         b_in,
     };
-    let solver_for = |scale: f64| {
+    let solver_for = |scale: f64, pre: (Kernels, Cublas)| {
         let a: Vec<f32> = target
             .weight
             .par_iter()
@@ -1092,6 +1100,7 @@ pub fn blast_report(
             .collect();
         Solver::new(
             gpu,
+            pre,
             &a,
             shape,
             opts.iterations,
@@ -1099,18 +1108,28 @@ pub fn blast_report(
             gpu_opts,
         )
     };
-    // (Running the random start on a second thread while this one uploads the matrix
-    // measured slower, 1.39 s against 1.17 s to the first iteration at 4096 x 11008.)
-    let first = match opts.init {
-        BlastInit::LowRank => lowrank_start(gpu, target, opts)?,
-        _ => blast_start(target, opts, 0)?,
+    // The kernels and the cuBLAS handle (~0.1 s, mostly loading cuBLAS) are made while a
+    // host-side start (random, spectral) is computed on a second thread. (The start alone on a
+    // second thread overlapping the upload measured slower when it was sequential: 1.39 s
+    // against 1.17 s to the first iteration at 4096 x 11008.)
+    let init_gpu = || -> Result<(Kernels, Cublas)> { Ok((Kernels::load(gpu)?, Cublas::new(gpu)?)) };
+    let (first, pre) = match opts.init {
+        BlastInit::LowRank => (lowrank_start(gpu, target, opts)?, init_gpu()?),
+        _ => std::thread::scope(|sc| {
+            let start = sc.spawn(|| blast_start(target, opts, 0));
+            let pre = init_gpu();
+            let first = start
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            Ok::<_, Error>((first?, pre?))
+        })?,
     };
     lap("start");
     if first.scale == 0.0 {
         // W = 0: the CPU path's answer (zero factors) costs nothing.
         return Ok(blr_compress::blast_report(target, opts, None, progress)?);
     }
-    let mut solver = solver_for(first.scale)?;
+    let mut solver = solver_for(first.scale, pre)?;
     if profiling {
         gpu.synchronize()?;
     }
