@@ -3,12 +3,13 @@
 use crate::compress::calibrate::{fingerprint, Recording};
 use crate::compress::plan::{self, LayerPlan, Sizing};
 use crate::compress::sequential::{HookInput, Twin};
+use crate::compress::weights::OutputWeightRules;
 use crate::table::{bytes, si, Table};
 use anyhow::{bail, Context, Result};
 use blr_compress::{
     allocate, corrected_target, lowrank_error_curve, monarch_error_curve, relative_error,
-    BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions, MonarchOptions,
-    Progress, Target,
+    weighted_fit, BlastInit, BlastOptions, Calibration, Candidate, CrossGram, Gram, LayerOptions,
+    MonarchOptions, OutputWeights, Progress, Target,
 };
 use blr_core::format::{FormatKind, Shape};
 use blr_core::safetensors::Dtype;
@@ -20,6 +21,7 @@ use blr_models::loader::{self, LoadedLlama};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use regex::Regex;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Compress a model's linear layers into low-rank, Monarch or BLAST form and write a blr
@@ -100,6 +102,17 @@ pub struct Args {
     /// least-squares correction, which overfits short calibration texts).
     #[arg(long, default_value_t = 1.0)]
     pub correction_ridge: f64,
+    /// With --calibrate: weight each layer's output channels by how much their error costs
+    /// downstream, in the fit (min ||D^1/2 (W - Ŵ) X||) and in the rank allocation. `auto`:
+    /// up_proj by E[silu(gate)^2], gate_proj by E[(up * silu'(gate))^2], v_proj by the squared
+    /// norms of the o_proj columns it feeds, measured on the calibration text; other layers
+    /// unweighted. `none`: every output channel counts the same.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none"])]
+    pub output_weights: String,
+    /// Exponent applied to the output-weight statistics (0: unweighted, 1: the statistics as
+    /// measured; smaller values temper channels with extreme weights).
+    #[arg(long, default_value_t = 1.0)]
+    pub output_weight_alpha: f64,
     /// With --calibrate and --ratio, keep every layer at the uniform rank instead of
     /// re-allocating ranks across layers under the global budget.
     #[arg(long)]
@@ -145,7 +158,8 @@ pub struct LayerReport {
     pub dense_params: usize,
     /// ||W - Ŵ||_F / ||W||_F.
     pub rel_error: f64,
-    /// ||(W - Ŵ) X||_F / ||W X||_F over the calibration activations (when calibrated).
+    /// ||(W - Ŵ) X||_F / ||W X||_F over the calibration activations (when calibrated; with
+    /// output weights D, the weighted ||D^1/2 (W - Ŵ) X||_F / ||D^1/2 W X||_F).
     pub rel_output_error: Option<f64>,
     pub seconds: f64,
     /// Where the factorization ran ("cpu", "cuda (NVIDIA H100 ...)", or "cpu (why not the GPU)").
@@ -231,8 +245,9 @@ pub fn collect_grams(
     text_path: &std::path::Path,
     tokens: usize,
     ctx: usize,
+    rules: Option<&Arc<OutputWeightRules>>,
     multi: &MultiProgress,
-) -> Result<(Vec<Gram>, usize)> {
+) -> Result<(Vec<Gram>, Vec<Option<OutputWeights>>, usize)> {
     let ids = calibration_ids(loaded, text_path, tokens)?;
     let mut fps = Vec::with_capacity(plan.len());
     for p in plan {
@@ -245,11 +260,11 @@ pub fn collect_grams(
         let layer = Linear::Dense(blr_core::Dense::new(p.shape.m, p.shape.n, w)?);
         fps.push((fingerprint(&layer), p.shape.n));
     }
-    let model = Llama::load(
-        Recording::new(Cpu, &fps),
-        loaded.cfg.clone(),
-        loaded.weights.clone(),
-    )?;
+    let mut recording = Recording::new(Cpu, &fps);
+    if let Some(r) = rules {
+        recording = recording.with_output_statistics(Arc::clone(r));
+    }
+    let model = Llama::load(recording, loaded.cfg.clone(), loaded.weights.clone())?;
     let ctx = ctx.min(model.max_positions()).max(2);
     let windows: Vec<&[u32]> = ids.chunks(ctx).filter(|w| w.len() >= 2).collect();
     let bar = multi.add(ProgressBar::new(windows.len() as u64));
@@ -262,18 +277,31 @@ pub fn collect_grams(
     }
     bar.finish_and_clear();
     let used: usize = windows.iter().map(|w| w.len()).sum();
+    let sums = model
+        .backend()
+        .take_output_statistics()
+        .map_err(|e| anyhow::anyhow!("accumulating output-weight statistics: {e}"))?;
     let grams = model_into_grams(model)?;
-    Ok((grams, used))
+    let mut out_weights = Vec::with_capacity(plan.len());
+    for (i, p) in plan.iter().enumerate() {
+        out_weights.push(match rules {
+            Some(r) => r.weights(i, &p.name, sums[i].as_deref())?,
+            None => None,
+        });
+    }
+    Ok((grams, out_weights, used))
 }
 
 /// Factorizes planned layer `i` to fit a weight under an optional Gram.
-type FactorizeFn<'a> = dyn Fn(usize, &[f32], Option<&Gram>) -> Result<(Linear, LayerReport)> + 'a;
+type FactorizeFn<'a> = dyn Fn(usize, &[f32], Option<&Gram>, Option<&OutputWeights>) -> Result<(Linear, LayerReport)>
+    + 'a;
 /// A factorized layer: its plan index, the layer, its report.
 type Factorized = (usize, Linear, LayerReport);
 
 /// Sequential calibration (see `compress::sequential`): one forward pass of the dense and the
 /// compressed model in lockstep over the calibration text, factorizing each planned layer in
 /// `todo` when the pass first reaches it. Returns the layers (by plan index) and the tokens used.
+#[allow(clippy::too_many_arguments)]
 fn run_sequential(
     loaded: &LoadedLlama,
     plan: &[LayerPlan],
@@ -281,6 +309,7 @@ fn run_sequential(
     weights: &[Vec<f32>],
     text_path: &std::path::Path,
     args: &Args,
+    rules: Option<&OutputWeightRules>,
     factorize: &FactorizeFn<'_>,
 ) -> Result<(Vec<Factorized>, usize)> {
     let corrected = args.calib_mode == "corrected";
@@ -300,11 +329,38 @@ fn run_sequential(
     let hook = |x: HookInput<'_>| -> Result<Linear> {
         let i = todo[x.slot];
         let p = &plan[i];
+        // TEMPORARY (measurement): BLR_OW_TOKENS also weights the calibration tokens (rows) by
+        // the statistic summed over channels (mean 1), for the layers with a row statistic.
+        let stat = match rules {
+            Some(r) if std::env::var_os("BLR_OW_TOKENS").is_some() => {
+                r.statistic(i, x.dense, x.tokens)?
+            }
+            _ => None,
+        };
+        let (dense_rows, compressed_rows);
+        let (xd, xc): (&[f32], &[f32]) = match &stat {
+            Some((_, per_token)) => {
+                let mean = per_token.iter().sum::<f64>() / per_token.len().max(1) as f64;
+                let n = p.shape.n;
+                let scale = |rows: &[f32]| -> Vec<f32> {
+                    let mut out = rows.to_vec();
+                    for (row, w) in out.chunks_mut(n).zip(per_token) {
+                        let s = (w / mean.max(f64::MIN_POSITIVE)).max(1e-3).sqrt();
+                        row.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+                    }
+                    out
+                };
+                dense_rows = scale(x.dense);
+                compressed_rows = scale(x.compressed);
+                (&dense_rows, &compressed_rows)
+            }
+            None => (x.dense, x.compressed),
+        };
         let mut g = Gram::new(p.shape.n);
-        g.accumulate(x.compressed, x.tokens)?;
+        g.accumulate(xc, x.tokens)?;
         let fit = if corrected {
             let mut c = CrossGram::new(p.shape.n);
-            c.accumulate(x.dense, x.compressed, x.tokens)?;
+            c.accumulate(xd, xc, x.tokens)?;
             corrected_target(
                 &p.name,
                 &weights[i],
@@ -317,7 +373,13 @@ fn run_sequential(
         } else {
             weights[i].clone()
         };
-        let (layer, report) = factorize(i, &fit, Some(&g))?;
+        // Output weights from the dense stream: how much each channel matters in the model
+        // the compressed one should track.
+        let ow = match rules {
+            Some(r) => r.weights_from_rows(i, &p.name, x.dense, x.tokens)?,
+            None => None,
+        };
+        let (layer, report) = factorize(i, &fit, Some(&g), ow.as_ref())?;
         results
             .lock()
             .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?
@@ -400,6 +462,7 @@ fn reallocate(
     plan: &mut [LayerPlan],
     weights: &[Vec<f32>],
     grams: &[Gram],
+    out_weights: &[Option<OutputWeights>],
     damping: f64,
 ) -> Result<()> {
     let idx: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].from_ratio).collect();
@@ -411,7 +474,16 @@ fn reallocate(
     for &i in &idx {
         let p = &plan[i];
         let s = p.shape;
-        let target = Target::new(&p.name, s.m, s.n, &weights[i])?;
+        // With output weights the curve is that of the weighted problem, D^1/2 W.
+        let scaled;
+        let w: &[f32] = match out_weights.get(i).and_then(|w| w.as_ref()) {
+            Some(ow) => {
+                scaled = ow.scale_rows(&Target::new(&p.name, s.m, s.n, &weights[i])?)?;
+                &scaled
+            }
+            None => &weights[i],
+        };
+        let target = Target::new(&p.name, s.m, s.n, w)?;
         let calib = Calibration {
             gram: &grams[i],
             damping,
@@ -425,7 +497,7 @@ fn reallocate(
             ),
             _ => (lowrank_error_curve(&target, Some(&calib))?, 1),
         };
-        let scale: f64 = weights[i].iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale: f64 = w.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let dense = s.m * s.n;
         let lo = (s.rank / 2).max(step);
         let hi = (s.rank * 2).max(lo);
@@ -578,18 +650,34 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         .collect::<Result<_>>()?;
 
     let sequential = args.calibrate.is_some() && args.calib_mode != "independent";
+    let rules = match (&args.calibrate, args.output_weights.as_str()) {
+        (Some(_), "auto") => {
+            let layers: Vec<(String, usize, usize)> = plan
+                .iter()
+                .map(|p| (p.name.clone(), p.shape.m, p.shape.n))
+                .collect();
+            Some(Arc::new(OutputWeightRules::new(
+                &loaded.cfg,
+                &layers,
+                |name| dense_weight(&loaded.weights, name),
+                args.output_weight_alpha,
+            )?))
+        }
+        _ => None,
+    };
     let allocate_ranks = args.calibrate.is_some() && !args.no_allocate && args.ratio.is_some();
     // The dense model's Grams: the calibration itself in independent mode, and the error
     // curves the rank allocation compares in every mode.
-    let (grams, mut calib_tokens) = match &args.calibrate {
+    let (grams, out_weights, mut calib_tokens) = match &args.calibrate {
         Some(path) if !sequential || allocate_ranks => {
             let tc = Instant::now();
-            let (g, used) = collect_grams(
+            let (g, ow, used) = collect_grams(
                 &loaded,
                 &plan,
                 path,
                 args.calib_tokens,
                 args.calib_ctx,
+                rules.as_ref(),
                 &multi,
             )?;
             log(format!(
@@ -597,12 +685,18 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 path.display(),
                 tc.elapsed().as_secs_f64()
             ));
-            (Some(g), used)
+            (Some(g), ow, used)
         }
-        _ => (None, 0),
+        _ => (None, Vec::new(), 0),
     };
     if let (Some(g), true) = (&grams, allocate_ranks) {
-        reallocate(&mut plan, &weights, g, args.calib_damping)?;
+        // TEMPORARY (measurement): BLR_OW_NOALLOC keeps the allocation unweighted.
+        let alloc_w: Vec<Option<OutputWeights>> = if std::env::var_os("BLR_OW_NOALLOC").is_some() {
+            vec![None; out_weights.len()]
+        } else {
+            out_weights.clone()
+        };
+        reallocate(&mut plan, &weights, g, &alloc_w, args.calib_damping)?;
     }
 
     let layer_bar = multi.add(ProgressBar::new(plan.len() as u64));
@@ -629,8 +723,14 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     };
 
     // Factorizes planned layer `i` to fit `fit` (the weight, or its sequential correction)
-    // under the Gram `gram` of the activations it will see.
-    let factorize = |i: usize, fit: &[f32], gram: Option<&Gram>| -> Result<(Linear, LayerReport)> {
+    // under the Gram `gram` of the activations it will see, and with output weights `ow` the
+    // rows scaled by sqrt(d) (`weighted_fit`: the fit runs on D^1/2 fit and its output rows are
+    // unscaled after, so the reported output error is that of the weighted problem).
+    let factorize = |i: usize,
+                     fit: &[f32],
+                     gram: Option<&Gram>,
+                     ow: Option<&OutputWeights>|
+     -> Result<(Linear, LayerReport)> {
         let p = &plan[i];
         let s = p.shape;
         layer_bar.set_message(p.name.clone());
@@ -640,58 +740,56 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             gram: g,
             damping: args.calib_damping,
         });
-        let ran_on;
-        let mut output_error = None;
-        let layer = match s.format {
-            FormatKind::LowRank => {
-                let (layer, label) =
-                    super::factorize::lowrank_on(&device, &target, s.rank, calib.as_ref())?;
-                ran_on = label;
-                layer
-            }
-            FormatKind::Monarch => {
-                let (layer, label) = super::factorize::monarch_on(
+        let fit_one = |target: &Target<'_>| -> Result<(Linear, (String, Option<f64>))> {
+            let mut output_error = None;
+            let (layer, ran_on) = match s.format {
+                FormatKind::LowRank => {
+                    super::factorize::lowrank_on(&device, target, s.rank, calib.as_ref())?
+                }
+                FormatKind::Monarch => super::factorize::monarch_on(
                     &device,
-                    &target,
+                    target,
                     &MonarchOptions::new(s.b_out, s.rank),
                     calib.as_ref(),
                     &stage,
-                )?;
-                ran_on = label;
-                layer
-            }
-            FormatKind::Blast => {
-                let mut o = BlastOptions::new(s.b_out, s.rank);
-                o.b_in = s.b_in;
-                o.iterations = args.iterations;
-                o.seed = args.seed.wrapping_add(i as u64);
-                o.init = init;
-                let (report, label) = super::factorize::blast_on(
-                    &device,
-                    &target,
-                    &o,
-                    calib.as_ref(),
-                    super::factorize::DEFAULT_GPU_PRECISION,
-                    &stage,
-                )?;
-                ran_on = label;
-                // Calibrated, the report already holds ||(W - Ŵ) X|| / ||W X|| for this target
-                // and Gram (from the dense residual, on the device that ran it): recomputing it
-                // here costs 4 m n^2 f64 flops on the CPU (a TFLOP at 4096 x 11008).
-                if gram.is_some() {
-                    output_error = Some(report.rel_error);
+                )?,
+                FormatKind::Blast => {
+                    let mut o = BlastOptions::new(s.b_out, s.rank);
+                    o.b_in = s.b_in;
+                    o.iterations = args.iterations;
+                    o.seed = args.seed.wrapping_add(i as u64);
+                    o.init = init;
+                    let (report, label) = super::factorize::blast_on(
+                        &device,
+                        target,
+                        &o,
+                        calib.as_ref(),
+                        super::factorize::DEFAULT_GPU_PRECISION,
+                        &stage,
+                    )?;
+                    // Calibrated, the report already holds ||(W - Ŵ) X|| / ||W X|| for this
+                    // target and Gram (from the dense residual, on the device that ran it):
+                    // recomputing it here costs 4 m n^2 f64 flops on the CPU (a TFLOP at
+                    // 4096 x 11008).
+                    if gram.is_some() {
+                        output_error = Some(report.rel_error);
+                    }
+                    (report.layer, label)
                 }
-                report.layer
-            }
-            FormatKind::Dense => bail!("layer {} is planned dense: nothing to factorize", p.name),
+                FormatKind::Dense => {
+                    bail!("layer {} is planned dense: nothing to factorize", p.name)
+                }
+            };
+            let rel_output_error = match (output_error, gram) {
+                (Some(e), _) => Some(e),
+                (None, Some(g)) => Some(relative_error(target, &layer, Some(g))?),
+                (None, None) => None,
+            };
+            Ok((layer, (ran_on, rel_output_error)))
         };
+        let (layer, (ran_on, rel_output_error)) = weighted_fit(&target, ow, fit_one)?;
         let rel_error =
             relative_error(&Target::new(&p.name, s.m, s.n, &weights[i])?, &layer, None)?;
-        let rel_output_error = match (output_error, gram) {
-            (Some(e), _) => Some(e),
-            (None, Some(g)) => Some(relative_error(&target, &layer, Some(g))?),
-            (None, None) => None,
-        };
         let seconds = tl.elapsed().as_secs_f64();
         log(format!(
             "{:40} {:8} {:>5}x{:<5} b={:<2} r={:<5} error {:.4}{}  {:.1}s",
@@ -733,8 +831,16 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     match (&args.calibrate, sequential) {
         (Some(path), true) => {
             let tc = Instant::now();
-            let (results, used) =
-                run_sequential(&loaded, &plan, &todo, &weights, path, args, &factorize)?;
+            let (results, used) = run_sequential(
+                &loaded,
+                &plan,
+                &todo,
+                &weights,
+                path,
+                args,
+                rules.as_deref(),
+                &factorize,
+            )?;
             log(format!(
                 "{} calibration on {used} tokens of {} in {:.1}s",
                 args.calib_mode,
@@ -746,7 +852,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         }
         _ => {
             for &i in &todo {
-                let (layer, report) = factorize(i, &weights[i], grams.as_ref().map(|g| &g[i]))?;
+                let (layer, report) = factorize(
+                    i,
+                    &weights[i],
+                    grams.as_ref().map(|g| &g[i]),
+                    out_weights.get(i).and_then(|w| w.as_ref()),
+                )?;
                 done.push((i, layer, report));
             }
         }
@@ -775,6 +886,10 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     if args.calibrate.is_some() {
         ck.metadata
             .insert("compress.calib_mode".into(), args.calib_mode.clone());
+        ck.metadata.insert(
+            "compress.output_weights".into(),
+            args.output_weights.clone(),
+        );
     }
     ck.metadata
         .insert("compress.calib_tokens".into(), calib_tokens.to_string());
@@ -816,4 +931,125 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         seconds: t0.elapsed().as_secs_f64(),
         layers: reports,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(model: &std::path::Path, text: &std::path::Path, out: PathBuf) -> Args {
+        Args {
+            model: model.display().to_string(),
+            out,
+            format: FormatKind::LowRank,
+            ratio: Some(0.5),
+            preset: None,
+            config: None,
+            blocks: None,
+            layers: None,
+            calibrate: Some(text.to_path_buf()),
+            calib_tokens: 400,
+            calib_damping: Calibration::DEFAULT_DAMPING,
+            calib_ctx: 64,
+            calib_mode: "corrected".into(),
+            correction_ridge: 1.0,
+            output_weights: "auto".into(),
+            output_weight_alpha: 1.0,
+            no_allocate: true,
+            iterations: 5,
+            blast_init: "lowrank".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            seed: 0,
+            json: false,
+            list_presets: false,
+        }
+    }
+
+    fn errors(r: &Report) -> Vec<(String, f64)> {
+        r.layers
+            .iter()
+            .map(|l| (l.name.clone(), l.rel_error))
+            .collect()
+    }
+
+    /// `--output-weights auto` changes exactly the weighted layers that see the same inputs
+    /// (block 0's gate/up/v; q/k stay bit-identical), `--output-weight-alpha 0` is the
+    /// unweighted fit, and the independent mode and the rank allocation take the weights too.
+    #[test]
+    fn output_weights_switch_reaches_the_weighted_layers() {
+        let dir = std::env::temp_dir().join(format!("blr-cli-ow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("tiny.gguf");
+        std::fs::write(
+            &model,
+            blr_models::testing::tiny_llama_gguf(6, &["t h", "th e", "Ġ the"]).unwrap(),
+        )
+        .unwrap();
+        let text = dir.join("calib.txt");
+        std::fs::write(
+            &text,
+            " = Heading = \n The cat sat on the mat . The dog 's 42 bones @-@ gone .\n".repeat(12),
+        )
+        .unwrap();
+        let run = |tag: &str, f: &dyn Fn(&mut Args)| -> Report {
+            let mut a = args(&model, &text, dir.join(format!("{tag}.safetensors")));
+            f(&mut a);
+            compress(&a, false, false).unwrap()
+        };
+        let none = errors(&run("none", &|a| a.output_weights = "none".into()));
+        let zero = errors(&run("zero", &|a| a.output_weight_alpha = 0.0));
+        let auto = errors(&run("auto", &|_| {}));
+        assert_eq!(none, zero, "alpha 0 must be the unweighted fit");
+        let get = |v: &[(String, f64)], name: &str| {
+            v.iter()
+                .find(|(n, _)| n == &format!("model.layers.0.{name}"))
+                .unwrap()
+                .1
+        };
+        for name in ["self_attn.q_proj", "self_attn.k_proj"] {
+            assert_eq!(get(&none, name), get(&auto, name), "{name}");
+        }
+        for name in ["self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"] {
+            assert_ne!(get(&none, name), get(&auto, name), "{name}");
+        }
+        let ck = loader::load_llama(&dir.join("auto.safetensors").display().to_string()).unwrap();
+        assert_eq!(
+            ck.weights
+                .metadata
+                .get("compress.output_weights")
+                .map(String::as_str),
+            Some("auto")
+        );
+        // Independent mode (the recording pass's statistics) and the allocation.
+        let ind = |ow: &'static str| {
+            move |a: &mut Args| {
+                a.calib_mode = "independent".into();
+                a.output_weights = ow.into();
+                a.no_allocate = false;
+            }
+        };
+        let ind_none = run("ind-none", &ind("none"));
+        let ind_auto = run("ind-auto", &ind("auto"));
+        let (en, ea) = (errors(&ind_none), errors(&ind_auto));
+        assert_eq!(
+            get(&en, "self_attn.q_proj") == get(&ea, "self_attn.q_proj"),
+            {
+                // Same rank: same inputs and fit; the allocation may move q's rank.
+                let rank = |r: &Report| {
+                    r.layers
+                        .iter()
+                        .find(|l| l.name == "model.layers.0.self_attn.q_proj")
+                        .unwrap()
+                        .rank
+                };
+                rank(&ind_none) == rank(&ind_auto)
+            }
+        );
+        assert_ne!(get(&en, "mlp.up_proj"), get(&ea, "mlp.up_proj"));
+        for r in [&ind_none, &ind_auto] {
+            assert!(2 * r.compressed_params <= r.dense_params_of_compressed_layers);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -180,6 +180,8 @@ pub fn run(args: Args) -> Result<()> {
         calib_ctx: 512,
         calib_mode: "corrected".into(),
         correction_ridge: 1.0,
+        output_weights: "auto".into(),
+        output_weight_alpha: 1.0,
         calib_damping: blr_compress::Calibration::DEFAULT_DAMPING,
         no_allocate: false,
         iterations: args.iterations,

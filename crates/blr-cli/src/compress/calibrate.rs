@@ -7,12 +7,13 @@
 //! fingerprint of their weights taken at load time, so the wrapper needs no knowledge of the
 //! order in which a model loads or calls its layers.
 
+use crate::compress::weights::OutputWeightRules;
 use blr_compress::Gram;
 use blr_models::backend::{AttnSpec, Backend};
 use blr_models::Result;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A fingerprint of a layer's shape and values (not cryptographic: it only has to tell the
 /// layers of one model apart).
@@ -28,6 +29,9 @@ pub fn fingerprint(layer: &blr_core::Linear) -> u64 {
     h.finish()
 }
 
+/// One slot's sums of an output-weight statistic (None until a row reaches it).
+type StatSums = Mutex<Option<Vec<f64>>>;
+
 /// A layer as the recording backend holds it: the inner backend's layer plus the slot of the
 /// Gram it feeds (None for layers that are not being compressed).
 pub struct RecordedLinear<L> {
@@ -40,6 +44,9 @@ pub struct Recording<B: Backend> {
     inner: B,
     slots: HashMap<u64, usize>,
     grams: Vec<Mutex<Gram>>,
+    /// Output-weight statistics (`--output-weights`): the rules and, per slot, the sums of
+    /// the raw per-channel statistic over the rows seen (slots = the rules' layer indices).
+    stats: Option<(Arc<OutputWeightRules>, Vec<StatSums>)>,
     /// The first accumulation error (the trait's ops cannot carry a compress error).
     failure: Mutex<Option<String>>,
 }
@@ -58,8 +65,46 @@ impl<B: Backend> Recording<B> {
                 .iter()
                 .map(|(_, n)| Mutex::new(Gram::new(*n)))
                 .collect(),
+            stats: None,
             failure: Mutex::new(None),
         }
+    }
+
+    /// Also accumulates the output-weight statistics of `rules` (whose layer `i` is slot `i`).
+    pub fn with_output_statistics(mut self, rules: Arc<OutputWeightRules>) -> Self {
+        let sums = (0..self.grams.len()).map(|_| Mutex::new(None)).collect();
+        self.stats = Some((rules, sums));
+        self
+    }
+
+    /// The output-weight statistic sums per slot (None where the layer has none), taken out.
+    pub fn take_output_statistics(&self) -> std::result::Result<Vec<Option<Vec<f64>>>, String> {
+        let Some((_, sums)) = &self.stats else {
+            return Ok(vec![None; self.grams.len()]);
+        };
+        sums.iter()
+            .map(|s| Ok(s.lock().map_err(|e| e.to_string())?.take()))
+            .collect()
+    }
+
+    fn accumulate_statistics(
+        &self,
+        slot: usize,
+        x: &[f32],
+        rows: usize,
+    ) -> std::result::Result<(), String> {
+        let Some((rules, sums)) = &self.stats else {
+            return Ok(());
+        };
+        let Some(add) = rules.sums(slot, x, rows).map_err(|e| format!("{e:#}"))? else {
+            return Ok(());
+        };
+        let mut held = sums[slot].lock().map_err(|e| e.to_string())?;
+        match held.as_mut() {
+            Some(acc) => acc.iter_mut().zip(&add).for_each(|(a, b)| *a += b),
+            None => *held = Some(add),
+        }
+        Ok(())
     }
 
     /// The Grams, in the order of `layers` given to [`Recording::new`] (taken out, leaving
@@ -119,7 +164,8 @@ impl<B: Backend> Backend for Recording<B> {
             let result = match self.grams[slot].lock() {
                 Ok(mut g) => g.accumulate(&host, rows).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
-            };
+            }
+            .and_then(|()| self.accumulate_statistics(slot, &host, rows));
             if let Err(e) = result {
                 if let Ok(mut f) = self.failure.lock() {
                     f.get_or_insert(e);

@@ -3,3 +3,4 @@
 pub mod calibrate;
 pub mod plan;
 pub mod sequential;
+pub mod weights;
