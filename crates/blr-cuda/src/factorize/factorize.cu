@@ -63,16 +63,11 @@ extern "C" __global__ void blast_mix(float* __restrict__ out, const float* __res
     }
 }
 
-// scal[slot] += weight * sum_i x[i] y[i], accumulated in double (block reduction + one atomic
-// per block).
-extern "C" __global__ void dot_acc(const float* __restrict__ x, const float* __restrict__ y,
-                                   long long n, double* __restrict__ scal, int slot, double weight) {
+// *dst += weight * (the sum of acc over the thread block): shuffles within each warp, the warps'
+// sums through shared memory, one atomic per block. Every thread of the block must call it
+// (it has a barrier); blockDim.x a multiple of 32, at most 1024.
+__device__ __forceinline__ void block_sum_add(double acc, double* dst, double weight) {
     __shared__ double part[32];
-    double acc = 0.0;
-    long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        acc += (double)x[i] * (double)y[i];
-    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) part[warp] = acc;
@@ -81,8 +76,20 @@ extern "C" __global__ void dot_acc(const float* __restrict__ x, const float* __r
         int nw = (blockDim.x + 31) >> 5;
         acc = lane < nw ? part[lane] : 0.0;
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-        if (lane == 0) atomicAdd(scal + slot, weight * acc);
+        if (lane == 0) atomicAdd(dst, weight * acc);
     }
+}
+
+// scal[slot] += weight * sum_i x[i] y[i], accumulated in double (block reduction + one atomic
+// per block).
+extern "C" __global__ void dot_acc(const float* __restrict__ x, const float* __restrict__ y,
+                                   long long n, double* __restrict__ scal, int slot, double weight) {
+    double acc = 0.0;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        acc += (double)x[i] * (double)y[i];
+    }
+    block_sum_add(acc, scal + slot, weight);
 }
 
 // The damping of a sub-step, eps = damping * ||E||_F with ||E||^2 = norm_sq - 2 cross + quad
@@ -195,7 +202,6 @@ extern "C" __global__ void blast_s_update(float* __restrict__ s, const float* __
                                           const double* __restrict__ scal_eps, int base,
                                           double norm_sq, double damping, double* __restrict__ scal,
                                           int slot) {
-    __shared__ double part[32];
     double eps = blast_eps(scal_eps, base, norm_sq, damping);
     float step = steps[*itp];
     double acc = 0.0;
@@ -206,16 +212,7 @@ extern "C" __global__ void blast_s_update(float* __restrict__ s, const float* __
         acc += sn * (hn - 2.0 * (double)d[e]);
         s[e] = (float)sn;
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        int nw = (blockDim.x + 31) >> 5;
-        acc = lane < nw ? part[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-        if (lane == 0) atomicAdd(scal + slot, acc);
-    }
+    block_sum_add(acc, scal + slot, 1.0);
 }
 
 // history[*itp] = sqrt(max(norm_sq + scal[slot], 0) / norm_sq): the relative error after the

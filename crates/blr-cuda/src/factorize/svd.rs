@@ -108,63 +108,37 @@ pub fn truncated_svd(gpu: &Gpu, a: &[f32], m: usize, n: usize, t: usize) -> Resu
         blas.gemm64(Op::N, Op::T, (n, n, m), 1.0, at_op, at_op, 0.0, g_op)?;
     }
     let during = format!("truncated SVD of a {m} x {n} matrix on the GPU");
-    let lambda = sym_eig(gpu, &solver, &mut gram, k, &during)?;
-    // The keep largest eigenpairs, largest first: columns k-1, k-2, .. of the eigenvectors.
-    let all = gpu.download(&gram)?;
-    let mut vecs = vec![0f64; k * keep];
-    for c in 0..keep {
-        let src = (k - 1 - c) * k;
-        vecs[c * k..(c + 1) * k].copy_from_slice(&all[src..src + k]);
-    }
-    drop(all);
-    let sigma: Vec<f64> = (0..keep)
-        .map(|c| lambda[k - 1 - c].max(0.0).sqrt())
-        .collect();
-    let vecs_dev = gpu.upload(&vecs, "SVD singular vectors")?;
+    // The short side's eigenvectors, and the long side's A-product: A^T U (n, keep) for
+    // m <= n, A V = (A^T)^T V (m, keep) otherwise.
     let long = if m <= n { n } else { m };
-    let other = gpu.alloc_zeros::<f64>(long * keep.max(1), "SVD other side")?;
-    let v_op = Operand::new(vecs_dev.device_ptr(), k, 0);
-    let o_op = Operand::new(other.device_ptr(), long, 0);
-    if keep > 0 {
-        if m <= n {
-            // A^T U (n, keep).
-            blas.gemm64(Op::N, Op::N, (n, keep, m), 1.0, at_op, v_op, 0.0, o_op)?;
-        } else {
-            // A V (m, keep) = (A^T)^T V.
-            blas.gemm64(Op::T, Op::N, (m, keep, n), 1.0, at_op, v_op, 0.0, o_op)?;
-        }
-    }
-    let prod = gpu.download(&other)?;
+    let back = if m <= n { Op::N } else { Op::T };
+    let (vecs, sigma, prod) = top_pairs_and_product(
+        gpu,
+        &solver,
+        &blas,
+        &mut gram,
+        k,
+        keep,
+        (back, at_op, long),
+        &during,
+    )?;
+    drop(gram);
     // Balanced factors: the short side's vector times sqrt(s), the long side's A-product
     // divided by sqrt(s) (= its singular vector times sqrt(s)).
-    let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
     let mut left = vec![0f64; m * t];
     let mut right_t = vec![0f64; n * t];
-    for c in 0..keep {
-        let s = sigma[c];
-        if s.is_nan() || s <= floor || s == 0.0 {
-            continue;
-        }
-        let root = s.sqrt();
-        let short = &vecs[c * k..(c + 1) * k];
-        let longv = &prod[c * long..(c + 1) * long];
-        let (u_col, v_col) = if m <= n {
-            (
-                &mut left[c * m..(c + 1) * m],
-                &mut right_t[c * n..(c + 1) * n],
-            )
-        } else {
-            (
-                &mut right_t[c * n..(c + 1) * n],
-                &mut left[c * m..(c + 1) * m],
-            )
-        };
-        for (o, &x) in u_col.iter_mut().zip(short) {
-            *o = x * root;
-        }
-        for (o, &x) in v_col.iter_mut().zip(longv) {
-            *o = x / root;
-        }
+    if m <= n {
+        scatter_balanced(
+            &sigma,
+            (&mut left, m, &vecs, true),
+            (&mut right_t, n, &prod, false),
+        );
+    } else {
+        scatter_balanced(
+            &sigma,
+            (&mut left, m, &prod, false),
+            (&mut right_t, n, &vecs, true),
+        );
     }
     Ok(Balanced {
         m,
@@ -260,6 +234,66 @@ fn top_pairs(all: &[f64], lambda: &[f64], k: usize, keep: usize) -> (Vec<f64>, V
     (vecs, top)
 }
 
+/// The part every SVD here shares: the eigendecomposition of the symmetric `k x k` matrix in
+/// `mat` (overwritten), its `keep` largest pairs (vectors `k x keep`, largest first), the
+/// singular values `sqrt(max(lambda, 0))`, and the back-product `op(x) vectors` (`rows x keep`,
+/// ld rows; empty when keep = 0), where `op(x)` is `rows x k`.
+#[allow(clippy::too_many_arguments)]
+fn top_pairs_and_product(
+    gpu: &Gpu,
+    solver: &Solver,
+    blas: &Cublas,
+    mat: &mut crate::memory::DeviceBuffer<f64>,
+    k: usize,
+    keep: usize,
+    (op, x, rows): (Op, Operand, usize),
+    during: &str,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    let lambda = sym_eig(gpu, solver, mat, k, during)?;
+    let (vecs, top) = top_pairs(&gpu.download(mat)?, &lambda, k, keep);
+    let sigma = top.iter().map(|l| l.max(0.0).sqrt()).collect();
+    if keep == 0 {
+        return Ok((vecs, sigma, Vec::new()));
+    }
+    let v_dev = gpu.upload(&vecs, "SVD singular vectors")?;
+    let out = gpu.alloc_zeros::<f64>(rows * keep, "SVD back-product")?;
+    blas.gemm64(
+        op,
+        Op::N,
+        (rows, keep, k),
+        1.0,
+        x,
+        Operand::new(v_dev.device_ptr(), k, 0),
+        0.0,
+        Operand::new(out.device_ptr(), rows, 0),
+    )?;
+    Ok((vecs, sigma, gpu.download(&out)?))
+}
+
+/// Balanced factors from per-pair columns: `left[:, c] = lsrc[:, c] root^±1`,
+/// `right_t[c, :] = rsrc[:, c] root^±1` with `root = sqrt(sigma_c)` (multiplied where the flag
+/// says so, divided otherwise); pairs with `sigma_c <= 1e-6 sigma_0` (or NaN) stay zero.
+fn scatter_balanced(
+    sigma: &[f64],
+    (left, m, lsrc, lmul): (&mut [f64], usize, &[f64], bool),
+    (right_t, n, rsrc, rmul): (&mut [f64], usize, &[f64], bool),
+) {
+    let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
+    for (c, &s) in sigma.iter().enumerate() {
+        if s.is_nan() || s <= floor || s == 0.0 {
+            continue;
+        }
+        let root = s.sqrt();
+        let scale = |x: f64, mul: bool| if mul { x * root } else { x / root };
+        for (o, &x) in left[c * m..(c + 1) * m].iter_mut().zip(&lsrc[c * m..]) {
+            *o = scale(x, lmul);
+        }
+        for (o, &x) in right_t[c * n..(c + 1) * n].iter_mut().zip(&rsrc[c * n..]) {
+            *o = scale(x, rmul);
+        }
+    }
+}
+
 /// The balanced rank-`t` factors minimising `||(A - left right) L||_F` for `G' = L L^T` (the
 /// calibrated low-rank problem; `g` is `G'`, n x n, symmetric positive definite, f32), i.e.
 /// the truncated SVD of `A L` mapped back (the whitened SVD of blr-compress's lowrank.rs), in
@@ -324,41 +358,23 @@ pub fn weighted_truncated_svd(
             Operand::new(kmat.device_ptr(), m, 0),
         )?;
         drop(y);
-        let lambda = sym_eig(gpu, &solver, &mut kmat, m, &during)?;
-        let (vecs, top) = top_pairs(&gpu.download(&kmat)?, &lambda, m, keep);
+        let (vecs, top_sigma, prod) = top_pairs_and_product(
+            gpu,
+            &solver,
+            &blas,
+            &mut kmat,
+            m,
+            keep,
+            (Op::N, at_op, n),
+            &during,
+        )?;
         drop(kmat);
-        sigma = top.iter().map(|l| l.max(0.0).sqrt()).collect();
-        let prod = if keep > 0 {
-            let v_dev = gpu.upload(&vecs, "SVD singular vectors")?;
-            let other = gpu.alloc_zeros::<f64>(n * keep, "SVD A^T U")?;
-            blas.gemm64(
-                Op::N,
-                Op::N,
-                (n, keep, m),
-                1.0,
-                at_op,
-                Operand::new(v_dev.device_ptr(), m, 0),
-                0.0,
-                Operand::new(other.device_ptr(), n, 0),
-            )?;
-            gpu.download(&other)?
-        } else {
-            Vec::new()
-        };
-        let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
-        for c in 0..keep {
-            let s = sigma[c];
-            if s.is_nan() || s <= floor || s == 0.0 {
-                continue;
-            }
-            let root = s.sqrt();
-            for (o, &x) in left[c * m..(c + 1) * m].iter_mut().zip(&vecs[c * m..]) {
-                *o = x * root;
-            }
-            for (o, &x) in right_t[c * n..(c + 1) * n].iter_mut().zip(&prod[c * n..]) {
-                *o = x / root;
-            }
-        }
+        sigma = top_sigma;
+        scatter_balanced(
+            &sigma,
+            (&mut left, m, &vecs, true),
+            (&mut right_t, n, &prod, false),
+        );
     } else {
         // G' = E Λ E^T; L = E Λ^1/2.
         let mut ebuf = gd;
@@ -408,24 +424,20 @@ pub fn weighted_truncated_svd(
             0.0,
             Operand::new(kmat.device_ptr(), n, 0),
         )?;
-        let lambda = sym_eig(gpu, &solver, &mut kmat, n, &during)?;
-        let (vecs, top) = top_pairs(&gpu.download(&kmat)?, &lambda, n, keep);
+        // left = B V S^-1/2 = (B^T)^T V S^-1/2; right^T = E (Λ^-1/2 V) S^1/2.
+        let (vecs, top_sigma, bv) = top_pairs_and_product(
+            gpu,
+            &solver,
+            &blas,
+            &mut kmat,
+            n,
+            keep,
+            (Op::T, bt_op, m),
+            &during,
+        )?;
         drop(kmat);
-        sigma = top.iter().map(|l| l.max(0.0).sqrt()).collect();
+        sigma = top_sigma;
         if keep > 0 {
-            // left = B V S^-1/2 = (B^T)^T V S^-1/2; right^T = E (Λ^-1/2 V) S^1/2.
-            let v_dev = gpu.upload(&vecs, "SVD singular vectors")?;
-            let bv = gpu.alloc_zeros::<f64>(m * keep, "SVD B V")?;
-            blas.gemm64(
-                Op::T,
-                Op::N,
-                (m, keep, n),
-                1.0,
-                bt_op,
-                Operand::new(v_dev.device_ptr(), n, 0),
-                0.0,
-                Operand::new(bv.device_ptr(), m, 0),
-            )?;
             let mut scaled = vecs.clone();
             for c in 0..keep {
                 for (row, v) in scaled[c * n..(c + 1) * n].iter_mut().enumerate() {
@@ -445,21 +457,12 @@ pub fn weighted_truncated_svd(
                 0.0,
                 Operand::new(ev.device_ptr(), n, 0),
             )?;
-            let (bv, ev) = (gpu.download(&bv)?, gpu.download(&ev)?);
-            let floor = sigma.first().copied().unwrap_or(0.0) * 1e-6;
-            for c in 0..keep {
-                let s = sigma[c];
-                if s.is_nan() || s <= floor || s == 0.0 {
-                    continue;
-                }
-                let root = s.sqrt();
-                for (o, &x) in left[c * m..(c + 1) * m].iter_mut().zip(&bv[c * m..]) {
-                    *o = x / root;
-                }
-                for (o, &x) in right_t[c * n..(c + 1) * n].iter_mut().zip(&ev[c * n..]) {
-                    *o = x * root;
-                }
-            }
+            let ev = gpu.download(&ev)?;
+            scatter_balanced(
+                &sigma,
+                (&mut left, m, &bv, false),
+                (&mut right_t, n, &ev, true),
+            );
         }
     }
     Ok(Balanced {
