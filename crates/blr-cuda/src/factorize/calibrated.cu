@@ -9,6 +9,31 @@
 // Outputs per thread in the mixings (each input entry is read once per group of CAL_X outputs).
 #define CAL_X 8
 
+// A thread's CAL_X accumulators, of which the first `count` (>= 1) exist: the group's t-th
+// output or input is `stride` floats after its first.
+__device__ __forceinline__ void cal_zero(float (&acc)[CAL_X]) {
+#pragma unroll
+    for (int t = 0; t < CAL_X; ++t) acc[t] = 0.f;
+}
+
+// acc[t] += v * x[t * stride] for t < count.
+__device__ __forceinline__ void cal_axpy(float (&acc)[CAL_X], float v, const float* __restrict__ x,
+                                         long long stride, int count) {
+#pragma unroll
+    for (int t = 0; t < CAL_X; ++t) {
+        if (t < count) acc[t] += v * x[t * stride];
+    }
+}
+
+// out[t * stride] = acc[t] for t < count.
+__device__ __forceinline__ void cal_store(float* __restrict__ out, const float (&acc)[CAL_X],
+                                          long long stride, int count) {
+#pragma unroll
+    for (int t = 0; t < CAL_X; ++t) {
+        if (t < count) out[t * stride] = acc[t];
+    }
+}
+
 // P_i = sum_{j, j'} (s_ij s_ij'^T) ⊙ VGV_jj' (the U-step Gauss-Newton matrices), for
 // i = blockIdx.y * CAL_X + t. VGV_jj' lives at (j * b_in + j') r^2.
 extern "C" __global__ void cal_mix_p(float* __restrict__ out, const float* __restrict__ vgv,
@@ -20,8 +45,7 @@ extern "C" __global__ void cal_mix_p(float* __restrict__ out, const float* __res
     int b = (int)(e / r);
     int i0 = blockIdx.y * CAL_X;
     float acc[CAL_X];
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) acc[t] = 0.f;
+    cal_zero(acc);
     for (int j = 0; j < b_in; ++j) {
         for (int j2 = 0; j2 < b_in; ++j2) {
             float v = vgv[((long long)j * b_in + j2) * rr + e];
@@ -35,11 +59,7 @@ extern "C" __global__ void cal_mix_p(float* __restrict__ out, const float* __res
             }
         }
     }
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) {
-        int i = i0 + t;
-        if (i < b_out) out[(long long)i * rr + e] = acc[t];
-    }
+    cal_store(out + (long long)i0 * rr + e, acc, rr, b_out - i0);
 }
 
 // Q_jj' = sum_i (s_ij s_ij'^T) ⊙ J_i for every pair (the V-step Gauss-Newton blocks), written
@@ -54,22 +74,13 @@ extern "C" __global__ void cal_mix_q(float* __restrict__ out, const float* __res
     int j = blockIdx.y;
     int j0 = blockIdx.z * CAL_X;
     float acc[CAL_X];
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) acc[t] = 0.f;
+    cal_zero(acc);
     for (int i = 0; i < b_out; ++i) {
         float jv = jm[(long long)i * rr + e];
         float sa = s[((long long)i * b_in + j) * r + a] * jv;
-#pragma unroll
-        for (int t = 0; t < CAL_X; ++t) {
-            int j2 = j0 + t;
-            if (j2 < b_in) acc[t] += sa * s[((long long)i * b_in + j2) * r + b];
-        }
+        cal_axpy(acc, sa, s + ((long long)i * b_in + j0) * r + b, r, b_in - j0);
     }
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) {
-        int j2 = j0 + t;
-        if (j2 < b_in) out[((long long)j * b_in + j2) * rr + e] = acc[t];
-    }
+    cal_store(out + ((long long)j * b_in + j0) * rr + e, acc, rr, b_in - j0);
 }
 
 // hs_ij = sum_j' (J_i ⊙ VGV_jj') s_ij' (the coupled S-Hessian times s), with
@@ -84,20 +95,16 @@ extern "C" __global__ void cal_hs(float* __restrict__ hs, const float* __restric
     long long rr = (long long)r * r;
     int j = blockIdx.y;
     int i0 = blockIdx.z * CAL_X;
+    int count = b_out - i0;
+    long long s_stride = (long long)b_in * r;
     float acc[CAL_X];
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) acc[t] = 0.f;
+    cal_zero(acc);
     for (int b = 0; b < r; ++b) {
         float tmp[CAL_X];
-#pragma unroll
-        for (int t = 0; t < CAL_X; ++t) tmp[t] = 0.f;
+        cal_zero(tmp);
         for (int j2 = 0; j2 < b_in; ++j2) {
             float v = vgv[((long long)j * b_in + j2) * rr + (long long)b * r + a];
-#pragma unroll
-            for (int t = 0; t < CAL_X; ++t) {
-                int i = i0 + t;
-                if (i < b_out) tmp[t] += v * s[((long long)i * b_in + j2) * r + b];
-            }
+            cal_axpy(tmp, v, s + ((long long)i0 * b_in + j2) * r + b, s_stride, count);
         }
 #pragma unroll
         for (int t = 0; t < CAL_X; ++t) {
@@ -105,11 +112,7 @@ extern "C" __global__ void cal_hs(float* __restrict__ hs, const float* __restric
             if (i < b_out) acc[t] += jm[(long long)i * rr + (long long)b * r + a] * tmp[t];
         }
     }
-#pragma unroll
-    for (int t = 0; t < CAL_X; ++t) {
-        int i = i0 + t;
-        if (i < b_out) hs[((long long)i * b_in + j) * r + a] = acc[t];
-    }
+    cal_store(hs + ((long long)i0 * b_in + j) * r + a, acc, s_stride, count);
 }
 
 // dst_b = src_(b * src_stride) (+ eps I when base >= 0, eps = damping * ||E|| from the loss

@@ -26,14 +26,18 @@
 use cudarc::driver::LaunchConfig;
 
 use blr_compress::{
-    blast_start, line_search, BlastInit, BlastMethod, BlastOptions, BlastReport, BlastStart,
-    Calibration, Progress, Target,
+    blast_start, line_search, BlastInit, BlastOptions, BlastReport, BlastStart, Calibration,
+    Progress, Target,
 };
-use blr_core::{Blast, Linear, LowRank};
+use blr_core::{Linear, LowRank};
 
 use super::blas::{Cublas, Op, Operand};
 use super::chol::BatchedCholesky;
-use super::{grid, svd, GemmPrecision, GpuBlastOptions, Kernels, F};
+use super::core::{iterate, not_finite, not_positive_definite, report, Core, Iteration, Shape};
+use super::{
+    grid, lowrank_layer, svd, unsupported, validate_lowrank, GemmPrecision, GpuBlastOptions,
+    Kernels, F,
+};
 use crate::compile::{CompileOptions, KernelSource};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
@@ -84,148 +88,108 @@ const NUM: i32 = 14;
 const DEN: i32 = 15;
 const SLOTS: usize = 16;
 
-/// All device state of one calibrated factorization.
+/// All device state of one calibrated factorization: the shared [`Core`] (with `T = A G'` as
+/// the data of its products) and what only this iteration keeps.
 struct CalSolver<'g> {
-    gpu: &'g Gpu,
-    k: Kernels,
+    core: Core<'g>,
     c: CalKernels,
-    blas: Cublas,
-    /// TF32 for the two data GEMM families (`T V_j`, `U_i^T T`).
-    tf32: bool,
-    /// TF32 for the other iteration GEMMs and the Cholesky factorizations.
-    tf32_rest: bool,
-    m: usize,
-    n: usize,
-    r: usize,
-    b_out: usize,
-    b_in: usize,
-    p: usize,
-    q: usize,
-    damping: f64,
-    /// `tr(A G' A^T)`.
-    norm_sq: f64,
-    at: DeviceBuffer<f32>,
     tt: DeviceBuffer<f32>,
     g: DeviceBuffer<f32>,
     /// `G'_jj^-1`, b_in q x q matrices.
     ginv: DeviceBuffer<f32>,
-    u: DeviceBuffer<f32>,
-    vt: DeviceBuffer<f32>,
     vt_old: DeviceBuffer<f32>,
-    s: DeviceBuffer<f32>,
     s_old: DeviceBuffer<f32>,
-    jm: DeviceBuffer<f32>,
     vgv: DeviceBuffer<f32>,
     gvt: DeviceBuffer<f32>,
     qm: DeviceBuffer<f32>,
     /// Diagonal blocks (Q_jj + eps I, or VGV_jj), b_in r x r.
     blocks: DeviceBuffer<f32>,
-    pm: DeviceBuffer<f32>,
-    /// `T_j^T`-products of the U step / `U_i^T T_i` of the V and S steps / final residual.
-    big: DeviceBuffer<f32>,
-    rhs: DeviceBuffer<f32>,
     grad: DeviceBuffer<f32>,
     grad_keep: DeviceBuffer<f32>,
     dir: DeviceBuffer<f32>,
-    h: DeviceBuffer<f32>,
-    d: DeviceBuffer<f32>,
-    hs: DeviceBuffer<f32>,
     hs_scratch: DeviceBuffer<f32>,
     sg: DeviceBuffer<f32>,
     sg_keep: DeviceBuffer<f32>,
-    scal: DeviceBuffer<f64>,
-    chol: BatchedCholesky,
-    ysolve: DeviceBuffer<f32>,
+}
+
+/// No profile marks in the calibrated iteration (it has its own per-step laps in `run`).
+fn no_mark(_: &'static str) -> Result<()> {
+    Ok(())
 }
 
 impl<'g> CalSolver<'g> {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         gpu: &'g Gpu,
         a: &[f32],
         gprime: &[f32],
-        (m, n, r, b_out, b_in): (usize, usize, usize, usize, usize),
-        damping: f64,
-        precision: GemmPrecision,
+        shape: Shape,
+        (damping, precision): (f64, GemmPrecision),
         name: &str,
     ) -> Result<Self> {
-        let (p, q) = (m / b_out, n / b_in);
-        let k = Kernels::load(gpu)?;
-        let c = CalKernels::load(gpu)?;
-        let blas = Cublas::new(gpu)?;
-        let rr = r * r;
-        let nblk = b_out * b_in;
-        let at = gpu.upload(a, "calibrated BLAST A^T")?;
-        let g = gpu.upload(gprime, "calibrated BLAST G'")?;
-        let tt = gpu.alloc_zeros::<f32>(n * m, "calibrated BLAST T^T")?;
-        // T^T = G' A^T (G' symmetric), once, in fp32.
-        blas.gemm(
-            Op::N,
-            Op::N,
-            (n, m, n),
-            1.0,
-            Operand::new(g.device_ptr(), n, 0),
-            Operand::new(at.device_ptr(), n, 0),
-            0.0,
-            Operand::new(tt.device_ptr(), n, 0),
-            1,
-            false,
-        )?;
-        let chol = BatchedCholesky::new(gpu, &k.chol, r, nblk.max(b_out).max(b_in))?;
-        let mut this = Self {
-            gpu,
-            blas,
-            tf32: precision != GemmPrecision::Fp32,
-            tf32_rest: precision == GemmPrecision::Tf32,
+        let Shape {
             m,
             n,
             r,
             b_out,
             b_in,
-            p,
-            q,
+        } = shape;
+        let q = n / b_in;
+        let k = Kernels::load(gpu)?;
+        let c = CalKernels::load(gpu)?;
+        let blas = Cublas::new(gpu)?;
+        let core = Core::new(
+            gpu,
+            (k, blas),
+            a,
+            shape,
+            precision,
             damping,
-            norm_sq: 0.0,
-            at,
+            SLOTS,
+            "calibrated BLAST",
+            &|_| {},
+        )?;
+        let rr = r * r;
+        let nblk = b_out * b_in;
+        let g = gpu.upload(gprime, "calibrated BLAST G'")?;
+        let tt = gpu.alloc_zeros::<f32>(n * m, "calibrated BLAST T^T")?;
+        // T^T = G' A^T (G' symmetric), once, in fp32.
+        core.blas.gemm(
+            Op::N,
+            Op::N,
+            (n, m, n),
+            1.0,
+            Operand::new(g.device_ptr(), n, 0),
+            Operand::new(core.at.device_ptr(), n, 0),
+            0.0,
+            Operand::new(tt.device_ptr(), n, 0),
+            1,
+            false,
+        )?;
+        let alloc = |len: usize, what: &str| {
+            gpu.alloc_zeros::<f32>(len, &format!("calibrated BLAST {what}"))
+        };
+        let mut this = Self {
+            core,
+            c,
             tt,
             g,
-            ginv: gpu.alloc_zeros::<f32>(b_in * q * q, "calibrated BLAST G'_jj^-1")?,
-            u: gpu.alloc_zeros::<f32>(m * r, "calibrated BLAST U^T")?,
-            vt: gpu.alloc_zeros::<f32>(r * n, "calibrated BLAST V^T")?,
-            vt_old: gpu.alloc_zeros::<f32>(r * n, "calibrated BLAST V^T before the step")?,
-            s: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST S")?,
-            s_old: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST S before the step")?,
-            jm: gpu.alloc_zeros::<f32>(b_out * rr, "calibrated BLAST U_i^T U_i")?,
-            vgv: gpu.alloc_zeros::<f32>(b_in * b_in * rr, "calibrated BLAST V^T G' V blocks")?,
-            gvt: gpu.alloc_zeros::<f32>(b_in * r * n, "calibrated BLAST (G' V_j)^T")?,
-            qm: gpu.alloc_zeros::<f32>(b_in * b_in * rr, "calibrated BLAST Q_jj'")?,
-            blocks: gpu.alloc_zeros::<f32>(b_in * rr, "calibrated BLAST diagonal blocks")?,
-            pm: gpu.alloc_zeros::<f32>(b_out * rr, "calibrated BLAST P_i")?,
-            big: gpu.alloc_zeros::<f32>(
-                (b_in * m * r).max(b_out * r * n).max(nblk * p * r),
-                "calibrated BLAST T V / U^T T",
-            )?,
-            rhs: gpu.alloc_zeros::<f32>(m * r, "calibrated BLAST U gradient")?,
-            grad: gpu.alloc_zeros::<f32>(r * n, "calibrated BLAST V gradient")?,
-            grad_keep: gpu.alloc_zeros::<f32>(r * n, "calibrated BLAST V gradient copy")?,
-            dir: gpu.alloc_zeros::<f32>(r * n, "calibrated BLAST V direction")?,
-            h: gpu.alloc_zeros::<f32>(nblk * rr, "calibrated BLAST S preconditioners")?,
-            d: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST diag(U^T T V)")?,
-            hs: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST H s")?,
-            hs_scratch: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST H_jj s")?,
-            sg: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST S gradient")?,
-            sg_keep: gpu.alloc_zeros::<f32>(nblk * r, "calibrated BLAST S gradient copy")?,
-            scal: gpu.alloc_zeros::<f64>(SLOTS, "calibrated BLAST loss terms")?,
-            chol,
-            ysolve: gpu.alloc_zeros::<f32>(
-                (r * m).max(r * n).max(nblk * r),
-                "calibrated BLAST solve scratch",
-            )?,
-            k,
-            c,
+            ginv: alloc(b_in * q * q, "G'_jj^-1")?,
+            vt_old: alloc(r * n, "V^T before the step")?,
+            s_old: alloc(nblk * r, "S before the step")?,
+            vgv: alloc(b_in * b_in * rr, "V^T G' V blocks")?,
+            gvt: alloc(b_in * r * n, "(G' V_j)^T")?,
+            qm: alloc(b_in * b_in * rr, "Q_jj'")?,
+            blocks: alloc(b_in * rr, "diagonal blocks")?,
+            grad: alloc(r * n, "V gradient")?,
+            grad_keep: alloc(r * n, "V gradient copy")?,
+            dir: alloc(r * n, "V direction")?,
+            hs_scratch: alloc(nblk * r, "H_jj s")?,
+            sg: alloc(nblk * r, "S gradient")?,
+            sg_keep: alloc(nblk * r, "S gradient copy")?,
         };
-        this.dot(this.tt.device_ptr(), this.at.device_ptr(), m * n, NUM)?;
-        this.norm_sq = this.gpu.download(&this.scal)?[NUM as usize];
+        let c = &this.core;
+        c.dot(this.tt.device_ptr(), c.at.device_ptr(), m * n, NUM, 1.0)?;
+        this.core.norm_sq = c.gpu.download(&c.scal)?[NUM as usize];
         this.invert_diag_gram(name)?;
         Ok(this)
     }
@@ -233,12 +197,13 @@ impl<'g> CalSolver<'g> {
     /// `ginv_j = G'_jj^-1` by a batched Cholesky of the q x q diagonal blocks and a solve on
     /// the identity (fp32; the CPU path uses the f64 Cholesky of the same blocks).
     fn invert_diag_gram(&mut self, name: &str) -> Result<()> {
-        let (n, q, b_in) = (self.n, self.q, self.b_in);
+        let c = &self.core;
+        let (n, q, b_in) = (c.n, c.q, c.b_in);
         let qq = q * q;
-        let gd = self
+        let gd = c
             .gpu
             .alloc_zeros::<f32>(b_in * qq, "calibrated BLAST G'_jj")?;
-        let y = self
+        let y = c
             .gpu
             .alloc_zeros::<f32>(b_in * qq, "calibrated BLAST solve scratch")?;
         let (dst, eye, g) = (gd.device_ptr(), self.ginv.device_ptr(), self.g.device_ptr());
@@ -246,7 +211,7 @@ impl<'g> CalSolver<'g> {
         // SAFETY: cal_gather_diag(float* dst, float* eye, const float* g, int n, int q,
         // int b_in): dst and eye hold b_in q x q matrices, g is n x n with n = b_in q.
         unsafe {
-            self.gpu
+            c.gpu
                 .launch(&self.c.gather_diag)
                 .arg(&dst)
                 .arg(&eye)
@@ -254,20 +219,20 @@ impl<'g> CalSolver<'g> {
                 .arg(&ni)
                 .arg(&qi)
                 .arg(&bi)
-                .launch(grid(self.gpu, b_in * qq))?;
+                .launch(grid(c.gpu, b_in * qq))?;
         }
-        let mut gchol = BatchedCholesky::new(self.gpu, &self.k.chol, q, b_in)?;
-        gchol.reset(self.gpu)?;
-        gchol.factor(self.gpu, &self.blas, dst, qq, b_in, false, &|_| Ok(()))?;
+        let mut gchol = BatchedCholesky::new(c.gpu, &c.k.chol, q, b_in)?;
+        gchol.reset(c.gpu)?;
+        gchol.factor(c.gpu, &c.blas, dst, qq, b_in, false, &no_mark)?;
         gchol.solve(
-            &self.blas,
+            &c.blas,
             b_in,
             Operand::new(eye, q, qq),
             Operand::new(y.device_ptr(), q, qq),
             q,
             false,
         )?;
-        if gchol.failed(self.gpu)? {
+        if gchol.failed(c.gpu)? {
             return Err(Error::Numerical {
                 during: format!("calibrated BLAST of {name} on the GPU"),
                 reason: "a diagonal block of the calibration Gram is not positive definite in \
@@ -278,65 +243,21 @@ impl<'g> CalSolver<'g> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        ops: (Op, Op),
-        dims: (usize, usize, usize),
-        alpha: f32,
-        a: Operand,
-        b: Operand,
-        beta: f32,
-        c: Operand,
-        batch: usize,
-    ) -> Result<()> {
-        self.blas.gemm(
-            ops.0,
-            ops.1,
-            dims,
-            alpha,
-            a,
-            b,
-            beta,
-            c,
-            batch,
-            self.tf32_rest,
-        )
-    }
-
-    fn dot(&self, x: u64, y: u64, len: usize, slot: i32) -> Result<()> {
-        let n = len as i64;
-        let scal = self.scal.device_ptr();
-        let weight = 1.0f64;
-        // SAFETY: dot_acc(const float* x, const float* y, i64 n, double* scal, int slot,
-        // double weight): x and y are live buffers of >= len floats; slot < SLOTS.
-        unsafe {
-            self.gpu
-                .launch(&self.k.dot)
-                .arg(&x)
-                .arg(&y)
-                .arg(&n)
-                .arg(&scal)
-                .arg(&slot)
-                .arg(&weight)
-                .launch(grid(self.gpu, len))
-        }
-    }
-
     /// `y = x - alpha d` over `len` floats (y may be x).
     fn axpby(&self, y: u64, x: u64, d: u64, alpha: f64, len: usize) -> Result<()> {
         let (alpha, n) = (alpha as f32, len as i64);
         // SAFETY: cal_axpby(float* y, const float* x, const float* d, float alpha, i64 n):
         // all three hold >= len floats.
         unsafe {
-            self.gpu
+            self.core
+                .gpu
                 .launch(&self.c.axpby)
                 .arg(&y)
                 .arg(&x)
                 .arg(&d)
                 .arg(&alpha)
                 .arg(&n)
-                .launch(grid(self.gpu, len))
+                .launch(grid(self.core.gpu, len))
         }
     }
 
@@ -349,13 +270,14 @@ impl<'g> CalSolver<'g> {
         batch: usize,
         base: i32,
     ) -> Result<()> {
-        let (r, stride, b) = (self.r as i32, src_stride as i64, batch as i32);
-        let scal = self.scal.device_ptr();
+        let c = &self.core;
+        let (r, stride, b) = (c.r as i32, src_stride as i64, batch as i32);
+        let scal = c.scal.device_ptr();
         // SAFETY: cal_copy_blocks(float* dst, const float* src, int r, i64 src_stride,
         // int batch, const double* scal, int base, double norm_sq, double damping): dst holds
         // batch r x r matrices, src (batch - 1) * src_stride + r^2 floats; base < SLOTS - 1.
         unsafe {
-            self.gpu
+            c.gpu
                 .launch(&self.c.copy_blocks)
                 .arg(&dst)
                 .arg(&src)
@@ -364,95 +286,35 @@ impl<'g> CalSolver<'g> {
                 .arg(&b)
                 .arg(&scal)
                 .arg(&base)
-                .arg(&self.norm_sq)
-                .arg(&self.damping)
-                .launch(grid(self.gpu, batch * self.r * self.r))
-        }
-    }
-
-    fn add_eps(&self, a: u64, batch: usize, base: i32) -> Result<()> {
-        let (stride, r, b) = ((self.r * self.r) as i64, self.r as i32, batch as i32);
-        let scal = self.scal.device_ptr();
-        // SAFETY: add_eps_diag(float* a, i64 stride, int r, int batch, const double* scal,
-        // int base, double norm_sq, double damping): a holds batch r x r matrices.
-        unsafe {
-            self.gpu
-                .launch(&self.k.add_eps)
-                .arg(&a)
-                .arg(&stride)
-                .arg(&r)
-                .arg(&b)
-                .arg(&scal)
-                .arg(&base)
-                .arg(&self.norm_sq)
-                .arg(&self.damping)
-                .launch(grid(self.gpu, self.r * batch))
-        }
-    }
-
-    /// `d_ij = diag(UT_i[:, j block] V_j)` from `big` = `U_i^T T_i` and the current V.
-    fn diag_products(&self) -> Result<()> {
-        let (r, n, q, b_in) = (
-            self.r as i32,
-            self.n as i32,
-            self.q as i32,
-            self.b_in as i32,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (
-                Gpu::grid_1d(self.r, 128),
-                (self.b_out * self.b_in) as u32,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (d, ut, vt) = (
-            self.d.device_ptr(),
-            self.big.device_ptr(),
-            self.vt.device_ptr(),
-        );
-        let from_av = 0i32;
-        // SAFETY: blast_diag(float* d, const float* x, const float* y, int r, int len, int w,
-        // int b_in, int from_av = 0): d holds b_out*b_in*r, x = ut b_out (r, n) matrices,
-        // y = vt (r, n).
-        unsafe {
-            self.gpu
-                .launch(&self.k.diag)
-                .arg(&d)
-                .arg(&ut)
-                .arg(&vt)
-                .arg(&r)
-                .arg(&n)
-                .arg(&q)
-                .arg(&b_in)
-                .arg(&from_av)
-                .launch(cfg)
+                .arg(&c.norm_sq)
+                .arg(&c.damping)
+                .launch(grid(c.gpu, batch * c.r * c.r))
         }
     }
 
     /// `hs_ij = sum_j' (J_i ⊙ VGV_jj') s_ij'` for the current s.
     fn h_times_s(&self) -> Result<()> {
+        let c = &self.core;
         let cfg = LaunchConfig {
             grid_dim: (
-                Gpu::grid_1d(self.r, 128),
-                self.b_in as u32,
-                self.b_out.div_ceil(CAL_X) as u32,
+                Gpu::grid_1d(c.r, 128),
+                c.b_in as u32,
+                c.b_out.div_ceil(CAL_X) as u32,
             ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let (hs, jm, vgv, s) = (
-            self.hs.device_ptr(),
-            self.jm.device_ptr(),
+            c.hs.device_ptr(),
+            c.jm.device_ptr(),
             self.vgv.device_ptr(),
-            self.s.device_ptr(),
+            c.s.device_ptr(),
         );
-        let (r, bo, bi) = (self.r as i32, self.b_out as i32, self.b_in as i32);
+        let (r, bo, bi) = (c.r as i32, c.b_out as i32, c.b_in as i32);
         // SAFETY: cal_hs(float* hs, const float* jm, const float* vgv, const float* s, int r,
         // int b_out, int b_in): hs and s hold b_out*b_in*r, jm b_out and vgv b_in^2 r x r.
         unsafe {
-            self.gpu
+            c.gpu
                 .launch(&self.c.hs)
                 .arg(&hs)
                 .arg(&jm)
@@ -465,32 +327,18 @@ impl<'g> CalSolver<'g> {
         }
     }
 
-    fn u_gram(&self) -> Result<()> {
-        let (p, r) = (self.p, self.r);
-        let u = self.u.device_ptr();
-        self.gemm(
-            (Op::N, Op::T),
-            (r, r, p),
-            1.0,
-            Operand::new(u, r, p * r),
-            Operand::new(u, r, p * r),
-            0.0,
-            Operand::new(self.jm.device_ptr(), r, r * r),
-            self.b_out,
-        )
-    }
-
     /// `GV_j'^T = V_j'^T G'[j' rows, :]` (r, n) and `VGV_jj' = V_j^T G'_jj' V_j'` for the
     /// current V.
     fn vgv(&self) -> Result<()> {
-        let (n, q, r, b_in) = (self.n, self.q, self.r, self.b_in);
+        let c = &self.core;
+        let (n, q, r, b_in) = (c.n, c.q, c.r, c.b_in);
         let (vt, g, gvt, vgv) = (
-            self.vt.device_ptr(),
+            c.vt.device_ptr(),
             self.g.device_ptr(),
             self.gvt.device_ptr(),
             self.vgv.device_ptr(),
         );
-        self.gemm(
+        c.gemm(
             (Op::N, Op::N),
             (r, n, q),
             1.0,
@@ -502,7 +350,7 @@ impl<'g> CalSolver<'g> {
         )?;
         for j2 in 0..b_in {
             // VGV_jj' = V_j^T (GV_j'^T[:, j block])^T, batched over j.
-            self.gemm(
+            c.gemm(
                 (Op::N, Op::T),
                 (r, r, q),
                 1.0,
@@ -517,57 +365,22 @@ impl<'g> CalSolver<'g> {
     }
 
     fn step_u(&self, step: f64) -> Result<()> {
-        let (m, n, p, q, r, b_out, b_in) = (
-            self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
-        );
-        let (tt, u, vt, big, rhs, pm) = (
-            self.tt.device_ptr(),
-            self.u.device_ptr(),
-            self.vt.device_ptr(),
-            self.big.device_ptr(),
-            self.rhs.device_ptr(),
-            self.pm.device_ptr(),
-        );
-        // V_j^T T_j^T (r, m), T_j^T = rows jq.. of tt.
-        self.blas.gemm(
-            Op::N,
-            Op::N,
-            (r, m, q),
-            1.0,
-            Operand::new(vt, r, q * r),
-            Operand::new(tt, n, q),
-            0.0,
-            Operand::new(big, r, r * m),
-            b_in,
-            self.tf32,
-        )?;
-        let (mi, ri, pi, bi) = (m as i32, r as i32, p as i32, b_in as i32);
-        let s = self.s.device_ptr();
-        // SAFETY: blast_u_rhs(float* rhs, const float* tv, const float* s, int m, int r,
-        // int p, int b_in): rhs (r, m), tv b_in (r, m) matrices, s b_out*b_in*r.
-        unsafe {
-            self.gpu
-                .launch(&self.k.u_rhs)
-                .arg(&rhs)
-                .arg(&big)
-                .arg(&s)
-                .arg(&mi)
-                .arg(&ri)
-                .arg(&pi)
-                .arg(&bi)
-                .launch(grid(self.gpu, m * r))?;
-        }
-        let rr = r * r;
+        let c = &self.core;
+        let (m, r, b_out, b_in) = (c.m, c.r, c.b_out, c.b_in);
+        // V_j^T T_j^T (r, m) into big, then the right-hand side.
+        c.v_times_data(self.tt.device_ptr())?;
+        c.u_rhs()?;
         let cfg = LaunchConfig {
-            grid_dim: (Gpu::grid_1d(rr, 256), b_out.div_ceil(CAL_X) as u32, 1),
+            grid_dim: (Gpu::grid_1d(r * r, 256), b_out.div_ceil(CAL_X) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (vgv, bo) = (self.vgv.device_ptr(), b_out as i32);
+        let (pm, vgv, s) = (c.pm.device_ptr(), self.vgv.device_ptr(), c.s.device_ptr());
+        let (ri, bo, bi) = (r as i32, b_out as i32, b_in as i32);
         // SAFETY: cal_mix_p(float* out, const float* vgv, const float* s, int r, int b_out,
         // int b_in): out holds b_out, vgv b_in^2 r x r matrices, s b_out*b_in*r.
         unsafe {
-            self.gpu
+            c.gpu
                 .launch(&self.c.mix_p)
                 .arg(&pm)
                 .arg(&vgv)
@@ -577,85 +390,49 @@ impl<'g> CalSolver<'g> {
                 .arg(&bi)
                 .launch(cfg)?;
         }
-        self.dot(u, rhs, m * r, U_LOSS)?;
-        self.dot(self.jm.device_ptr(), pm, b_out * rr, U_LOSS + 1)?;
-        // grad_i^T = P_i U_i^T - rhs_i^T, in place of rhs.
-        self.gemm(
-            (Op::N, Op::N),
-            (r, p, r),
-            1.0,
-            Operand::new(pm, r, rr),
-            Operand::new(u, r, p * r),
-            -1.0,
-            Operand::new(rhs, r, p * r),
-            b_out,
-        )?;
-        self.add_eps(pm, b_out, U_LOSS)?;
-        self.chol
-            .factor(self.gpu, &self.blas, pm, rr, b_out, self.tf32_rest, &|_| {
-                Ok(())
-            })?;
-        self.chol.solve(
-            &self.blas,
-            b_out,
-            Operand::new(rhs, r, p * r),
-            Operand::new(self.ysolve.device_ptr(), r, p * r),
-            p,
-            false,
-        )?;
+        c.u_direction(U_LOSS, false, &no_mark)?;
+        let (u, rhs) = (c.u.device_ptr(), c.rhs.device_ptr());
         self.axpby(u, u, rhs, step, m * r)?;
-        self.u_gram()
+        c.u_gram()
     }
 
     /// Loss terms of the V sub-problem for the current V (d from `big`, quad from Q and VGV)
     /// into `base`, `base + 1`.
     fn v_loss(&self, base: i32) -> Result<()> {
-        let nblk = self.b_out * self.b_in;
-        let rr = self.r * self.r;
-        self.diag_products()?;
-        self.dot(
-            self.s.device_ptr(),
-            self.d.device_ptr(),
-            nblk * self.r,
+        let c = &self.core;
+        c.diag_products(false)?;
+        c.dot(
+            c.s.device_ptr(),
+            c.d.device_ptr(),
+            c.b_out * c.b_in * c.r,
             base,
+            1.0,
         )?;
-        self.dot(
+        c.dot(
             self.qm.device_ptr(),
             self.vgv.device_ptr(),
-            self.b_in * self.b_in * rr,
+            c.b_in * c.b_in * c.r * c.r,
             base + 1,
+            1.0,
         )
     }
 
     fn loss(&self, scal: &[f64], base: i32) -> f64 {
         let b = base as usize;
-        0.5 * (self.norm_sq - 2.0 * scal[b] + scal[b + 1])
+        0.5 * (self.core.norm_sq - 2.0 * scal[b] + scal[b + 1])
     }
 
     fn step_v(&self, step: f64) -> Result<()> {
-        let (n, p, q, r, b_out, b_in) = (self.n, self.p, self.q, self.r, self.b_out, self.b_in);
+        let c = &self.core;
+        let (n, q, r, b_out, b_in) = (c.n, c.q, c.r, c.b_out, c.b_in);
         let rr = r * r;
-        let (tt, u, vt, big, grad, qm) = (
-            self.tt.device_ptr(),
-            self.u.device_ptr(),
-            self.vt.device_ptr(),
-            self.big.device_ptr(),
+        let (vt, grad, qm) = (
+            c.vt.device_ptr(),
             self.grad.device_ptr(),
             self.qm.device_ptr(),
         );
-        // UT_i = U_i^T T_i (r, n): T_i = (columns ip.. of tt)^T.
-        self.blas.gemm(
-            Op::N,
-            Op::T,
-            (r, n, p),
-            1.0,
-            Operand::new(u, r, p * r),
-            Operand::new(tt, n, p * n),
-            0.0,
-            Operand::new(big, r, r * n),
-            b_out,
-            self.tf32,
-        )?;
+        // UT_i = U_i^T T_i (r, n) into big.
+        c.u_times_data(self.tt.device_ptr())?;
         let cfg = LaunchConfig {
             grid_dim: (
                 Gpu::grid_1d(rr, 256),
@@ -665,12 +442,12 @@ impl<'g> CalSolver<'g> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (jm, s) = (self.jm.device_ptr(), self.s.device_ptr());
-        let (ri, ni, qi, bo, bi) = (r as i32, n as i32, q as i32, b_out as i32, b_in as i32);
+        let (jm, s) = (c.jm.device_ptr(), c.s.device_ptr());
+        let (ri, bo, bi) = (r as i32, b_out as i32, b_in as i32);
         // SAFETY: cal_mix_q(float* out, const float* jm, const float* s, int r, int b_out,
         // int b_in): out holds b_in^2, jm b_out r x r matrices, s b_out*b_in*r.
         unsafe {
-            self.gpu
+            c.gpu
                 .launch(&self.c.mix_q)
                 .arg(&qm)
                 .arg(&jm)
@@ -681,25 +458,11 @@ impl<'g> CalSolver<'g> {
                 .launch(cfg)?;
         }
         self.v_loss(V_LOSS0)?;
-        // SAFETY: blast_v_rhs(float* g, const float* ut, const float* s, int r, int n, int q,
-        // int b_out, int b_in): g (r, n), ut b_out (r, n) matrices, s b_out*b_in*r.
-        unsafe {
-            self.gpu
-                .launch(&self.k.v_rhs)
-                .arg(&grad)
-                .arg(&big)
-                .arg(&s)
-                .arg(&ri)
-                .arg(&ni)
-                .arg(&qi)
-                .arg(&bo)
-                .arg(&bi)
-                .launch(grid(self.gpu, r * n))?;
-        }
+        c.v_rhs(grad)?;
         // grad_j^T += sum_j' Q_jj' (V_j'^T G'_j'j), batched over j.
         let gvt = self.gvt.device_ptr();
         for j2 in 0..b_in {
-            self.gemm(
+            c.gemm(
                 (Op::N, Op::N),
                 (r, q, r),
                 1.0,
@@ -718,24 +481,17 @@ impl<'g> CalSolver<'g> {
         self.axpby(grad_keep, grad, grad, 0.0, r * n)?;
         // (Q_jj + eps I)^-1 grad_j^T, then times G'_jj^-1 on the right.
         self.copy_blocks(blocks, qm, (b_in + 1) * rr, b_in, V_LOSS0)?;
-        self.chol.factor(
-            self.gpu,
-            &self.blas,
+        c.damped_solve(
             blocks,
-            rr,
             b_in,
-            self.tf32_rest,
-            &|_| Ok(()),
-        )?;
-        self.chol.solve(
-            &self.blas,
-            b_in,
-            Operand::new(grad, r, q * r),
-            Operand::new(self.ysolve.device_ptr(), r, q * r),
+            None,
+            grad,
             q,
             false,
+            &no_mark,
+            ["v: chol", "v: solve"],
         )?;
-        self.gemm(
+        c.gemm(
             (Op::N, Op::N),
             (r, q, q),
             1.0,
@@ -745,157 +501,164 @@ impl<'g> CalSolver<'g> {
             Operand::new(dir, r, q * r),
             b_in,
         )?;
-        self.dot(grad_keep, dir, r * n, V_GD)?;
-        let vt_old = self.vt_old.device_ptr();
-        self.axpby(vt_old, vt, vt, 0.0, r * n)?;
-        self.axpby(vt, vt_old, dir, step, r * n)?;
-        self.vgv()?;
-        self.v_loss(V_LOSS1)?;
-        let scal = self.gpu.download(&self.scal)?;
-        let (loss0, loss1) = (self.loss(&scal, V_LOSS0), self.loss(&scal, V_LOSS1));
-        let alpha = line_search(loss0, loss1, scal[V_GD as usize], step);
+        let (alpha, _) = self.line_step(
+            (vt, self.vt_old.device_ptr(), dir, grad_keep),
+            r * n,
+            step,
+            (V_LOSS0, V_GD, V_LOSS1),
+            &|| {
+                self.vgv()?;
+                self.v_loss(V_LOSS1)
+            },
+        )?;
         if alpha != step {
-            self.axpby(vt, vt_old, dir, alpha, r * n)?;
             self.vgv()?;
         }
         Ok(())
     }
 
+    /// The exact line search of the CPU path along `dir` from `x` (`len` floats each): `<keep,
+    /// dir>` into slot `gd`, `x` kept in `old`, `x = old - step dir`, `loss1` evaluates the
+    /// loss terms there into slot `l1`; `alpha` from those and the loss at `l0`, and
+    /// `x = old - alpha dir` where it differs from `step`. Returns `alpha` and the loss at
+    /// `step`.
+    fn line_step(
+        &self,
+        (x, old, dir, keep): (u64, u64, u64, u64),
+        len: usize,
+        step: f64,
+        (l0, gd, l1): (i32, i32, i32),
+        loss1: &dyn Fn() -> Result<()>,
+    ) -> Result<(f64, f64)> {
+        let c = &self.core;
+        c.dot(keep, dir, len, gd, 1.0)?;
+        self.axpby(old, x, x, 0.0, len)?;
+        self.axpby(x, old, dir, step, len)?;
+        loss1()?;
+        let scal = c.gpu.download(&c.scal)?;
+        let (loss0, loss1) = (self.loss(&scal, l0), self.loss(&scal, l1));
+        let alpha = line_search(loss0, loss1, scal[gd as usize], step);
+        if alpha != step {
+            self.axpby(x, old, dir, alpha, len)?;
+        }
+        Ok((alpha, loss1))
+    }
+
     /// The S step; returns the loss after it.
     fn step_s(&self, step: f64) -> Result<f64> {
-        let (r, b_in) = (self.r, self.b_in);
-        let nblk = self.b_out * b_in;
+        let c = &self.core;
+        let (r, b_in) = (c.r, c.b_in);
+        let nblk = c.b_out * b_in;
         let rr = r * r;
-        let (s, d, hs, sg, sg_keep, h) = (
-            self.s.device_ptr(),
-            self.d.device_ptr(),
-            self.hs.device_ptr(),
+        let (s, sg, sg_keep) = (
+            c.s.device_ptr(),
             self.sg.device_ptr(),
             self.sg_keep.device_ptr(),
-            self.h.device_ptr(),
         );
-        self.diag_products()?;
+        c.diag_products(false)?;
         self.h_times_s()?;
-        self.dot(s, d, nblk * r, S_LOSS0)?;
-        self.dot(s, hs, nblk * r, S_LOSS0 + 1)?;
-        let len = (nblk * r) as i64;
-        // SAFETY: blast_s_grad(float* g, float* g_keep, const float* hs, const float* d, i64 n):
-        // all hold nblk*r floats.
-        unsafe {
-            self.gpu
-                .launch(&self.k.s_grad)
-                .arg(&sg)
-                .arg(&sg_keep)
-                .arg(&hs)
-                .arg(&d)
-                .arg(&len)
-                .launch(grid(self.gpu, nblk * r))?;
-        }
-        // H_ij = J_i ⊙ VGV_jj (+ eps I).
+        c.s_loss(S_LOSS0)?;
+        c.s_grad(sg, sg_keep)?;
+        // H_ij = J_i ⊙ VGV_jj (+ eps I); its H s goes to scratch (hs is the coupled one).
         let blocks = self.blocks.device_ptr();
         self.copy_blocks(blocks, self.vgv.device_ptr(), (b_in + 1) * rr, b_in, -1)?;
-        let cfg = LaunchConfig {
-            grid_dim: (Gpu::grid_1d(r, 128), nblk as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (jm, scratch, ri, bi) = (
-            self.jm.device_ptr(),
-            self.hs_scratch.device_ptr(),
-            r as i32,
-            b_in as i32,
-        );
-        // SAFETY: hadamard_blocks(float* h, float* hs, const float* jm, const float* km,
-        // const float* s, int r, int b_in): h holds b_out*b_in r x r matrices, hs (scratch)
-        // and s b_out*b_in*r, jm b_out and km (the VGV_jj copies) b_in r x r matrices.
-        unsafe {
-            self.gpu
-                .launch(&self.k.hadamard)
-                .arg(&h)
-                .arg(&scratch)
-                .arg(&jm)
-                .arg(&blocks)
-                .arg(&s)
-                .arg(&ri)
-                .arg(&bi)
-                .launch(cfg)?;
-        }
-        self.add_eps(h, nblk, S_LOSS0)?;
-        self.chol
-            .factor(self.gpu, &self.blas, h, rr, nblk, self.tf32_rest, &|_| {
-                Ok(())
-            })?;
-        self.chol.solve(
-            &self.blas,
+        c.hadamard(self.hs_scratch.device_ptr(), blocks)?;
+        c.damped_solve(
+            c.h.device_ptr(),
             nblk,
-            Operand::new(sg, r, r),
-            Operand::new(self.ysolve.device_ptr(), r, r),
+            Some(S_LOSS0),
+            sg,
             1,
             false,
+            &no_mark,
+            ["s: chol", "s: solve"],
         )?;
-        self.dot(sg_keep, sg, nblk * r, S_GD)?;
-        let s_old = self.s_old.device_ptr();
-        self.axpby(s_old, s, s, 0.0, nblk * r)?;
-        self.axpby(s, s_old, sg, step, nblk * r)?;
-        self.h_times_s()?;
-        self.dot(s, d, nblk * r, S_LOSS1)?;
-        self.dot(s, hs, nblk * r, S_LOSS1 + 1)?;
-        let scal = self.gpu.download(&self.scal)?;
-        let (loss0, loss1) = (self.loss(&scal, S_LOSS0), self.loss(&scal, S_LOSS1));
-        let alpha = line_search(loss0, loss1, scal[S_GD as usize], step);
+        let (alpha, loss1) = self.line_step(
+            (s, self.s_old.device_ptr(), sg, sg_keep),
+            nblk * r,
+            step,
+            (S_LOSS0, S_GD, S_LOSS1),
+            &|| {
+                self.h_times_s()?;
+                c.s_loss(S_LOSS1)
+            },
+        )?;
         if alpha == step {
             return Ok(loss1);
         }
-        self.axpby(s, s_old, sg, alpha, nblk * r)?;
         self.h_times_s()?;
-        self.dot(s, d, nblk * r, S_LOSS2)?;
-        self.dot(s, hs, nblk * r, S_LOSS2 + 1)?;
-        let scal = self.gpu.download(&self.scal)?;
+        c.s_loss(S_LOSS2)?;
+        let scal = c.gpu.download(&c.scal)?;
         Ok(self.loss(&scal, S_LOSS2))
     }
 
     fn relative(&self, loss: f64) -> f64 {
-        if self.norm_sq > 0.0 {
-            (2.0 * loss.max(0.0) / self.norm_sq).sqrt()
+        let norm_sq = self.core.norm_sq;
+        if norm_sq > 0.0 {
+            (2.0 * loss.max(0.0) / norm_sq).sqrt()
         } else {
             0.0
         }
     }
 
-    fn set_state(&mut self, start: &BlastStart) -> Result<()> {
-        let (n, r, q) = (self.n, self.r, self.q);
-        let mut vt = vec![0f32; r * n];
-        for j in 0..self.b_in {
-            for k in 0..r {
-                for c in 0..q {
-                    vt[(j * q + c) * r + k] = start.vt[j * r * q + k * q + c];
-                }
-            }
+    /// `||(A - Â) X|| / ||A X||` with the raw Gram (`G' - damping_calib I`, up to a positive
+    /// scale), from the dense residual formed in place of `at`; `tt` and `g` are overwritten.
+    fn exact_error(&mut self, calib_damping: f64) -> Result<f64> {
+        let (m, n) = (self.core.m, self.core.n);
+        let (at, tt, g) = (
+            self.core.at.device_ptr(),
+            self.tt.device_ptr(),
+            self.g.device_ptr(),
+        );
+        let (ni, v) = (n as i32, -calib_damping as f32);
+        // SAFETY: cal_add_diag(float* a, int n, float v): g is n x n.
+        unsafe {
+            self.core
+                .gpu
+                .launch(&self.c.add_diag)
+                .arg(&g)
+                .arg(&ni)
+                .arg(&v)
+                .launch(grid(self.core.gpu, n))?;
         }
-        let s: Vec<f32> = start.s.iter().map(|&v| v as f32).collect();
-        self.gpu.copy_to_device(&start.u, &mut self.u)?;
-        self.gpu.copy_to_device(&vt, &mut self.vt)?;
-        self.gpu.copy_to_device(&s, &mut self.s)?;
-        Ok(())
+        self.core.gpu.memset_bytes(&mut self.core.scal, 0)?;
+        let c = &self.core;
+        let full = |out: u64, src: u64| {
+            c.blas.gemm(
+                Op::N,
+                Op::N,
+                (n, m, n),
+                1.0,
+                Operand::new(g, n, 0),
+                Operand::new(src, n, 0),
+                0.0,
+                Operand::new(out, n, 0),
+                1,
+                false,
+            )
+        };
+        full(tt, at)?;
+        c.dot(tt, at, m * n, DEN, 1.0)?;
+        c.subtract_approximation()?;
+        full(tt, at)?;
+        c.dot(tt, at, m * n, NUM, 1.0)?;
+        let scal = c.gpu.download(&c.scal)?;
+        let (num, den) = (scal[NUM as usize].max(0.0), scal[DEN as usize]);
+        Ok(if den > 0.0 {
+            (num / den).sqrt()
+        } else {
+            num.sqrt()
+        })
+    }
+}
+
+impl<'g> Iteration<'g> for CalSolver<'g> {
+    fn core_mut(&mut self) -> &mut Core<'g> {
+        &mut self.core
     }
 
-    fn get_state(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (n, r, q) = (self.n, self.r, self.q);
-        let u = self.gpu.download(&self.u)?;
-        let vt_cm = self.gpu.download(&self.vt)?;
-        let mut vt = vec![0f32; r * n];
-        for j in 0..self.b_in {
-            for k in 0..r {
-                for c in 0..q {
-                    vt[j * r * q + k * q + c] = vt_cm[(j * q + c) * r + k];
-                }
-            }
-        }
-        Ok((u, vt, self.gpu.download(&self.s)?))
-    }
-
-    /// Runs iterations `iters` (of `total`, for the lr schedule) from the state on the device.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs iterations `iters` (of `opts.iterations`, for the lr schedule) from the state on
+    /// the device.
     fn run(
         &mut self,
         opts: &BlastOptions,
@@ -908,16 +671,17 @@ impl<'g> CalSolver<'g> {
         if iters.is_empty() {
             return Ok(out);
         }
-        self.u_gram()?;
+        let gpu = self.core.gpu;
+        self.core.u_gram()?;
         self.vgv()?;
-        self.chol.reset(self.gpu)?;
+        self.core.chol.reset(gpu)?;
         // BLR_FACTORIZE_PROFILE=1: wall time of each sub-step after a stream synchronisation
         // (a measurement aid; it adds one synchronisation per sub-step).
         let profile = std::env::var_os("BLR_FACTORIZE_PROFILE").is_some_and(|v| v != "0");
         let mut totals = [0.0f64; 3];
         let mut lap = |k: usize, t: &mut std::time::Instant| -> Result<()> {
             if profile {
-                self.gpu.synchronize()?;
+                gpu.synchronize()?;
                 totals[k] += t.elapsed().as_secs_f64();
                 *t = std::time::Instant::now();
             }
@@ -928,7 +692,7 @@ impl<'g> CalSolver<'g> {
             let lr = opts.lr * (1.0 - it as f64 / opts.iterations as f64);
             let step = 2.0 * lr;
             let mut t = std::time::Instant::now();
-            self.gpu.memset_bytes(&mut self.scal, 0)?;
+            gpu.memset_bytes(&mut self.core.scal, 0)?;
             self.step_u(step)?;
             lap(0, &mut t)?;
             self.step_v(step)?;
@@ -936,23 +700,16 @@ impl<'g> CalSolver<'g> {
             let loss = self.step_s(step)?;
             lap(2, &mut t)?;
             let rel = self.relative(loss);
-            if self.chol.failed(self.gpu)? {
-                return Err(Error::Numerical {
-                    during: format!("calibrated BLAST factorization of {name} on the GPU"),
-                    reason: format!(
-                        "a preconditioner was not positive definite at iteration {it} \
-                         (damping {}); raise --damping or use --device cpu",
-                        opts.damping
-                    ),
-                });
+            if self.core.chol.failed(gpu)? {
+                return Err(not_positive_definite(
+                    "calibrated BLAST",
+                    name,
+                    it,
+                    opts.damping,
+                ));
             }
             if !rel.is_finite() {
-                return Err(Error::Numerical {
-                    during: format!("calibrated BLAST factorization of {name} on the GPU"),
-                    reason: format!(
-                        "error became {rel} at iteration {it}; lower the lr or raise the damping"
-                    ),
-                });
+                return Err(not_finite("calibrated BLAST", name, it, rel));
             }
             out.push(rel);
             *done += 1;
@@ -967,95 +724,6 @@ impl<'g> CalSolver<'g> {
             }
         }
         Ok(out)
-    }
-
-    /// `||(A - Â) X|| / ||A X||` with the raw Gram (`G' - damping_calib I`, up to a positive
-    /// scale), from the dense residual formed in place of `at`; `tt` and `g` are overwritten.
-    fn exact_error(&mut self, calib_damping: f64) -> Result<f64> {
-        let (m, n, p, q, r, b_out, b_in) = (
-            self.m, self.n, self.p, self.q, self.r, self.b_out, self.b_in,
-        );
-        let (at, tt, g) = (
-            self.at.device_ptr(),
-            self.tt.device_ptr(),
-            self.g.device_ptr(),
-        );
-        let (ni, v) = (n as i32, -calib_damping as f32);
-        // SAFETY: cal_add_diag(float* a, int n, float v): g is n x n.
-        unsafe {
-            self.gpu
-                .launch(&self.c.add_diag)
-                .arg(&g)
-                .arg(&ni)
-                .arg(&v)
-                .launch(grid(self.gpu, n))?;
-        }
-        self.gpu.memset_bytes(&mut self.scal, 0)?;
-        let full = |out: u64, src: u64| {
-            self.blas.gemm(
-                Op::N,
-                Op::N,
-                (n, m, n),
-                1.0,
-                Operand::new(g, n, 0),
-                Operand::new(src, n, 0),
-                0.0,
-                Operand::new(out, n, 0),
-                1,
-                false,
-            )
-        };
-        full(tt, at)?;
-        self.dot(tt, at, m * n, DEN)?;
-        let (us, u, s) = (
-            self.big.device_ptr(),
-            self.u.device_ptr(),
-            self.s.device_ptr(),
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (Gpu::grid_1d(p * r, 256).min(1024), (b_out * b_in) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ri, pi, bi) = (r as i32, p as i32, b_in as i32);
-        // SAFETY: blast_scale_u(float* us, const float* ut, const float* s, int r, int p,
-        // int b_in): us holds b_out*b_in (r, p) blocks (big >= b_out*b_in*p*r), ut (r, m).
-        unsafe {
-            self.gpu
-                .launch(&self.k.scale_u)
-                .arg(&us)
-                .arg(&u)
-                .arg(&s)
-                .arg(&ri)
-                .arg(&pi)
-                .arg(&bi)
-                .launch(cfg)?;
-        }
-        let vt = self.vt.device_ptr();
-        for i in 0..b_out {
-            // A_ij^T (q, p) at at[jq.., ip..] -= V_j (diag(s_ij) U_i^T).
-            self.blas.gemm(
-                Op::T,
-                Op::N,
-                (q, p, r),
-                -1.0,
-                Operand::new(vt, r, q * r),
-                Operand::new(us + F * (i * b_in * p * r) as u64, r, p * r),
-                1.0,
-                Operand::new(at + F * (i * p * n) as u64, n, q),
-                b_in,
-                false,
-            )?;
-        }
-        full(tt, at)?;
-        self.dot(tt, at, m * n, NUM)?;
-        let scal = self.gpu.download(&self.scal)?;
-        let (num, den) = (scal[NUM as usize].max(0.0), scal[DEN as usize]);
-        Ok(if den > 0.0 {
-            (num / den).sqrt()
-        } else {
-            num.sqrt()
-        })
     }
 }
 
@@ -1139,10 +807,8 @@ pub fn blast_report_calibrated(
     gpu_opts: &GpuBlastOptions,
     progress: &dyn Progress,
 ) -> Result<BlastReport> {
-    if opts.method != BlastMethod::Preconditioned {
-        return Err(Error::Shape(
-            "the plain gradient-descent baseline runs on the CPU only: use --device cpu".into(),
-        ));
+    if let Some(why) = unsupported(opts, true) {
+        return Err(Error::Shape(format!("{why}: use --device cpu")));
     }
     let gprime = calib.weight_f32(target)?;
     let first = calibrated_start(gpu, target, opts, calib, &gprime, 0)?;
@@ -1154,7 +820,13 @@ pub fn blast_report_calibrated(
             progress,
         )?);
     }
-    let (m, n, r, b_out, b_in) = (target.m, target.n, opts.rank, opts.b_out, opts.b_in);
+    let shape = Shape {
+        m: target.m,
+        n: target.n,
+        r: opts.rank,
+        b_out: opts.b_out,
+        b_in: opts.b_in,
+    };
     let a: Vec<f32> = target
         .weight
         .iter()
@@ -1164,79 +836,16 @@ pub fn blast_report_calibrated(
         gpu,
         &a,
         &gprime,
-        (m, n, r, b_out, b_in),
-        opts.damping,
-        gpu_opts.precision,
+        shape,
+        (opts.damping, gpu_opts.precision),
         target.name,
     )?;
     drop(a);
     drop(gprime);
-    let restarts = opts.restarts.max(1);
-    let probe = if restarts > 1 {
-        (opts.iterations / 10).clamp(1, opts.iterations.max(1))
-    } else {
-        0
-    };
-    progress.begin("blast", opts.iterations + (restarts - 1) * probe);
-    let mut done = 0usize;
-    let mut best: Option<(Option<BlastStart>, Vec<f64>)> = None;
-    if restarts == 1 {
-        solver.set_state(&first)?;
-        best = Some((None, Vec::new()));
-    }
-    for k in (0..restarts).filter(|_| restarts > 1) {
-        let start = if k == 0 {
-            first.clone()
-        } else {
-            blast_start(target, opts, k)?
-        };
-        solver.set_state(&start)?;
-        let history = solver.run(opts, 0..probe, &mut done, progress, target.name)?;
-        let better = match &best {
-            None => true,
-            Some((_, h)) => history.last() < h.last(),
-        };
-        if better {
-            let (u, vt, s) = solver.get_state()?;
-            let kept = BlastStart {
-                scale: first.scale,
-                u,
-                vt,
-                s: s.iter().map(|&v| f64::from(v)).collect(),
-            };
-            best = Some((Some(kept), history));
-        }
-    }
-    let Some((kept, mut history)) = best else {
-        return Err(Error::Shape(format!(
-            "{}: BLAST needs at least one start",
-            target.name
-        )));
-    };
-    if let Some(kept) = kept {
-        solver.set_state(&kept)?;
-    }
-    history.extend(solver.run(
-        opts,
-        probe..opts.iterations,
-        &mut done,
-        progress,
-        target.name,
-    )?);
-    let (u, vt, s) = solver.get_state()?;
+    let history = iterate(&mut solver, &first, target, opts, progress, &|_| {})?;
+    let state = solver.core.get_state()?;
     let rel_error = solver.exact_error(calib.damping)?;
-    let s: Vec<f32> = s
-        .iter()
-        .map(|&v| (f64::from(v) * first.scale) as f32)
-        .collect();
-    let layer = Linear::Blast(
-        Blast::new(m, n, b_out, b_in, r, u, vt, s).map_err(|e| Error::Shape(e.to_string()))?,
-    );
-    Ok(BlastReport {
-        layer,
-        history,
-        rel_error,
-    })
+    report(shape, first.scale, state, history, rel_error)
 }
 
 /// Calibrated low-rank `W ≈ U V` minimising `||(W - U V) X||_F` (damped Gram), by the whitened
@@ -1248,35 +857,14 @@ pub fn lowrank_calibrated(
     rank: usize,
     calib: &Calibration<'_>,
 ) -> Result<Linear> {
-    let (m, n) = (target.m, target.n);
-    blr_core::format::Shape {
-        format: blr_core::FormatKind::LowRank,
-        m,
-        n,
-        b_out: 1,
-        b_in: 1,
-        rank,
-    }
-    .validate()
-    .map_err(|e| Error::Shape(format!("{}: {e}", target.name)))?;
+    validate_lowrank(target, rank)?;
     let gprime = calib.weight_f32(target)?;
     Ok(Linear::LowRank(lowrank_with(gpu, target, rank, &gprime)?))
 }
 
 fn lowrank_with(gpu: &Gpu, target: &Target<'_>, rank: usize, gprime: &[f32]) -> Result<LowRank> {
-    let (m, n) = (target.m, target.n);
-    let svd = svd::weighted_truncated_svd(gpu, target.weight, gprime, m, n, rank)?;
-    let mut u = vec![0f32; m * rank];
-    let mut v = vec![0f32; rank * n];
-    for k in 0..rank {
-        for row in 0..m {
-            u[row * rank + k] = svd.left[k * m + row] as f32;
-        }
-        for col in 0..n {
-            v[k * n + col] = svd.right_t[k * n + col] as f32;
-        }
-    }
-    LowRank::new(m, n, rank, u, v).map_err(|e| Error::Shape(e.to_string()))
+    let svd = svd::weighted_truncated_svd(gpu, target.weight, gprime, target.m, target.n, rank)?;
+    lowrank_layer(&svd)
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 //! Cholesky against its definition. The GPU tests print SKIP and pass where no usable GPU is
 //! (CI); the host-only ones always run.
 
+use super::chol::BatchedCholesky;
 use super::*;
 use blr_compress::{BlastInit, BlastOptions, Silent};
 use blr_core::rng::Rng;
+use blr_core::Blast;
 
 /// The GPU for `test`, or `None` after printing why it skips (no usable GPU: CI). Shared by
 /// the GPU tests of every factorize module.
