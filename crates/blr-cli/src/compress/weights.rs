@@ -1,6 +1,7 @@
 //! Output-side weights for `blr compress --output-weights` (see `blr_compress::OutputWeights`
 //! for the math): which output channels of a Llama layer matter how much downstream, measured
-//! on the calibration rows.
+//! on the calibration rows. `auto` weights up_proj only; `all` also gate_proj and v_proj, which
+//! measured worse on SmolLM2 (docs/compression.md, "Output-side weights").
 //!
 //! - `mlp.up_proj`: its output `u` is multiplied by `silu(g)` (g = gate_proj's output on the
 //!   same input rows) before down_proj, so an error `e_c` costs `E[silu(g_c)^2] e_c^2`:
@@ -29,17 +30,10 @@ pub const FLOOR: f64 = 1e-3;
 /// How one layer's weights are measured.
 #[derive(Debug)]
 enum Rule {
-    /// `d_c = E[silu(g_c)^2]`, `g = x W_gate^T` (gate `(f, h)`), times `post_c`.
-    SiluOfGate {
-        gate: Vec<f32>,
-        post: Option<Vec<f64>>,
-    },
-    /// `d_c = E[(u_c silu'(g_c))^2]`, `u = x W_up^T`, `g = x W_gate^T`, times `post_c`.
-    GateSlope {
-        gate: Vec<f32>,
-        up: Vec<f32>,
-        post: Option<Vec<f64>>,
-    },
+    /// `d_c = E[silu(g_c)^2]`, `g = x W_gate^T` (gate `(f, h)`).
+    SiluOfGate { gate: Vec<f32> },
+    /// `d_c = E[(u_c silu'(g_c))^2]`, `u = x W_up^T`, `g = x W_gate^T`.
+    GateSlope { gate: Vec<f32>, up: Vec<f32> },
     /// Weights that need no activations (v_proj's o_proj column norms).
     Fixed(Vec<f64>),
 }
@@ -64,11 +58,13 @@ fn silu_slope(z: f32) -> f64 {
 
 impl OutputWeightRules {
     /// Rules for the layers `names` (with their `(m, n)`), reading sibling weights through
-    /// `weight_of(name) -> Option<Vec<f32>>`. `alpha`: the exponent applied to the statistics.
+    /// `weight_of(name) -> Option<Vec<f32>>`. `all`: weight gate_proj and v_proj too (else
+    /// up_proj only); `alpha`: the exponent applied to the statistics.
     pub fn new(
         cfg: &LlamaConfig,
         layers: &[(String, usize, usize)],
         weight_of: impl Fn(&str) -> Option<Vec<f32>>,
+        all: bool,
         alpha: f64,
     ) -> Result<Self> {
         if !(alpha.is_finite() && (0.0..=4.0).contains(&alpha)) {
@@ -80,35 +76,21 @@ impl OutputWeightRules {
                 format!("output weights for {name}: the model has no dense layer {sib}")
             })
         };
-        // TEMPORARY (measurement): BLR_OW_DOWN also weights gate/up channels by the squared
-        // norms of the down_proj columns they feed.
-        let with_down = std::env::var_os("BLR_OW_DOWN").is_some();
-        let down_cols = |name: &str, own: &str, m: usize| -> Result<Option<Vec<f64>>> {
-            if !with_down {
-                return Ok(None);
-            }
-            let d = sibling(name, own, "down_proj")?;
-            let mut col = vec![0.0f64; m];
-            for row in d.chunks(m) {
-                for (c, &v) in col.iter_mut().zip(row) {
-                    *c += (v as f64) * (v as f64);
-                }
-            }
-            Ok(Some(col))
-        };
         let mut rules = Vec::with_capacity(layers.len());
         for (name, m, n) in layers {
             let (m, n) = (*m, *n);
+            if !all && !name.ends_with("mlp.up_proj") {
+                rules.push(None);
+                continue;
+            }
             let rule = if name.ends_with("mlp.up_proj") {
                 Some(Rule::SiluOfGate {
                     gate: sibling(name, "up_proj", "gate_proj")?,
-                    post: down_cols(name, "up_proj", m)?,
                 })
             } else if name.ends_with("mlp.gate_proj") {
                 Some(Rule::GateSlope {
                     gate: sibling(name, "gate_proj", "gate_proj")?,
                     up: sibling(name, "gate_proj", "up_proj")?,
-                    post: down_cols(name, "gate_proj", m)?,
                 })
             } else if name.ends_with("self_attn.v_proj") {
                 let o = sibling(name, "v_proj", "o_proj")?;
@@ -159,48 +141,32 @@ impl OutputWeightRules {
     /// Per-channel sums of the raw statistic over the rows `x (tokens, n)` of layer `i`'s input
     /// (None for unweighted layers and those needing no activations).
     pub fn sums(&self, i: usize, x: &[f32], tokens: usize) -> Result<Option<Vec<f64>>> {
-        Ok(self.statistic(i, x, tokens)?.map(|(c, _)| c))
-    }
-
-    /// The raw statistic `s[t, c]` over the rows, summed both ways: per channel (over tokens)
-    /// and per token (over channels).
-    pub fn statistic(
-        &self,
-        i: usize,
-        x: &[f32],
-        tokens: usize,
-    ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
         let Some(Some((rule, m, n))) = self.rules.get(i) else {
             return Ok(None);
         };
         let (m, n) = (*m, *n);
-        let mut per_channel = vec![0.0f64; m];
-        let mut per_token = vec![0.0f64; tokens];
+        let mut s = vec![0.0f64; m];
         match rule {
             Rule::Fixed(_) => return Ok(None),
-            Rule::SiluOfGate { gate, .. } => {
+            Rule::SiluOfGate { gate } => {
                 let g = gemm::linear(x, gate, tokens, m, n)?;
-                for (row, tok) in g.chunks(m).zip(per_token.iter_mut()) {
-                    for (acc, &z) in per_channel.iter_mut().zip(row) {
-                        let v = silu(z).powi(2);
-                        *acc += v;
-                        *tok += v;
+                for row in g.chunks(m) {
+                    for (acc, &z) in s.iter_mut().zip(row) {
+                        *acc += silu(z).powi(2);
                     }
                 }
             }
-            Rule::GateSlope { gate, up, .. } => {
+            Rule::GateSlope { gate, up } => {
                 let g = gemm::linear(x, gate, tokens, m, n)?;
                 let u = gemm::linear(x, up, tokens, m, n)?;
-                for ((gr, ur), tok) in g.chunks(m).zip(u.chunks(m)).zip(per_token.iter_mut()) {
-                    for ((acc, &z), &uv) in per_channel.iter_mut().zip(gr).zip(ur) {
-                        let v = (uv as f64 * silu_slope(z)).powi(2);
-                        *acc += v;
-                        *tok += v;
+                for (gr, ur) in g.chunks(m).zip(u.chunks(m)) {
+                    for ((acc, &z), &uv) in s.iter_mut().zip(gr).zip(ur) {
+                        *acc += (uv as f64 * silu_slope(z)).powi(2);
                     }
                 }
             }
         }
-        Ok(Some((per_channel, per_token)))
+        Ok(Some(s))
     }
 
     /// The weights of layer `i` from its statistic sums (`sums`, over `tokens` rows; ignored
@@ -214,21 +180,14 @@ impl OutputWeightRules {
         let Some(Some((rule, _, _))) = self.rules.get(i) else {
             return Ok(None);
         };
-        let (raw, post): (&[f64], _) = match rule {
-            Rule::Fixed(d) => (d, None),
-            Rule::SiluOfGate { post, .. } | Rule::GateSlope { post, .. } => (
-                sums.with_context(|| {
-                    format!("output weights for {name}: no calibration rows reached the layer")
-                })?,
-                post.as_ref(),
-            ),
-        };
-        let raw: Vec<f64> = match post {
-            Some(p) => raw.iter().zip(p).map(|(a, b)| a * b).collect(),
-            None => raw.to_vec(),
+        let raw: &[f64] = match rule {
+            Rule::Fixed(d) => d,
+            Rule::SiluOfGate { .. } | Rule::GateSlope { .. } => sums.with_context(|| {
+                format!("output weights for {name}: no calibration rows reached the layer")
+            })?,
         };
         Ok(Some(OutputWeights::from_statistics(
-            name, &raw, self.alpha, FLOOR,
+            name, raw, self.alpha, FLOOR,
         )?))
     }
 
@@ -295,7 +254,7 @@ mod tests {
                 None
             }
         };
-        let rules = OutputWeightRules::new(&c, &layers, lookup, 1.0).unwrap();
+        let rules = OutputWeightRules::new(&c, &layers, lookup, true, 1.0).unwrap();
         let dot = |w: &[f32], r: usize, tok: usize| -> f64 {
             (0..h)
                 .map(|k| w[r * h + k] as f64 * x[tok * h + k] as f64)
@@ -344,15 +303,22 @@ mod tests {
         let w = rules.weights(0, "up", Some(&up_s)).unwrap().unwrap();
         let mean = w.values().iter().sum::<f64>() / f as f64;
         assert!((mean - 1.0).abs() < 1e-12);
+        // `auto` (all = false): up_proj only, with the same statistic.
+        let up_only = OutputWeightRules::new(&c, &layers, lookup, false, 1.0).unwrap();
+        assert_eq!(up_only.sums(0, &x, t).unwrap().unwrap(), up_s);
+        for i in 1..4 {
+            assert!(up_only.sums(i, &x, t).unwrap().is_none());
+            assert!(up_only.weights(i, "l", None).unwrap().is_none());
+        }
     }
 
     #[test]
     fn missing_sibling_and_bad_alpha_are_errors() {
         let c = cfg();
         let layers = vec![("model.layers.0.mlp.up_proj".to_string(), 5, 6)];
-        let e = OutputWeightRules::new(&c, &layers, |_| None, 1.0).unwrap_err();
+        let e = OutputWeightRules::new(&c, &layers, |_| None, false, 1.0).unwrap_err();
         assert!(format!("{e:#}").contains("gate_proj"), "{e:#}");
-        let e = OutputWeightRules::new(&c, &[], |_| None, -1.0).unwrap_err();
+        let e = OutputWeightRules::new(&c, &[], |_| None, true, -1.0).unwrap_err();
         assert!(format!("{e:#}").contains("alpha"), "{e:#}");
     }
 }
