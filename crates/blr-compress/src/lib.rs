@@ -14,6 +14,10 @@
 //! | monarch | per-block SVD (optimal)         | block-whitened SVD + exact block Gauss-Seidel       |
 //! | blast   | preconditioned alternating GD   | same, Gram-weighted loss and preconditioners        |
 //!
+//! Any calibrated fit can also weight the output channels (min ||D^1/2 (W - Ŵ) X||_F) through
+//! [`weighted_fit`] with [`OutputWeights`]: it fits `D^1/2 W` and unscales the factor holding
+//! the output rows, so every format and back end takes it unchanged.
+//!
 //! The library never prints: progress goes through [`Progress`]. The math, the calibrated
 //! Monarch "best blockwise" scheme and measured behaviour are in docs/compression.md.
 //!

@@ -108,7 +108,7 @@ pub struct Args {
     /// by silu(gate) before down_proj), other layers unweighted. `all`: also gate_proj by
     /// E[(up * silu'(gate))^2] and v_proj by the squared norms of the o_proj columns it feeds.
     /// `none`: every output channel counts the same. SmolLM2, 70%, perplexity: low-rank
-    /// none 90.1, all 82.0, auto 78.8; BLAST (30 iterations) none 85.4, all 79.5
+    /// none 90.1, all 82.0, auto 78.8; BLAST (30 iterations) none 85.4, all 79.5, auto 76.7
     /// (docs/compression.md).
     #[arg(long, default_value = "auto", value_parser = ["auto", "all", "none"])]
     pub output_weights: String,
