@@ -25,8 +25,9 @@ use std::process::Command;
 pub struct Args {
     /// Fraction of each linear layer's parameters to keep. SmolLM2's weights are nearly full
     /// rank and nothing is retrained, so every ratio costs accuracy (2 cores, 4096 calibration
-    /// tokens: perplexity +118% at 0.85, +94% at 0.9, +77% at 0.95, and the chat answer is lost
-    /// at all three); docs/accuracy.md has 0.5-0.85 for every format.
+    /// tokens, output weights: perplexity +102% at 0.85; before output weights +118% at 0.85,
+    /// +94% at 0.9, +77% at 0.95; the chat answer is lost at all of them); docs/accuracy.md has
+    /// 0.5-0.85 for every format.
     #[arg(long, default_value_t = 0.85)]
     pub ratio: f64,
     /// BLAST blocks per side (SmolLM2's 576/192/1536-wide layers: 4 keeps blocks >= 48 wide).
