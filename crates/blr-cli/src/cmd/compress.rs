@@ -81,7 +81,9 @@ pub struct Args {
     pub calibrate: Option<PathBuf>,
     /// Calibration tokens to run through the model. More tokens estimate the correction
     /// better: 16384 with --correction-ridge 0.1 took SmolLM2 BLAST at 70% from perplexity
-    /// 86.5 to 65.1 (docs/accuracy.md), for ~1.5-3x the compression time.
+    /// 86.5 to 65.1 (30 iterations, CPU) and from 58.6 to 49.1 (300 iterations on an H100,
+    /// 259 -> 351 s; docs/accuracy.md), for ~1.3-3x the compression time. Calibration memory
+    /// grows with the tokens (activations and KV caches of every window are held at once).
     #[arg(long, default_value_t = 4096)]
     pub calib_tokens: usize,
     /// Ridge added to the calibration Gram, relative to its mean eigenvalue: small trusts the
