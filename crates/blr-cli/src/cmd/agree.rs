@@ -135,7 +135,7 @@ pub fn agree(args: AgreeArgs) -> Result<()> {
     };
     let text = std::fs::read_to_string(&args.data)
         .with_context(|| format!("reading {}", args.data.display()))?;
-    let mut ids = encode_prefix(&tok, &text, args.tokens)?;
+    let mut ids = encode_prefix(&tok, &text, args.tokens, false)?;
     ids.truncate(args.tokens);
     let ctx = args.ctx.min(reference.cfg.max_positions);
     let r = Llama::load(Cpu, reference.cfg, reference.weights)?;

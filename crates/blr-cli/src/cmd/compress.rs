@@ -232,7 +232,9 @@ fn calibration_ids(
     })?;
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("reading calibration text {}", text_path.display()))?;
-    let mut ids = encode_prefix(tok, &text, tokens)?;
+    // Special tokens parsed: calibration text may hold chat-formatted samples (ChatML), which
+    // the model sees with its special tokens.
+    let mut ids = encode_prefix(tok, &text, tokens, true)?;
     if ids.len() < 2 {
         bail!(
             "{} holds fewer than 2 tokens: nothing to calibrate on",
@@ -392,11 +394,14 @@ fn run_sequential(
 }
 
 /// The first `tokens` tokens of `text`, encoding only as much of it as needed (a whole
-/// WikiText split is ~10x more than a calibration run uses).
+/// WikiText split is ~10x more than a calibration run uses). `parse_special`: special-token
+/// texts (e.g. `<|im_start|>`) become their tokens, as in a chat prompt; evaluation text is
+/// encoded without (plain text, as `blr eval ppl` does).
 pub fn encode_prefix(
     tok: &blr_models::tokenizer::Tokenizer,
     text: &str,
     tokens: usize,
+    parse_special: bool,
 ) -> Result<Vec<u32>> {
     let mut bytes = (tokens * 8).max(1024);
     loop {
@@ -410,7 +415,7 @@ pub fn encode_prefix(
         } else {
             end
         };
-        let ids = tok.encode(&text[..cut], false)?;
+        let ids = tok.encode(&text[..cut], parse_special)?;
         if ids.len() >= tokens || end == text.len() {
             return Ok(ids);
         }
