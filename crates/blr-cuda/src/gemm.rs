@@ -593,9 +593,8 @@ impl Blas {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
         }
-        let tmp = path.with_extension("tsv.tmp");
-        std::fs::write(&tmp, format_gemm_cache(&entries)).map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("replace", e))?;
+        blr_core::safetensors::write_atomic(path, format_gemm_cache(&entries).as_bytes())
+            .map_err(|e| Error::Shape(format!("cannot write the GEMM cache: {e}")))?;
         Ok(tuned.len())
     }
 

@@ -49,10 +49,9 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// The repository's data folder (the binary is run from the checkout by the README command).
 /// The quickstart's calibration text: the dense model's own chat turns (data/calibration/,
-/// ChatML, ~4k tokens) followed by WikiText-2 valid, written once into the blr cache (temp
-/// file + rename). Chat first, so every calibration budget sees the chat format the demo asks in.
+/// ChatML, ~4k tokens) followed by WikiText-2 valid, written into the blr cache atomically.
+/// Chat first, so every calibration budget sees the chat format the demo asks in.
 fn chat_then_text(chat: &Path, text: &Path) -> Result<PathBuf> {
     let read =
         |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
@@ -60,15 +59,11 @@ fn chat_then_text(chat: &Path, text: &Path) -> Result<PathBuf> {
     let dir = blr_models::cache_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("quickstart-calibration.txt");
-    let tmp = dir.join(format!(
-        "quickstart-calibration.txt.{}.tmp",
-        std::process::id()
-    ));
-    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    blr_core::safetensors::write_atomic(&path, body.as_bytes())?;
     Ok(path)
 }
 
+/// The repository's data folder (the binary is run from the checkout by the README command).
 fn repo_file(rel: &str) -> Result<PathBuf> {
     let candidates = [
         PathBuf::from(rel),

@@ -101,9 +101,8 @@ impl AutotuneCache {
         for (k, v) in &self.entries {
             text.push_str(&format!("{k}\t{v}\n"));
         }
-        let tmp = path.with_extension("tsv.tmp");
-        std::fs::write(&tmp, text).map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("replace", e))
+        blr_core::safetensors::write_atomic(path, text.as_bytes())
+            .map_err(|e| Error::Shape(format!("cannot write the autotune cache: {e}")))
     }
 
     pub fn insert(&mut self, device: &str, shape: &Shape, tokens: usize, best: Strategy) {
