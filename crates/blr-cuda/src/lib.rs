@@ -43,6 +43,7 @@ mod launch_ex;
 pub mod libs;
 pub mod memory;
 pub mod selftest;
+mod tensor_map;
 pub mod timing;
 pub mod util;
 

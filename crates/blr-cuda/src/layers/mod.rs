@@ -277,6 +277,12 @@ pub struct LayerKernels {
     /// blr_monarch_stage1 on wgmma, and whether this device runs it (sm_90a).
     monarch_stage1_wg: Kernel,
     monarch_stage1_wg_ok: bool,
+    /// The same with TMA loads (sm_90a), and whether this device runs it.
+    monarch_stage1_tma: Kernel,
+    monarch_stage1_tma_ok: bool,
+    /// Its persistent ping-pong version, and whether this device runs it.
+    monarch_stage1_tmapp: Kernel,
+    monarch_stage1_tmapp_ok: bool,
     /// Monarch partial's kernel choices ([`monarch::MonarchOptions::from_env`] at load).
     monarch: monarch::MonarchOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
@@ -334,6 +340,10 @@ impl LayerKernels {
             mid_transpose_packed: monarch.function("blr_monarch_mid_transpose_packed")?,
             monarch_stage1_wg: monarch.function("blr_monarch_stage1_wg")?,
             monarch_stage1_wg_ok: false,
+            monarch_stage1_tma: monarch.function("blr_monarch_stage1_tma")?,
+            monarch_stage1_tma_ok: false,
+            monarch_stage1_tmapp: monarch.function("blr_monarch_stage1_tmapp")?,
+            monarch_stage1_tmapp_ok: false,
             monarch: monarch::MonarchOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
         };
@@ -361,6 +371,16 @@ impl LayerKernels {
             k.monarch_stage1_wg
                 .set_max_dynamic_smem(monarch::STAGE1_WG_SMEM)?;
             k.monarch_stage1_wg_ok = true;
+        }
+        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_TMA_SMEM {
+            k.monarch_stage1_tma
+                .set_max_dynamic_smem(monarch::STAGE1_TMA_SMEM)?;
+            k.monarch_stage1_tma_ok = true;
+        }
+        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_TMAPP_SMEM {
+            k.monarch_stage1_tmapp
+                .set_max_dynamic_smem(monarch::STAGE1_TMAPP_SMEM)?;
+            k.monarch_stage1_tmapp_ok = true;
         }
         Ok(k)
     }
@@ -411,6 +431,8 @@ pub struct Workspace {
     tune: Option<Vec<(f64, f64)>>,
     /// Tokens per chunk of the partial paths' first two passes, instead of blr's rule.
     prefill_chunk: Option<usize>,
+    /// Monarch stage 1 on TMA: the tensor maps of the last launch (monarch.rs).
+    mon_tma: Option<monarch::TmaMaps>,
 }
 
 impl Workspace {
@@ -530,6 +552,7 @@ impl GpuLinear {
             barrier: gpu.alloc_zeros::<u32>(2, "decode grid barrier")?,
             tune: None,
             prefill_chunk: None,
+            mon_tma: None,
         })
     }
 

@@ -179,6 +179,41 @@ static __device__ __forceinline__ void wg_mma_m64n128k16(float (&d)[16][4], unsi
 }
 #endif
 
+// The epilogue's stores of the bf16 C tile (shared memory, rows of CLD) into P (see above), by
+// `threads` threads of which this is number `tid`.
+static __device__ __forceinline__ void mon1_store(const bf16* Cs, bf16* __restrict__ P, int T, int b, int R,
+                                                  int m0, int n0, int k, int seg, int tid, int threads) {
+    using namespace blr_mon1;
+    const int rb = seg ? R / b : 1;
+    const long ldp = (long)b * R;
+    if (seg) {
+        // 16 vectors of 8 columns per tile row; a vector never straddles a run (rb % 8 == 0).
+        for (int idx = tid; idx < BM * (BN / 8); idx += threads) {
+            const int r = idx / (BN / 8);
+            const int v = idx % (BN / 8);
+            const int t = m0 + r;
+            const int j = n0 + v * 8;
+            if (t < T && j < R) {
+                const int l = j / rb;
+                const int a = j - l * rb;
+                const uint4 val = *reinterpret_cast<const uint4*>(Cs + r * CLD + v * 8);
+                *reinterpret_cast<uint4*>(P + (long)t * ldp + (long)l * R + (long)k * rb + a) = val;
+            }
+        }
+    } else {
+        for (int idx = tid; idx < BM * BN; idx += threads) {
+            const int r = idx / BN;
+            const int jj = idx % BN;
+            const int t = m0 + r;
+            const int j = n0 + jj;
+            if (t < T && j < R) {
+                const long f = (long)k * R + j;
+                P[(long)t * ldp + (f % b) * R + f / b] = Cs[r * CLD + jj];
+            }
+        }
+    }
+}
+
 // MMA = 0: mma.sync m16n8k16 (8 warps as 2 x 4, 64x32 warp tiles; any sm_80+).
 // MMA = 1: wgmma m64n128k16 (2 warpgroups, each 64 rows x all 128 columns; sm_90a only).
 // Both keep 64 fp32 accumulators per thread and share the loads and the epilogue.
@@ -323,33 +358,7 @@ static __device__ __forceinline__ void mon1_body(const bf16* __restrict__ x, con
     }
     __syncthreads();
 
-    const long ldp = (long)b * R;
-    if (seg) {
-        // 16 vectors of 8 columns per tile row; a vector never straddles a run (rb % 8 == 0).
-        for (int idx = tid; idx < BM * (BN / 8); idx += THREADS) {
-            const int r = idx / (BN / 8);
-            const int v = idx % (BN / 8);
-            const int t = m0 + r;
-            const int j = n0 + v * 8;
-            if (t < T && j < R) {
-                const int l = j / rb;
-                const int a = j - l * rb;
-                const uint4 val = *reinterpret_cast<const uint4*>(Cs + r * CLD + v * 8);
-                *reinterpret_cast<uint4*>(P + (long)t * ldp + (long)l * R + (long)k * rb + a) = val;
-            }
-        }
-    } else {
-        for (int idx = tid; idx < BM * BN; idx += THREADS) {
-            const int r = idx / BN;
-            const int jj = idx % BN;
-            const int t = m0 + r;
-            const int j = n0 + jj;
-            if (t < T && j < R) {
-                const long f = (long)k * R + j;
-                P[(long)t * ldp + (f % b) * R + f / b] = Cs[r * CLD + jj];
-            }
-        }
-    }
+    mon1_store(Cs, P, T, b, R, m0, n0, k, seg, threadIdx.x, THREADS);
 }
 
 // Grid (ceil(R/128), ceil(T/128), b): block (x, y, z) computes columns 128x.. of tokens 128y..
@@ -372,6 +381,318 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
     const blr_u32 base = smem_addr(blr_mon1wg_smem);
     unsigned char* aligned = blr_mon1wg_smem + (((base + 1023u) & ~1023u) - base);
     mon1_body<1>(x, w1, P, T, b, R, nb, seg, aligned);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// blr_monarch_stage1_tma: blr_monarch_stage1_wg with its loads on the tensor memory accelerator
+// (sm_90a). Same grid, tiles (128 x 128 x 64), 3 stages, 256 threads (2 wgmma warpgroups, each
+// 64 rows x 128 columns), 2 blocks per SM and the same epilogue. What changes: thread 0 issues a
+// stage as a few `cp.async.bulk.tensor` copies that complete on the stage's mbarrier (armed with
+// the stage's byte count by `mbarrier.arrive.expect_tx`); the other threads only wait on that
+// barrier. In the cp.async kernel every thread computed a 64-bit address and a predicate per
+// 16-byte chunk (~5M of its 14.9M instructions at llama7b q/k/v/o T=1024, kernel-notes) and
+// waited for its own copies before a block-wide barrier.
+// Tensor maps (built on the host, monarch.rs; passed by value as __grid_constant__ parameters),
+// both bf16 with the 128-byte swizzle, so a box lands in shared memory in exactly the canonical
+// K-major layout the wgmma descriptors read (128-byte rows, chunk c of row r at c ^ (r & 7),
+// stages 1024-byte aligned):
+//   xmap: x viewed (T, b, nb), dims {nb, b, T}, box {64, 1, 128}: the A tile of input block k is
+//     the box at {k0, k, m0}; tokens past T and K past nb (its own dimension, so the next block's
+//     columns are never read) are zero-filled by the copy engine.
+//   wmap: w1 viewed (b, rbm, bl, nb), dims {nb, bl, rbm, b}, box {64, 1, g, 1}: with
+//     seg = 1 (bl = b, rbm = rb = R/b) weight row c = a*b + l is element (k, a, l), and tile
+//     columns j = l*rb + a .. + g - 1 (g = gcd(rb, 128), so a box never crosses a run) are the
+//     box at {k0, l, a, k}: the seg-mode row gather of the cp.async kernel becomes 128/g boxes per
+//     stage. With seg = 0 (bl = 1, rbm = R, g = 128) the box at {k0, 0, n0, k} is the plain
+//     row block; rows past R are zero-filled. Boxes wholly past R (seg = 1) are not issued: their
+//     tile columns are never stored, and the expected byte count leaves them out.
+// Arguments: rbm and g as above (the box height of wmap; the launcher builds the map with it).
+struct __align__(64) blr_tmap {
+    unsigned long long w[16];
+};
+
+#if defined(BLR_MON1_HAVE_WGMMA)
+static __device__ __forceinline__ void tma_bar_init(blr_u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static __device__ __forceinline__ void tma_bar_expect(blr_u32 bar, blr_u32 bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+static __device__ __forceinline__ void tma_bar_wait(blr_u32 bar, int parity) {
+    blr_u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+static __device__ __forceinline__ void tma_load3(blr_u32 dst, const blr_tmap* map, blr_u32 bar, int c0, int c1,
+                                                 int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+static __device__ __forceinline__ void tma_load4(blr_u32 dst, const blr_tmap* map, blr_u32 bar, int c0, int c1,
+                                                 int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+// Queues one stage: the A box (x, 128 tokens x 64 K) at `sa`, the B boxes of tile columns below
+// R (g rows each) at `sb`, all completing on `bar`, which is armed with their byte count.
+static __device__ __forceinline__ void mon1_tma_issue(blr_u32 sa, blr_u32 sb, blr_u32 bar, const blr_tmap* xmap,
+                                                      const blr_tmap* wmap, int k0, int k, int m0, int n0, int R,
+                                                      int rbm, int g) {
+    using namespace blr_mon1;
+    const int nbox = BN / g;
+    int boxes = 0;
+    for (int s = 0; s < nbox; ++s) boxes += (n0 + s * g < R) ? 1 : 0;
+    tma_bar_expect(bar, (blr_u32)(A_STAGE * 2 + boxes * g * BK * 2));
+    tma_load3(sa, xmap, bar, k0, k, m0);
+    for (int s = 0; s < nbox; ++s) {
+        const int j = n0 + s * g;
+        if (j >= R) break;
+        tma_load4(sb + s * g * BK * 2, wmap, bar, k0, j / rbm, j % rbm, k);
+    }
+}
+#endif
+
+// Grid and arguments after (xmap, wmap) as blr_monarch_stage1_wg (x and w1 are reached through
+// the maps), plus rbm and g. Dynamic shared memory: blr_mon1::SMEM_BYTES + 1024 (alignment) +
+// 64 (three mbarriers).
+extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
+    blr_monarch_stage1_tma(const __grid_constant__ blr_tmap xmap, const __grid_constant__ blr_tmap wmap,
+                           bf16* __restrict__ P, int T, int b, int R, int nb, int seg, int rbm, int g) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+    using namespace blr_mon1;
+    extern __shared__ __align__(1024) unsigned char blr_mon1tma_smem[];
+    const blr_u32 base = smem_addr(blr_mon1tma_smem);
+    unsigned char* smem = blr_mon1tma_smem + (((base + 1023u) & ~1023u) - base);
+    const blr_u32 sA = smem_addr(smem);
+    const blr_u32 sB = sA + STAGES * A_STAGE * 2;
+    const blr_u32 bar0 = sA + SMEM_BYTES;
+
+    const int k = blockIdx.z;
+    const int n0 = blockIdx.x * BN;
+    const int m0 = blockIdx.y * BM;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int ktiles = (nb + BK - 1) / BK;
+
+    // Thread 0 queues stage `slot` with k-tile kt.
+    auto issue = [&](int slot, int kt) {
+        mon1_tma_issue(sA + slot * A_STAGE * 2, sB + slot * B_STAGE * 2, bar0 + slot * 8, &xmap, &wmap, kt * BK, k,
+                       m0, n0, R, rbm, g);
+    };
+
+    if (tid == 0) {
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&xmap)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&wmap)) : "memory");
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) tma_bar_init(bar0 + s * 8, 1);
+        // The barriers' initialisation must be visible to the copy engine (async proxy).
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        for (int s = 0; s < STAGES && s < ktiles; ++s) issue(s, s);
+    }
+    __syncthreads();
+
+    float acc[1][BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][j][e] = 0.f;
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int slot = kt % STAGES;
+        tma_bar_wait(bar0 + slot * 8, (kt / STAGES) & 1);
+        // Warpgroup w owns tile rows 64w..64w+63 (8 x 1024-byte swizzle atoms).
+        const blr_u32 a0 = sA + slot * A_STAGE * 2 + (warp >> 2) * 64 * BK * 2;
+        const blr_u32 b0 = sB + slot * B_STAGE * 2;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wg_mma_m64n128k16(acc[0], wg_desc(a0 + kk * 32), wg_desc(b0 + kk * 32));
+        wg_commit();
+        wg_wait0();
+        if (kt + STAGES < ktiles) {
+            // Every warp has finished reading this stage before the copy engine refills it.
+            __syncthreads();
+            if (tid == 0) issue(slot, kt + STAGES);
+        }
+    }
+    // Both warpgroups' MMAs are done before the C tile overwrites the stages; every issued copy
+    // has completed (each k-tile's barrier was waited for).
+    __syncthreads();
+
+    bf16* Cs = reinterpret_cast<bf16*>(smem);
+    {
+        const int gq = lane >> 2;
+        const int c4 = lane & 3;
+#pragma unroll
+        for (int ni = 0; ni < BN / 8; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = warp * 16 + gq + h * 8;
+                const int col = ni * 8 + 2 * c4;
+                *reinterpret_cast<__nv_bfloat162*>(Cs + row * CLD + col) =
+                    __floats2bfloat162_rn(acc[0][ni][2 * h], acc[0][ni][2 * h + 1]);
+            }
+    }
+    __syncthreads();
+    mon1_store(Cs, P, T, b, R, m0, n0, k, seg, threadIdx.x, THREADS);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// blr_monarch_stage1_tmapp: persistent, warp-specialised, "ping-pong" version of
+// blr_monarch_stage1_tma (sm_90a). One block per SM (grid = min(tiles, SMs)) walks the tiles of
+// the non-persistent grid block-strided (tile = column tile fastest, then token tile, then input
+// block k). 384 threads: warpgroup 0 is the producer (one thread issues every stage's TMA copies,
+// the rest exit), warpgroups 1 and 2 are consumers that take alternate tiles, each a whole 128 x
+// 128 tile (two m64n128k16 per 16-wide k step, 128 fp32 accumulators per thread) with its own
+// C tile for the epilogue. A ring of NST = 4 stages (32 KB each) with a full mbarrier (armed by
+// the producer's expect_tx, completed by the copy engine) and an empty mbarrier (one arrival per
+// consumer warp once its MMAs on the stage have completed) runs across tiles: the producer
+// fills the ring in tile order, so the second consumer's MMAs start as the first one's k-tiles
+// are released, and one consumer's epilogue runs while the other's MMAs do (the ping-pong).
+// The loads of the next tile start during the current tile's MMAs and epilogue, which the
+// non-persistent kernel could overlap only with the other block on its SM.
+// Shared memory: 4 x 32 KB stages + 2 x 34 KB C tiles + 64 B of barriers + 1024 (alignment).
+namespace blr_mon1pp {
+constexpr int NST = 4;
+constexpr int THREADS = 384;
+constexpr int STAGE_BYTES = (blr_mon1::BM + blr_mon1::BN) * blr_mon1::BK * 2;
+constexpr int C_BYTES = blr_mon1::BM * blr_mon1::CLD * 2;
+constexpr int C_OFF = NST * STAGE_BYTES;
+constexpr int BAR_OFF = C_OFF + 2 * C_BYTES;
+constexpr int SMEM = BAR_OFF + 2 * NST * 8 + 1024;
+}  // namespace blr_mon1pp
+
+#if defined(BLR_MON1_HAVE_WGMMA)
+static __device__ __forceinline__ void tma_bar_arrive(blr_u32 bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+static __device__ __forceinline__ void tma_named_bar(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(blr_mon1pp::THREADS, 1)
+    blr_monarch_stage1_tmapp(const __grid_constant__ blr_tmap xmap, const __grid_constant__ blr_tmap wmap,
+                             bf16* __restrict__ P, int T, int b, int R, int nb, int seg, int rbm, int g) {
+#if defined(BLR_MON1_HAVE_WGMMA)
+    using namespace blr_mon1;
+    using namespace blr_mon1pp;
+    extern __shared__ __align__(1024) unsigned char blr_mon1pp_smem[];
+    const blr_u32 raw = smem_addr(blr_mon1pp_smem);
+    unsigned char* smem = blr_mon1pp_smem + (((raw + 1023u) & ~1023u) - raw);
+    const blr_u32 sbase = smem_addr(smem);
+    const blr_u32 full0 = sbase + BAR_OFF;
+    const blr_u32 empty0 = full0 + NST * 8;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int tn = (R + BN - 1) / BN;
+    const int tm = (T + BM - 1) / BM;
+    const int ntiles = tn * tm * b;
+    const int ktiles = (nb + BK - 1) / BK;
+
+    if (tid == 0) {
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&xmap)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&wmap)) : "memory");
+#pragma unroll
+        for (int s = 0; s < NST; ++s) {
+            tma_bar_init(full0 + s * 8, 1);
+            tma_bar_init(empty0 + s * 8, 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        if (tid != 0) return;
+        int seq = 0;
+        for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+            const int n0 = (tile % tn) * BN;
+            const int m0 = ((tile / tn) % tm) * BM;
+            const int k = tile / (tn * tm);
+            for (int kt = 0; kt < ktiles; ++kt, ++seq) {
+                const int slot = seq % NST;
+                const int use = seq / NST;
+                // Use `use` of this slot needs use - 1 released by its consumer's four warps.
+                if (use > 0) tma_bar_wait(empty0 + slot * 8, (use - 1) & 1);
+                const blr_u32 sa = sbase + slot * STAGE_BYTES;
+                mon1_tma_issue(sa, sa + A_STAGE * 2, full0 + slot * 8, &xmap, &wmap, kt * BK, k, m0, n0, R, rbm, g);
+            }
+        }
+        return;
+    }
+
+    const int cw = (warp >> 2) - 1;  // consumer warpgroup 0 or 1
+    const int wtid = tid - 128 * (cw + 1);
+    const int wi = warp & 3;
+    bf16* Cs = reinterpret_cast<bf16*>(smem + C_OFF + cw * C_BYTES);
+    int local = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++local) {
+        if ((local & 1) != cw) continue;
+        const int n0 = (tile % tn) * BN;
+        const int m0 = ((tile / tn) % tm) * BM;
+        const int k = tile / (tn * tm);
+        float acc[2][BN / 8][4];
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2)
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[h2][j][e] = 0.f;
+        for (int kt = 0; kt < ktiles; ++kt) {
+            const int seq = local * ktiles + kt;
+            const int slot = seq % NST;
+            tma_bar_wait(full0 + slot * 8, (seq / NST) & 1);
+            const blr_u32 a0 = sbase + slot * STAGE_BYTES;
+            const blr_u32 b0 = a0 + A_STAGE * 2;
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                wg_mma_m64n128k16(acc[0], wg_desc(a0 + kk * 32), wg_desc(b0 + kk * 32));
+                wg_mma_m64n128k16(acc[1], wg_desc(a0 + 64 * BK * 2 + kk * 32), wg_desc(b0 + kk * 32));
+            }
+            wg_commit();
+            wg_wait0();
+            __syncwarp();
+            if (lane == 0) tma_bar_arrive(empty0 + slot * 8);
+        }
+        // The previous tile's stores have finished reading Cs.
+        tma_named_bar(1 + cw, 128);
+        {
+            const int gq = lane >> 2;
+            const int c4 = lane & 3;
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2)
+#pragma unroll
+                for (int ni = 0; ni < BN / 8; ++ni)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = h2 * 64 + wi * 16 + gq + h * 8;
+                        const int col = ni * 8 + 2 * c4;
+                        *reinterpret_cast<__nv_bfloat162*>(Cs + row * CLD + col) =
+                            __floats2bfloat162_rn(acc[h2][ni][2 * h], acc[h2][ni][2 * h + 1]);
+                    }
+        }
+        tma_named_bar(1 + cw, 128);
+        mon1_store(Cs, P, T, b, R, m0, n0, k, seg, wtid, 128);
+    }
 #endif
 }
 

@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::gemm::GemmShape;
 use crate::gpu::Gpu;
 use crate::memory::DeviceBuffer;
+use crate::tensor_map::{encode_tiled_bf16, TensorMap, TiledBf16};
 
 /// blr_mon1 tile constants of monarch.cu (a change there must be made here too).
 const STAGE1_BM: usize = 128;
@@ -45,6 +46,14 @@ const STAGE1_THREADS: u32 = 256;
 pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
 /// blr_monarch_stage1_wg: the same plus 1024 bytes to align the stages for the 128-byte swizzle.
 pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
+/// blr_monarch_stage1_tma: the wgmma kernel's plus 64 bytes for the three stage mbarriers.
+pub(super) const STAGE1_TMA_SMEM: u32 = STAGE1_WG_SMEM + 64;
+/// blr_monarch_stage1_tmapp (blr_mon1pp): 4 stages of (128 + 128) x 64 bf16, two C tiles of
+/// 128 x 136 bf16, 8 mbarriers, 1024 bytes of alignment slack; 384 threads, one block per SM.
+pub(super) const STAGE1_TMAPP_SMEM: u32 = 4 * (128 + 128) * 64 * 2 + 2 * 128 * 136 * 2 + 64 + 1024;
+const STAGE1_TMAPP_THREADS: u32 = 384;
+/// blr_mon1::BK: K elements per stage (one 128-byte swizzled row).
+const STAGE1_BK: u32 = 64;
 /// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
 /// load, capped by the device): one token's rows x (cols + 2) (mid: rows x mid_ld(cols)) bf16.
 /// Larger tiles use the per-element kernels (or, for the intermediate, the own stage 1).
@@ -112,6 +121,20 @@ pub enum Stage1Mma {
     /// `blr_monarch_stage1_wg`: wgmma, on compute capability 9.0 (sm_90a) only; elsewhere
     /// `MmaSync` runs.
     Wgmma,
+    /// `blr_monarch_stage1_tma`: wgmma with its tiles loaded by the copy engine (TMA), on
+    /// compute capability 9.0 only. Where a tensor map cannot describe the buffers (see
+    /// [`stage1_tma_views`]) `Wgmma` runs; elsewhere `MmaSync`.
+    Tma,
+    /// `blr_monarch_stage1_tmapp`: persistent (one block per SM), one TMA producer thread and
+    /// two wgmma consumer warpgroups on alternate tiles ("ping-pong"); fallbacks as `Tma`.
+    TmaPingPong,
+}
+
+impl Stage1Mma {
+    /// Whether this choice loads through tensor maps (TMA).
+    pub fn uses_tma(self) -> bool {
+        matches!(self, Stage1Mma::Tma | Stage1Mma::TmaPingPong)
+    }
 }
 
 /// Monarch `partial` choices (development knobs for side-by-side measurements; the defaults
@@ -123,6 +146,9 @@ pub struct MonarchOptions {
     /// Largest n/b for which stage 1 runs on blr's own kernel (beyond: cuBLASLt + `mid`);
     /// `None`: blr's rule ([`MonarchOptions::own_stage1`]).
     pub own_max_nb: Option<usize>,
+    /// Blocks of the persistent [`Stage1Mma::TmaPingPong`] kernel at most (default: one per
+    /// SM); small caps make every block walk many tiles (tests).
+    pub pp_blocks: Option<u32>,
 }
 
 impl Default for MonarchOptions {
@@ -131,6 +157,7 @@ impl Default for MonarchOptions {
             mid: MidTranspose::Packed,
             stage1: Stage1Mma::Wgmma,
             own_max_nb: None,
+            pp_blocks: None,
         }
     }
 }
@@ -144,12 +171,13 @@ impl MonarchOptions {
     pub fn own_stage1(&self, nb: usize, wgmma_here: bool) -> bool {
         match self.own_max_nb {
             Some(max) => nb <= max,
-            None => (self.stage1 == Stage1Mma::Wgmma && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
+            None => (self.stage1 != Stage1Mma::MmaSync && wgmma_here) || nb <= OWN_STAGE1_MAX_NB,
         }
     }
 
     /// The defaults, overridden by `BLR_MONARCH_MID=generic|pairs|packed`,
-    /// `BLR_MONARCH_STAGE1=mma|wgmma` and `BLR_MONARCH_OWN_MAX_NB=<n/b>`.
+    /// `BLR_MONARCH_STAGE1=mma|wgmma|tma|tmapp`, `BLR_MONARCH_OWN_MAX_NB=<n/b>` and
+    /// `BLR_MONARCH_PP_BLOCKS=<blocks>`.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
         let var = |name: &str| {
@@ -174,9 +202,11 @@ impl MonarchOptions {
             o.stage1 = match v.as_str() {
                 "mma" => Stage1Mma::MmaSync,
                 "wgmma" => Stage1Mma::Wgmma,
+                "tma" => Stage1Mma::Tma,
+                "tmapp" => Stage1Mma::TmaPingPong,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_MONARCH_STAGE1='{other}': expected mma or wgmma"
+                        "BLR_MONARCH_STAGE1='{other}': expected mma, wgmma, tma or tmapp"
                     )))
                 }
             };
@@ -188,7 +218,81 @@ impl MonarchOptions {
                 ))
             })?);
         }
+        if let Some(v) = var("BLR_MONARCH_PP_BLOCKS") {
+            o.pp_blocks = Some(v.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::Shape(format!(
+                    "BLR_MONARCH_PP_BLOCKS='{v}': expected a positive integer"
+                ))
+            })?);
+        }
         Ok(o)
+    }
+}
+
+/// The copy-engine views of blr_monarch_stage1_tma (monarch.cu, where the layout is explained)
+/// for `t` tokens of `x` at `x_addr` and `w1` at `w1_addr`: the x view, the w1 view, and the
+/// kernel's `rbm` and `g` (rows per w1 box). `Err`: why TMA cannot load these buffers (the
+/// caller runs the cp.async wgmma kernel instead).
+pub(super) fn stage1_tma_views(
+    s: &Shape,
+    t: usize,
+    x_addr: u64,
+    w1_addr: u64,
+) -> std::result::Result<(TiledBf16, TiledBf16, usize, usize), String> {
+    let (b, rr) = (s.b_in, s.rank);
+    if let Some(why) = partial_requirement(s) {
+        return Err(why);
+    }
+    let nb = s.n / b;
+    let seg = segmented(s);
+    // seg: row c = a*b + l of w1[k] is element (k, a, l); else one "l" and rbm = R rows.
+    let (bl, rbm) = if seg { (b, rr / b) } else { (1, rr) };
+    let g = if seg { gcd(rbm, STAGE1_BN) } else { STAGE1_BN };
+    let u = |v: usize| v as u64;
+    let xv = TiledBf16 {
+        addr: x_addr,
+        dims: vec![u(nb), u(b), u(t)],
+        strides: vec![u(nb * 2), u(s.n * 2)],
+        boxes: vec![STAGE1_BK, 1, STAGE1_BM as u32],
+    };
+    let wv = TiledBf16 {
+        addr: w1_addr,
+        dims: vec![u(nb), u(bl), u(rbm), u(b)],
+        strides: vec![u(nb * 2), u(bl * nb * 2), u(rr * nb * 2)],
+        boxes: vec![
+            STAGE1_BK,
+            1,
+            u32::try_from(g).map_err(|_| "box rows".to_string())?,
+            1,
+        ],
+    };
+    Ok((xv, wv, rbm, g))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Tensor maps of Monarch stage 1 on TMA, kept in the [`Workspace`] for the pointers and token
+/// count they were built for (a map embeds the buffers' addresses and T).
+#[derive(Debug, Clone)]
+pub(super) struct TmaMaps {
+    key: (u64, u64, usize, Shape),
+    /// The maps and the kernel's `rbm`, `g`; or why TMA cannot load these buffers.
+    maps: std::result::Result<(TensorMap, TensorMap, i32, i32), String>,
+}
+
+impl Workspace {
+    /// Whether the last Monarch `partial` stage 1 asked for TMA got it: `None` when none was
+    /// asked for, `Some(Err(reason))` when it ran the cp.async wgmma kernel instead.
+    pub fn monarch_tma_status(&self) -> Option<std::result::Result<(), String>> {
+        self.mon_tma
+            .as_ref()
+            .map(|m| m.maps.as_ref().map(|_| ()).map_err(Clone::clone))
     }
 }
 
@@ -299,12 +403,6 @@ impl GpuLinear {
             });
         }
         let seg = i32::from(segmented(s));
-        let wg = opts.stage1 == Stage1Mma::Wgmma && k.monarch_stage1_wg_ok;
-        let (stage1, stage1_smem) = if wg {
-            (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
-        } else {
-            (&k.monarch_stage1, STAGE1_SMEM)
-        };
         let grid = (
             u32::try_from(rr.div_ceil(STAGE1_BN)).unwrap_or(u32::MAX),
             u32::try_from(t.div_ceil(STAGE1_BM)).unwrap_or(u32::MAX),
@@ -316,6 +414,77 @@ impl GpuLinear {
                  {STAGE1_BM} tokens, 65535 blocks)"
             )));
         }
+        let tma_kernel = match opts.stage1 {
+            Stage1Mma::Tma if k.monarch_stage1_tma_ok => {
+                Some((&k.monarch_stage1_tma, grid, STAGE1_THREADS, STAGE1_TMA_SMEM))
+            }
+            Stage1Mma::TmaPingPong if k.monarch_stage1_tmapp_ok => {
+                let tiles = u64::from(grid.0) * u64::from(grid.1) * u64::from(grid.2);
+                let cap = opts.pp_blocks.unwrap_or(gpu.info().sm_count).max(1);
+                let blocks = tiles.min(u64::from(cap));
+                let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
+                Some((
+                    &k.monarch_stage1_tmapp,
+                    (blocks, 1, 1),
+                    STAGE1_TMAPP_THREADS,
+                    STAGE1_TMAPP_SMEM,
+                ))
+            }
+            _ => None,
+        };
+        if let Some((kernel, kgrid, threads, smem)) = tma_kernel {
+            let key = (x.device_ptr(), w1.device_ptr(), t, *s);
+            if ws.mon_tma.as_ref().map(|m| &m.key) != Some(&key) {
+                let maps = stage1_tma_views(s, t, key.0, key.1).and_then(|(xv, wv, rbm, g)| {
+                    let rbm = i32::try_from(rbm).map_err(|_| "R too large".to_string())?;
+                    let g = i32::try_from(g).map_err(|_| "box rows".to_string())?;
+                    Ok((encode_tiled_bf16(&xv)?, encode_tiled_bf16(&wv)?, rbm, g))
+                });
+                ws.mon_tma = Some(TmaMaps { key, maps });
+            }
+            if let Some(TmaMaps {
+                maps: Ok((xmap, wmap, rbm, g)),
+                ..
+            }) = ws.mon_tma.as_ref()
+            {
+                let (xmap, wmap, rbm, g) = (*xmap, *wmap, *rbm, *g);
+                // SAFETY: blr_monarch_stage1_tma(blr_tmap xmap, blr_tmap wmap, bf16* P, int T,
+                // int b, int R, int nb, int seg, int rbm, int g): the maps (128 bytes each, by
+                // value) describe x as (T, b, nb) and w1 as (b, rbm, bl, nb) at the addresses of
+                // `x` and `w1` for this T (rebuilt above whenever a pointer, T or the shape
+                // changes), so the copy engine reads only inside them and zero-fills the rest;
+                // g is the w1 map's box height. P is written as by blr_monarch_stage1 (T*b*R
+                // elements of ws.b, checked above). blr_monarch_stage1_tmapp takes the same
+                // arguments and walks the same tiles (tile count < 2^31: grid limits checked
+                // above) from fewer blocks. Shared memory: STAGE1_TMA_SMEM / STAGE1_TMAPP_SMEM,
+                // allowed at load (`monarch_stage1_tma_ok` / `_tmapp_ok`, sm_90a).
+                unsafe {
+                    gpu.launch(kernel)
+                        .arg(&xmap)
+                        .arg(&wmap)
+                        .arg(&mut ws.b)
+                        .arg(&ti)
+                        .arg(&bi)
+                        .arg(&ri)
+                        .arg(&nbi)
+                        .arg(&seg)
+                        .arg(&rbm)
+                        .arg(&g)
+                        .launch(LaunchConfig {
+                            grid_dim: kgrid,
+                            block_dim: (threads, 1, 1),
+                            shared_mem_bytes: smem,
+                        })?;
+                }
+                return self.monarch_stage2(gpu, k, t, w2, y, ws);
+            }
+        }
+        let wg = opts.stage1 != Stage1Mma::MmaSync && k.monarch_stage1_wg_ok;
+        let (stage1, stage1_smem) = if wg {
+            (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
+        } else {
+            (&k.monarch_stage1, STAGE1_SMEM)
+        };
         // SAFETY: blr_monarch_stage1(const bf16* x, const bf16* w1, bf16* P, int T, int b, int R,
         // int nb, int seg) reads x rows t < T (n = b*nb elements each; x holds T*n, checked in
         // `forward`) and w1 (b*R*nb, checked above) with 16-byte copies (nb % 8 == 0 by

@@ -258,13 +258,47 @@ fn monarch_own_stage1_rule() {
     assert!(pinned.own_stage1(96, false));
 }
 
+/// The copy-engine views of Monarch stage 1 on TMA: the box heights of the seg-mode w1 gather,
+/// and the buffers TMA cannot load (the launcher then runs the cp.async wgmma kernel).
+#[test]
+fn monarch_stage1_tma_views() {
+    use super::monarch::stage1_tma_views;
+    use crate::tensor_map::check_tiled_bf16;
+    let (x, w) = (0x7f00_0000_0000u64, 0x7f10_0000_0000u64);
+    // llama7b q/k/v/o: rb = 64 -> two 64-row boxes per 128-column tile.
+    let qkvo = shape(FormatKind::Monarch, 4096, 4096, 16, 16, 1024);
+    let (xv, wv, rbm, g) = stage1_tma_views(&qkvo, 1000, x, w).expect("TMA applies");
+    assert_eq!((rbm, g), (64, 64));
+    assert_eq!(xv.dims, vec![256, 16, 1000]);
+    assert_eq!(xv.strides, vec![512, 8192]);
+    assert_eq!(wv.dims, vec![256, 16, 64, 16]);
+    assert_eq!(wv.strides, vec![512, 8192, 1024 * 512]);
+    assert_eq!(wv.boxes, vec![64, 1, 64, 1]);
+    assert_eq!(check_tiled_bf16(&xv), None);
+    assert_eq!(check_tiled_bf16(&wv), None);
+    // llama7b gate/up: rb = 96 -> 32-row boxes (a run boundary falls inside a tile).
+    let gate = shape(FormatKind::Monarch, 11008, 4096, 16, 16, 1536);
+    assert_eq!(stage1_tma_views(&gate, 7, x, w).map(|v| v.3), Ok(32));
+    // rb = 10 (element stores): one plain 128-row box, rbm = R.
+    let odd = shape(FormatKind::Monarch, 120, 96, 4, 4, 40);
+    let (_, wv, rbm, g) = stage1_tma_views(&odd, 5, x, w).expect("TMA applies");
+    assert_eq!((rbm, g), (40, 128));
+    assert_eq!(wv.dims, vec![24, 1, 40, 4]);
+    // A buffer that is not 16-byte aligned: the views are built, the check refuses them.
+    let (xv, _, _, _) = stage1_tma_views(&qkvo, 3, x + 8, w).expect("views");
+    assert!(check_tiled_bf16(&xv).is_some_and(|why| why.contains("aligned")));
+    // n/b not a multiple of 8: no partial at all, so no TMA either.
+    let narrow = shape(FormatKind::Monarch, 120, 60, 4, 4, 40);
+    assert!(stage1_tma_views(&narrow, 5, x, w).is_err());
+}
+
 /// Monarch `partial` (monarch.rs) on shapes that exercise every path of its stage-1 kernel:
 /// 16-byte run stores (R/b a multiple of 8) and element stores (R/b odd-sized, b not dividing
 /// R), ragged token, rank and K tiles (T not a multiple of 128, R of 128, n/b of 64), several
 /// column tiles, b from 2 to 16, m not a multiple of 8 (per-element output permutation), and
 /// n/b > 256 (cuBLASLt stage 1 + each of the three intermediate transposes; odd b, odd R,
-/// b*R not a multiple of 8, b = 16), each stage-1 MMA (mma.sync; wgmma on sm_90a), also
-/// beyond n/b = 256.
+/// b*R not a multiple of 8, b = 16), each stage-1 MMA (mma.sync; wgmma with cp.async loads and
+/// with TMA loads on sm_90a), also beyond n/b = 256.
 /// Outputs and the intermediate P are NaN-poisoned before every run.
 #[test]
 fn gpu_monarch_partial_parity_on_odd_shapes() {
@@ -338,6 +372,25 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
                 ..base
             };
             runs.push(("partial wgmma", Strategy::Partial, wg));
+            let tma = MonarchOptions {
+                stage1: Stage1Mma::Tma,
+                ..wg
+            };
+            runs.push(("partial tma", Strategy::Partial, tma));
+            // The persistent kernel, one block per SM, and capped at 1 and 3 blocks so that
+            // blocks walk many tiles (the stage ring wraps, the two consumers alternate).
+            for (label, cap) in [
+                ("partial tmapp", None),
+                ("partial tmapp 1 block", Some(1)),
+                ("partial tmapp 3 blocks", Some(3)),
+            ] {
+                let pp = MonarchOptions {
+                    stage1: Stage1Mma::TmaPingPong,
+                    pp_blocks: cap,
+                    ..wg
+                };
+                runs.push((label, Strategy::Partial, pp));
+            }
         }
         if n / b > 256 {
             for (label, mid) in [
@@ -368,6 +421,14 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
                 gpu.memset_bytes(&mut ws.b, 0xFF).expect("poison P");
                 dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, *st)
                     .unwrap_or_else(|e| panic!("{sh:?} {label} T={t}: {e}"));
+                if opts.stage1.uses_tma() {
+                    // The TMA kernel itself ran (no silent fallback on these aligned buffers).
+                    assert_eq!(
+                        ws.monarch_tma_status(),
+                        Some(Ok(())),
+                        "{sh:?} {label} T={t}"
+                    );
+                }
                 let got = gpu.download_f32(&yd).expect("download");
                 let (err, bad) = rel_err(&got, &want);
                 assert_eq!(
