@@ -13,7 +13,9 @@
 //!   (blast.cu: `blr_blast_mix_tc4`, persistent and double-buffered, where its tiles fill the SMs
 //!   and its 197 KB of shared memory fit; `blr_blast_mix_tc2` otherwise) can feed
 //!   `ldmatrix.trans` straight from shared memory and write `W (b_out, T, r)`, exactly the A
-//!   operand of stage 3 (cuBLASLt again). Monarch (monarch.rs): blr's own tensor-core stage 1
+//!   operand of stage 3 (cuBLASLt again). On sm_90a stage 1 + mixing can instead run as one
+//!   kernel that keeps `Z` on chip ([`blast_s12`], `BLR_BLAST_STAGE12=fused`); it measured slower
+//!   than this split path on every H100 row, so blr's rule keeps the split path. Monarch (monarch.rs): blr's own tensor-core stage 1
 //!   (wgmma on sm_90a, mma.sync elsewhere) writes the permuted intermediate straight into the
 //!   layout stage 2 (cuBLASLt) reads, from the one canonical copy of `w1` (mma.sync beyond
 //!   n/b = 256: cuBLASLt stage 1 and a per-token transpose); the output permutation is a per-token shared-memory
@@ -287,6 +289,10 @@ pub struct LayerKernels {
     monarch: monarch::MonarchOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
     fused: Option<blast_fused::FusedKernel>,
+    /// BLAST partial's fused stage 1 + mixing (blast_s12.rs); `None` where it cannot run.
+    s12: Option<blast_s12::Stage12Kernel>,
+    /// Which stage 1 + mixing BLAST partial runs ([`blast_s12::Stage12::from_env`] at load).
+    stage12: blast_s12::Stage12,
 }
 
 impl LayerKernels {
@@ -302,6 +308,15 @@ impl LayerKernels {
 
     pub fn set_decode_options(&mut self, opts: decode::DecodeOptions) {
         self.decode.opts = opts;
+    }
+
+    /// BLAST partial's stage 1 + mixing choice, and whether the fused kernel runs here.
+    pub fn stage12(&self) -> (blast_s12::Stage12, bool) {
+        (self.stage12, self.s12.is_some())
+    }
+
+    pub fn set_stage12(&mut self, choice: blast_s12::Stage12) {
+        self.stage12 = choice;
     }
 
     /// Monarch `partial`'s kernel choices (default: [`monarch::MonarchOptions::from_env`]).
@@ -346,6 +361,8 @@ impl LayerKernels {
             monarch_stage1_tmapp_ok: false,
             monarch: monarch::MonarchOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
+            s12: blast_s12::Stage12Kernel::load(gpu, &opts)?,
+            stage12: blast_s12::Stage12::from_env()?,
         };
         k.gemm_128x128.set_max_dynamic_smem(GEMM_SMEM_128X128)?;
         k.gemm_128x256.set_max_dynamic_smem(GEMM_SMEM_128X256)?;
@@ -772,6 +789,15 @@ impl GpuLinear {
                 .with_ld(r, r, s.m);
             return stage_gemm(gpu, &mut ws.tune, &st3, &ws.b, u, y);
         }
+        if ws.prefill_chunk.is_none() {
+            if let Some(s12) = k.s12.as_ref().filter(|_| k.stage12.fused_here(s, t, true)) {
+                s12.launch(gpu, s, t, x, vt, s_dev, &mut ws.b)?;
+                let st3 = GemmShape::linear(t, p, r)
+                    .batched(bo, t * r, p * r, p)
+                    .with_ld(r, r, s.m);
+                return stage_gemm(gpu, &mut ws.tune, &st3, &ws.b, u, y);
+            }
+        }
         // Partial: stage 1 and the mixing per token chunk (Zt of one chunk, reusing the front
         // of ws.a, is still in L2 when the mixing reads it; W for all T), then one stage 3.
         // Chunks need blr_blast_mix_tc4, which takes W's plane stride.
@@ -973,6 +999,7 @@ fn gemm_nt(
 
 pub mod autotune;
 pub mod blast_fused;
+pub mod blast_s12;
 pub mod decode;
 pub mod monarch;
 pub mod timing;

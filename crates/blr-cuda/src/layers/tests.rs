@@ -446,3 +446,81 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
     assert_eq!(checked, expected);
     assert!(checked >= shapes.len() * 5 * 2);
 }
+
+/// BLAST `partial` with stage 1 + mixing in one kernel (blast_s12.cu) against the CPU and the
+/// split path, W poisoned with NaN before each run so an unwritten W element reaches y.
+#[test]
+fn gpu_blast_stage12_fused_parity_on_odd_shapes() {
+    use super::blast_s12::Stage12;
+    let Some(gpu) = gpu_or_skip("gpu_blast_stage12_fused_parity_on_odd_shapes") else {
+        return;
+    };
+    let mut kernels = LayerKernels::load(&gpu).expect("layer kernels compile and load");
+    if !kernels.stage12().1 {
+        eprintln!("SKIP gpu_blast_stage12_fused_parity_on_odd_shapes: no sm_90a kernel here");
+        return;
+    }
+    // q, r, p, T not multiples of the 64-wide tiles; b_in odd and != b_out; q > 256 (5 K
+    // stages); b = 16 on both sides; one block per side.
+    let shapes = [
+        shape(FormatKind::Blast, 120, 112, 5, 7, 40),
+        shape(FormatKind::Blast, 96, 96, 12, 12, 8),
+        shape(FormatKind::Blast, 160, 216, 4, 3, 72),
+        shape(FormatKind::Blast, 144, 1056, 2, 4, 136),
+        shape(FormatKind::Blast, 1024, 1024, 16, 16, 200),
+        shape(FormatKind::Blast, 48, 40, 1, 1, 24),
+        shape(FormatKind::Blast, 256, 640, 16, 5, 64),
+    ];
+    // BLR_S12_TEST_SMALL=1 (for the sanitizers): the shapes up to 256 x 640 and T <= 77.
+    let small = std::env::var("BLR_S12_TEST_SMALL").is_ok_and(|v| v == "1");
+    let tokens: &[usize] = if small {
+        &[1, 5, 13, 77]
+    } else {
+        &[1, 5, 13, 77, 300]
+    };
+    let mut rng = Rng::new(0x512);
+    let mut checked = 0;
+    let mut expected = 0;
+    for (si, sh) in shapes.iter().enumerate() {
+        if small && sh.m * sh.n > 256 * 640 {
+            continue;
+        }
+        expected += tokens.len() * 2;
+        let layer = bf16_rounded(&Linear::random(sh, 500 + si as u64).expect("valid shape"));
+        let dev = GpuLinear::upload(&gpu, &layer).expect("upload");
+        let max_t = 300;
+        let mut ws = dev.workspace(&gpu, max_t).expect("workspace");
+        for &t in tokens {
+            let x: Vec<f32> = rng
+                .normal_vec(t * sh.n, 1.0)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            let want = layer.forward(&x, t).expect("cpu forward");
+            let xd = gpu.upload_bf16(&x, "x").expect("upload x");
+            let mut yd = gpu.alloc::<bf16>(t * sh.m, "y").expect("alloc y");
+            for choice in [Stage12::Fused, Stage12::Split] {
+                kernels.set_stage12(choice);
+                gpu.memset_bytes(&mut yd, 0xFF).expect("poison y");
+                gpu.memset_bytes(&mut ws.b, 0xFF).expect("poison W");
+                dev.forward(&gpu, &kernels, &xd, t, &mut yd, &mut ws, Strategy::Partial)
+                    .unwrap_or_else(|e| panic!("{sh:?} {choice:?} T={t}: {e}"));
+                let got = gpu.download_f32(&yd).expect("download");
+                let (err, bad) = rel_err(&got, &want);
+                assert_eq!(
+                    bad, 0,
+                    "{sh:?} {choice:?} T={t}: {bad} outputs unwritten or NaN"
+                );
+                assert!(err < 1.5e-2, "{sh:?} {choice:?} T={t}: rel err {err:.3e}");
+                if si == 0 || t == 300 {
+                    eprintln!("stage12 {choice:?} {sh:?} T={t}: rel err {err:.2e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    kernels.set_stage12(Stage12::Auto);
+    eprintln!("gpu blast stage12 parity: {checked} (shape, choice, T) cases within bf16 error");
+    assert_eq!(checked, expected);
+    assert!(checked >= 40, "only {checked} cases ran");
+}
