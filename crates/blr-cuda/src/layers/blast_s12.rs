@@ -17,7 +17,8 @@ use crate::gpu::{Gpu, Kernel};
 use crate::memory::DeviceBuffer;
 use cudarc::driver::LaunchConfig;
 
-/// blast_s12.cu: `blr_blast_s12_wg`.
+/// blast_s12.cu: `blr_blast_s12_wg` (v1: one block-wide load pipeline) and `blr_blast_s12_wg2`
+/// (v2: one pipeline per warpgroup, wgmmas left in flight across stages).
 pub const BLAST_S12_CU: KernelSource =
     crate::kernel_source!("blast_s12.cu", headers: ["common.cuh"]);
 
@@ -77,8 +78,11 @@ impl std::str::FromStr for Stage12 {
     }
 }
 
-/// blr's rule for [`Stage12::Auto`]. Until the H100 measurement
-/// (docs/perf/kernel-notes.md, "BLAST stage 1 + mixing in one kernel") says otherwise: split.
+/// blr's rule for [`Stage12::Auto`]: always split. On the H100 (docs/perf/layers-h100.md,
+/// "BLAST stage 1 + mixing in one kernel") the fused kernel lost on every measured row: llama7b
+/// q/k/v/o T=1024 73.1 us (v2) / 81.3 (v1) against 70.0 split, T=128 33.9 / 38.8 against 23.6;
+/// llama7b down T=1024 211 / 241 against 133. It is latency-bound (one CTA per SM, ~35% of
+/// L2 throughput), not traffic-bound; see kernel-notes.md for what would change that.
 fn auto_rule(_s: &Shape, _tokens: usize) -> bool {
     false
 }
@@ -119,7 +123,10 @@ fn ablate_from_env() -> Result<i32> {
 /// only for sm_90a) with [`S12_SMEM`] of opt-in shared memory.
 #[derive(Debug, Clone)]
 pub struct Stage12Kernel {
-    kernel: Kernel,
+    v1: Kernel,
+    v2: Kernel,
+    /// Which of the two runs: `BLR_S12_VARIANT=1|2` at load, default 2.
+    variant: u8,
 }
 
 impl Stage12Kernel {
@@ -131,9 +138,28 @@ impl Stage12Kernel {
             return Ok(None);
         }
         let module = gpu.load_module(&BLAST_S12_CU, opts)?;
-        let kernel = module.function("blr_blast_s12_wg")?;
-        kernel.set_max_dynamic_smem(S12_SMEM)?;
-        Ok(Some(Self { kernel }))
+        let v1 = module.function("blr_blast_s12_wg")?;
+        let v2 = module.function("blr_blast_s12_wg2")?;
+        v1.set_max_dynamic_smem(S12_SMEM)?;
+        v2.set_max_dynamic_smem(S12_SMEM)?;
+        let variant = match std::env::var("BLR_S12_VARIANT") {
+            Ok(v) if !v.trim().is_empty() => match v.trim() {
+                "1" => 1,
+                "2" => 2,
+                other => {
+                    return Err(Error::Shape(format!(
+                        "BLR_S12_VARIANT = '{other}': expected 1 or 2"
+                    )))
+                }
+            },
+            _ => 2,
+        };
+        Ok(Some(Self { v1, v2, variant }))
+    }
+
+    /// Selects v1 (`1`) or v2 (anything else) for the following launches (tests, benches).
+    pub fn set_variant(&mut self, variant: u8) {
+        self.variant = if variant == 1 { 1 } else { 2 };
     }
 
     /// `W (b_out, t, r) = mix(X V)` for the first `t` tokens of `x (t, n)`. `w` must hold
@@ -184,24 +210,28 @@ impl Stage12Kernel {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: S12_SMEM,
         };
-        // SAFETY: blr_blast_s12_wg(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
+        // SAFETY: blr_blast_s12_wg / _wg2 (same signature)(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
         // int n, int q, int r, int b_in, int b_out, int ablate) reads X (T, n), Vt (b_in, r, q), S (r, 16,
         // 16) and writes W[i][t][k] for i < b_out, t < T, k < r; every extent was checked above,
         // and the kernel guards every row past T / r and chunk past q.
         unsafe {
-            gpu.launch(&self.kernel)
-                .arg(x)
-                .arg(vt)
-                .arg(s_dev)
-                .arg(w)
-                .arg(&ti)
-                .arg(&ni)
-                .arg(&qi)
-                .arg(&ri)
-                .arg(&bii)
-                .arg(&boi)
-                .arg(&ablate)
-                .launch(cfg)
+            gpu.launch(if self.variant == 1 {
+                &self.v1
+            } else {
+                &self.v2
+            })
+            .arg(x)
+            .arg(vt)
+            .arg(s_dev)
+            .arg(w)
+            .arg(&ti)
+            .arg(&ni)
+            .arg(&qi)
+            .arg(&ri)
+            .arg(&bii)
+            .arg(&boi)
+            .arg(&ablate)
+            .launch(cfg)
         }
     }
 }
