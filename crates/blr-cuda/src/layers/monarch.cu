@@ -567,7 +567,7 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
 // are released, and one consumer's epilogue runs while the other's MMAs do (the ping-pong).
 // The loads of the next tile start during the current tile's MMAs and epilogue, which the
 // non-persistent kernel could overlap only with the other block on its SM.
-// Shared memory: 4 x 32 KB stages + 2 x 34 KB C tiles + 64 B of barriers + 1024 (alignment).
+// Shared memory: 4 x 32 KB stages + 2 x 34 KB C tiles + 80 B of barriers + 1024 (alignment).
 namespace blr_mon1pp {
 constexpr int NST = 4;
 constexpr int THREADS = 384;
@@ -575,7 +575,8 @@ constexpr int STAGE_BYTES = (blr_mon1::BM + blr_mon1::BN) * blr_mon1::BK * 2;
 constexpr int C_BYTES = blr_mon1::BM * blr_mon1::CLD * 2;
 constexpr int C_OFF = NST * STAGE_BYTES;
 constexpr int BAR_OFF = C_OFF + 2 * C_BYTES;
-constexpr int SMEM = BAR_OFF + 2 * NST * 8 + 1024;
+// full[NST], empty[NST], then order[2] (see the consumers).
+constexpr int SMEM = BAR_OFF + (2 * NST + 2) * 8 + 1024;
 }  // namespace blr_mon1pp
 
 #if defined(BLR_MON1_HAVE_WGMMA)
@@ -599,6 +600,7 @@ extern "C" __global__ void __launch_bounds__(blr_mon1pp::THREADS, 1)
     const blr_u32 sbase = smem_addr(smem);
     const blr_u32 full0 = sbase + BAR_OFF;
     const blr_u32 empty0 = full0 + NST * 8;
+    const blr_u32 order0 = empty0 + NST * 8;
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int lane = tid & 31;
@@ -615,6 +617,8 @@ extern "C" __global__ void __launch_bounds__(blr_mon1pp::THREADS, 1)
             tma_bar_init(full0 + s * 8, 1);
             tma_bar_init(empty0 + s * 8, 4);
         }
+        tma_bar_init(order0, 1);
+        tma_bar_init(order0 + 8, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     }
@@ -643,9 +647,20 @@ extern "C" __global__ void __launch_bounds__(blr_mon1pp::THREADS, 1)
     const int wtid = tid - 128 * (cw + 1);
     const int wi = warp & 3;
     bf16* Cs = reinterpret_cast<bf16*>(smem + C_OFF + cw * C_BYTES);
+    // The consumers' k-loops run in tile order: consumer cw starts its j-th tile once the other
+    // one has finished the k-loop of the tile before (order[cw] phase j - 1 + cw, completed by
+    // the other consumer after each k-loop). Without this order a consumer could wait on a full
+    // barrier two phases ahead of the slot's current phase while the other consumer still owns
+    // the phase in between, and a parity wait cannot tell those apart (measured: a deadlock in
+    // the parity test at 1 block and 5 k-tiles per tile). The order is also the ping-pong: one
+    // consumer's epilogue runs during the other's k-loop.
     int local = 0;
+    int mine = 0;
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++local) {
         if ((local & 1) != cw) continue;
+        const int turn = mine - 1 + cw;
+        if (turn >= 0) tma_bar_wait(order0 + cw * 8, turn & 1);
+        ++mine;
         const int n0 = (tile % tn) * BN;
         const int m0 = ((tile / tn) % tm) * BM;
         const int k = tile / (tn * tm);
@@ -673,8 +688,10 @@ extern "C" __global__ void __launch_bounds__(blr_mon1pp::THREADS, 1)
             __syncwarp();
             if (lane == 0) tma_bar_arrive(empty0 + slot * 8);
         }
-        // The previous tile's stores have finished reading Cs.
+        // The whole warpgroup is past its k-loop (and the previous tile's stores have finished
+        // reading Cs): the other consumer may start its next tile.
         tma_named_bar(1 + cw, 128);
+        if (wtid == 0) tma_bar_arrive(order0 + (1 - cw) * 8);
         {
             const int gq = lane >> 2;
             const int c4 = lane & 3;

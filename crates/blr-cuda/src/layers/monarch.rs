@@ -49,8 +49,8 @@ pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
 /// blr_monarch_stage1_tma: the wgmma kernel's plus 64 bytes for the three stage mbarriers.
 pub(super) const STAGE1_TMA_SMEM: u32 = STAGE1_WG_SMEM + 64;
 /// blr_monarch_stage1_tmapp (blr_mon1pp): 4 stages of (128 + 128) x 64 bf16, two C tiles of
-/// 128 x 136 bf16, 8 mbarriers, 1024 bytes of alignment slack; 384 threads, one block per SM.
-pub(super) const STAGE1_TMAPP_SMEM: u32 = 4 * (128 + 128) * 64 * 2 + 2 * 128 * 136 * 2 + 64 + 1024;
+/// 128 x 136 bf16, 10 mbarriers, 1024 bytes of alignment slack; 384 threads, one block per SM.
+pub(super) const STAGE1_TMAPP_SMEM: u32 = 4 * (128 + 128) * 64 * 2 + 2 * 128 * 136 * 2 + 80 + 1024;
 const STAGE1_TMAPP_THREADS: u32 = 384;
 /// blr_mon1::BK: K elements per stage (one 128-byte swizzled row).
 const STAGE1_BK: u32 = 64;
