@@ -17,7 +17,7 @@
 //! `X'` is rank-deficient and pulls it towards `W` when the calibration text is short.
 
 use crate::error::{CompressError, Result};
-use crate::gram::{check_activations, Gram};
+use crate::gram::{check_activations, checked_sum, Gram};
 use crate::linalg;
 use faer::Mat;
 
@@ -46,6 +46,22 @@ impl CrossGram {
     /// Input features.
     pub fn dim(&self) -> usize {
         self.n
+    }
+
+    /// A cross statistic from an accumulated sum `X X'^T` (row-major `(n, n)`, f64: entry
+    /// `(i, j)` = `sum_t x_t[i] x'_t[j]`, dense rows first) over `tokens` row pairs, e.g. summed
+    /// on the GPU (`blr_cuda::gram`); it must be finite.
+    pub fn from_sum(n: usize, sum: &[f64], tokens: u64, source_name: &str) -> Result<Self> {
+        Ok(CrossGram {
+            n,
+            sum: checked_sum(n, sum, source_name)?,
+            tokens,
+        })
+    }
+
+    /// Entry `(i, j)` of the accumulated sum.
+    pub fn get(&self, i: usize, j: usize) -> f64 {
+        self.sum[(i, j)]
     }
 
     /// Token pairs accumulated so far.
@@ -243,6 +259,37 @@ mod tests {
         }
         let wt = corrected_target("l", &w, m, n, &c, &g, 0.0).unwrap();
         assert!(w.iter().zip(&wt).any(|(a, b)| (a - b).abs() > 1e-2));
+    }
+
+    /// `from_sum` keeps a host-accumulated sum exactly and refuses bad sums.
+    #[test]
+    fn from_sum_round_trips_and_refuses_bad_sums() {
+        let (n, t) = (5, 9);
+        let mut rng = Rng::new(4);
+        let (x, xc) = (rng.normal_vec(t * n, 1.0), rng.normal_vec(t * n, 1.0));
+        let mut c = CrossGram::new(n);
+        c.accumulate(&x, &xc, t).unwrap();
+        let flat: Vec<f64> = (0..n * n).map(|k| c.get(k / n, k % n)).collect();
+        let back = CrossGram::from_sum(n, &flat, c.tokens(), "test").unwrap();
+        assert_eq!(back.tokens(), t as u64);
+        assert!((0..n * n).all(|k| back.get(k / n, k % n) == flat[k]));
+        assert!(
+            (c.get(0, 1) - c.get(1, 0)).abs() > 1e-9,
+            "not symmetric in general"
+        );
+        let mut g = Gram::new(n);
+        g.accumulate(&xc, t).unwrap();
+        let gflat: Vec<f64> = (0..n * n).map(|k| g.get(k / n, k % n)).collect();
+        let gb = Gram::from_sum(n, &gflat, g.tokens(), "test").unwrap();
+        assert!((0..n * n).all(|k| gb.get(k / n, k % n) == gflat[k]));
+        assert!(CrossGram::from_sum(n, &flat[1..], 1, "test").is_err());
+        let mut nan = gflat.clone();
+        nan[7] = f64::NAN;
+        let e = Gram::from_sum(n, &nan, 1, "gpu gram").unwrap_err();
+        assert!(e.to_string().contains("(1, 2)"), "{e}");
+        let mut neg = gflat;
+        neg[0] = -1.0;
+        assert!(Gram::from_sum(n, &neg, 1, "test").is_err());
     }
 
     #[test]

@@ -51,6 +51,29 @@ pub(crate) fn check_activations(
     Ok(())
 }
 
+/// An `(n, n)` row-major f64 sum as a matrix, checking its length and that it is finite.
+pub(crate) fn checked_sum(n: usize, sum: &[f64], source_name: &str) -> Result<Mat<f64>> {
+    let bad = |detail: String| CompressError::Gram {
+        source_name: source_name.to_string(),
+        detail,
+    };
+    if sum.len() != n * n {
+        return Err(bad(format!(
+            "sum has {} values, expected n * n = {n} * {n}",
+            sum.len()
+        )));
+    }
+    if let Some(pos) = sum.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!(
+            "entry ({}, {}) is {} (NaN/inf)",
+            pos / n,
+            pos % n,
+            sum[pos]
+        )));
+    }
+    Ok(Mat::from_fn(n, n, |i, j| sum[i * n + j]))
+}
+
 /// A streaming accumulator of `sum_t x_t x_t^T` over activation rows `x_t` (n).
 #[derive(Clone, Debug)]
 pub struct Gram {
@@ -95,6 +118,23 @@ impl Gram {
         }
         self.tokens += tokens as u64;
         Ok(())
+    }
+
+    /// A Gram from an accumulated sum `X X^T` (row-major `(n, n)`, f64) over `tokens` rows,
+    /// e.g. summed on the GPU (`blr_cuda::gram`): the sum is kept as given (no f32 round trip,
+    /// unlike [`Gram::from_matrix`]); it must be finite with a non-negative diagonal.
+    pub fn from_sum(n: usize, sum: &[f64], tokens: u64, source_name: &str) -> Result<Self> {
+        let sum = checked_sum(n, sum, source_name)?;
+        if let Some(i) = (0..n).find(|&i| sum[(i, i)] < 0.0) {
+            return Err(CompressError::Gram {
+                source_name: source_name.to_string(),
+                detail: format!(
+                    "diagonal entry {i} is negative ({}): not a Gram matrix X X^T",
+                    sum[(i, i)]
+                ),
+            });
+        }
+        Ok(Gram { n, sum, tokens })
     }
 
     /// Builds a Gram from a full (n, n) matrix (row-major), checking it is symmetric, finite

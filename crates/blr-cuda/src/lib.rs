@@ -38,6 +38,7 @@ pub mod doctor;
 pub mod error;
 pub mod factorize;
 pub mod gemm;
+pub mod gram;
 pub mod gpu;
 mod launch_ex;
 pub mod libs;

@@ -1,6 +1,7 @@
 //! `blr compress`: a whole model into BLR form, optionally calibrated on text.
 
 use crate::compress::calibrate::{fingerprint, Recording};
+use crate::compress::device::{CalibDevice, CudaGrams, GramOps, HostGrams};
 use crate::compress::plan::{self, LayerPlan, Sizing};
 use crate::compress::sequential::{HookInput, Twin};
 use crate::compress::weights::OutputWeightRules;
@@ -14,6 +15,7 @@ use blr_compress::{
 use blr_core::format::{FormatKind, Shape};
 use blr_core::safetensors::Dtype;
 use blr_core::Linear;
+use blr_models::backend::Backend;
 use blr_models::cpu::Cpu;
 use blr_models::llama::Llama;
 use blr_models::lm::{BackendLm, CausalLm};
@@ -93,6 +95,13 @@ pub struct Args {
     /// Context window of the calibration forward passes.
     #[arg(long, default_value_t = 512)]
     pub calib_ctx: usize,
+    /// Where the calibration forward passes run and the Grams X X^T (and, corrected, the
+    /// cross statistics) are summed: auto (the GPU when the CUDA backend opens, else the CPU),
+    /// cpu (f32 forwards, f64 sums on the host: the reference), or cuda (bf16 forwards with fp32
+    /// accumulation, fp32 GEMM chunks summed in f64 on the device; an error without a GPU).
+    /// Factorizations run where --device says.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub calib_device: String,
     /// How layers see calibration text: `independent` (every layer fitted to the dense
     /// model's activations), `sequential` (in model order, each layer fitted to the
     /// activations of the model compressed so far), `corrected` (sequential, and each layer's
@@ -245,7 +254,9 @@ fn calibration_ids(
     Ok(ids)
 }
 
-/// Runs the dense model over the calibration text and returns one Gram per planned layer.
+/// Runs the dense model over the calibration text on `device` and returns one Gram per planned
+/// layer, the output weights and the tokens used.
+#[allow(clippy::too_many_arguments)]
 pub fn collect_grams(
     loaded: &LoadedLlama,
     plan: &[LayerPlan],
@@ -253,6 +264,7 @@ pub fn collect_grams(
     tokens: usize,
     ctx: usize,
     rules: Option<&Arc<OutputWeightRules>>,
+    device: &CalibDevice,
     multi: &MultiProgress,
 ) -> Result<(Vec<Gram>, Vec<Option<OutputWeights>>, usize)> {
     let ids = calibration_ids(loaded, text_path, tokens)?;
@@ -267,7 +279,46 @@ pub fn collect_grams(
         let layer = Linear::Dense(blr_core::Dense::new(p.shape.m, p.shape.n, w)?);
         fps.push((fingerprint(&layer), p.shape.n));
     }
-    let mut recording = Recording::new(Cpu, &fps);
+    let (grams, sums, used) = match device {
+        CalibDevice::Cpu => record_grams(
+            Recording::new(Cpu, HostGrams, &fps),
+            loaded,
+            &ids,
+            ctx,
+            rules,
+            multi,
+        )?,
+        CalibDevice::Cuda(cuda) => record_grams(
+            Recording::new(cuda.clone(), CudaGrams::new(cuda)?, &fps),
+            loaded,
+            &ids,
+            ctx,
+            rules,
+            multi,
+        )?,
+    };
+    let mut out_weights = Vec::with_capacity(plan.len());
+    for (i, p) in plan.iter().enumerate() {
+        out_weights.push(match rules {
+            Some(r) => r.weights(i, &p.name, sums[i].as_deref())?,
+            None => None,
+        });
+    }
+    Ok((grams, out_weights, used))
+}
+
+/// Output-weight statistic sums per planned layer (None where a layer has none).
+type StatisticSums = Vec<Option<Vec<f64>>>;
+
+/// The recording pass of [`collect_grams`] on one backend: the windows one after the other.
+fn record_grams<B: Backend, G: GramOps<B>>(
+    mut recording: Recording<B, G>,
+    loaded: &LoadedLlama,
+    ids: &[u32],
+    ctx: usize,
+    rules: Option<&Arc<OutputWeightRules>>,
+    multi: &MultiProgress,
+) -> Result<(Vec<Gram>, StatisticSums, usize)> {
     if let Some(r) = rules {
         recording = recording.with_output_statistics(Arc::clone(r));
     }
@@ -279,7 +330,13 @@ pub fn collect_grams(
     let mut cache = model.new_cache(ctx)?;
     for w in &windows {
         model.clear_cache(&mut cache);
-        model.forward(w, &mut cache, false)?;
+        if let Err(e) = model.forward(w, &mut cache, false) {
+            // A Gram failure is the more precise error (the forward pass only sees its echo).
+            return Err(match model.backend().take_grams() {
+                Err(g) => anyhow::anyhow!("accumulating calibration activations: {g}"),
+                Ok(_) => anyhow::Error::new(e).context("calibration forward pass"),
+            });
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -288,15 +345,11 @@ pub fn collect_grams(
         .backend()
         .take_output_statistics()
         .map_err(|e| anyhow::anyhow!("accumulating output-weight statistics: {e}"))?;
-    let grams = model_into_grams(model)?;
-    let mut out_weights = Vec::with_capacity(plan.len());
-    for (i, p) in plan.iter().enumerate() {
-        out_weights.push(match rules {
-            Some(r) => r.weights(i, &p.name, sums[i].as_deref())?,
-            None => None,
-        });
-    }
-    Ok((grams, out_weights, used))
+    let grams = model
+        .backend()
+        .take_grams()
+        .map_err(|e| anyhow::anyhow!("accumulating calibration activations: {e}"))?;
+    Ok((grams, sums, used))
 }
 
 /// Factorizes planned layer `i` to fit a weight under an optional Gram.
@@ -305,9 +358,34 @@ type FactorizeFn<'a> = dyn Fn(usize, &[f32], Option<&Gram>, Option<&OutputWeight
 /// A factorized layer: its plan index, the layer, its report.
 type Factorized = (usize, Linear, LayerReport);
 
+/// Where the time of a sequential pass went (seconds; `--verbose` prints it).
+#[derive(Debug, Default, Clone, Copy)]
+struct SequentialTimes {
+    /// The Grams and cross statistics (on the calibration device, downloads included).
+    statistics: f64,
+    /// Corrected targets and output weights (CPU).
+    targets: f64,
+    /// The factorizations (on the factorization device).
+    factorize: f64,
+    /// The whole pass; the rest is the forward passes of the two streams.
+    total: f64,
+}
+
+impl std::fmt::Display for SequentialTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let forward = self.total - self.statistics - self.targets - self.factorize;
+        write!(
+            f,
+            "forward passes {forward:.1}s, statistics {:.1}s, targets {:.1}s, factorizations {:.1}s",
+            self.statistics, self.targets, self.factorize
+        )
+    }
+}
+
 /// Sequential calibration (see `compress::sequential`): one forward pass of the dense and the
-/// compressed model in lockstep over the calibration text, factorizing each planned layer in
-/// `todo` when the pass first reaches it. Returns the layers (by plan index) and the tokens used.
+/// compressed model in lockstep over the calibration text on `device`, factorizing each planned
+/// layer in `todo` when the pass first reaches it. Returns the layers (by plan index), the tokens
+/// used and where the time went.
 #[allow(clippy::too_many_arguments)]
 fn run_sequential(
     loaded: &LoadedLlama,
@@ -317,8 +395,10 @@ fn run_sequential(
     text_path: &std::path::Path,
     args: &Args,
     rules: Option<&OutputWeightRules>,
+    device: &CalibDevice,
     factorize: &FactorizeFn<'_>,
-) -> Result<(Vec<Factorized>, usize)> {
+) -> Result<(Vec<Factorized>, usize, SequentialTimes)> {
+    let t0 = Instant::now();
     let corrected = args.calib_mode == "corrected";
     let ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
     let window = args.calib_ctx.min(loaded.cfg.max_positions).max(2);
@@ -333,46 +413,92 @@ fn run_sequential(
         fps.push(fingerprint(&layer));
     }
     let results = std::sync::Mutex::new(Vec::with_capacity(todo.len()));
+    let times = std::sync::Mutex::new(SequentialTimes::default());
     let hook = |x: HookInput<'_>| -> Result<Linear> {
         let i = todo[x.slot];
         let p = &plan[i];
-        let mut g = Gram::new(p.shape.n);
-        g.accumulate(x.compressed, x.tokens)?;
-        let fit = if corrected {
-            let mut c = CrossGram::new(p.shape.n);
-            c.accumulate(x.dense, x.compressed, x.tokens)?;
-            corrected_target(
+        let ts = Instant::now();
+        let g = x.input.gram()?;
+        let c: Option<Arc<CrossGram>> = if corrected {
+            Some(x.input.cross()?)
+        } else {
+            None
+        };
+        let tt = Instant::now();
+        let fit = match &c {
+            Some(c) => corrected_target(
                 &p.name,
                 &weights[i],
                 p.shape.m,
                 p.shape.n,
-                &c,
+                c,
                 &g,
                 args.correction_ridge,
-            )?
-        } else {
-            weights[i].clone()
+            )?,
+            None => weights[i].clone(),
         };
         // Output weights from the dense stream: how much each channel matters in the model
         // the compressed one should track.
         let ow = match rules {
-            Some(r) => r.weights_from_rows(i, &p.name, x.dense, x.tokens)?,
+            Some(r) if r.needs_rows(i) => {
+                r.weights_from_rows(i, &p.name, &x.input.dense_rows()?, x.tokens)?
+            }
+            Some(r) => r.weights(i, &p.name, None)?,
             None => None,
         };
+        let tf = Instant::now();
         let (layer, report) = factorize(i, &fit, Some(&g), ow.as_ref())?;
+        if let Ok(mut t) = times.lock() {
+            t.statistics += (tt - ts).as_secs_f64();
+            t.targets += (tf - tt).as_secs_f64();
+            t.factorize += tf.elapsed().as_secs_f64();
+        }
         results
             .lock()
             .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?
             .push((i, layer.clone(), report));
         Ok(layer)
     };
-    let model = Llama::load(
-        Twin::new(Cpu, window, &fps, &hook),
-        loaded.cfg.clone(),
-        loaded.weights.clone(),
-    )?;
+    match device {
+        CalibDevice::Cpu => twin_pass(
+            Twin::new(Cpu, HostGrams, window, &fps, &hook),
+            window,
+            loaded,
+            &ids,
+            plan,
+            todo,
+        )?,
+        CalibDevice::Cuda(cuda) => twin_pass(
+            Twin::new(cuda.clone(), CudaGrams::new(cuda)?, window, &fps, &hook),
+            window,
+            loaded,
+            &ids,
+            plan,
+            todo,
+        )?,
+    }
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?;
+    let mut times = times
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("sequential calibration: timer lock poisoned"))?;
+    times.total = t0.elapsed().as_secs_f64();
+    Ok((results, ids.len(), times))
+}
+
+/// The forward pass of [`run_sequential`] on one backend.
+fn twin_pass<B: Backend, G: GramOps<B>>(
+    twin: Twin<'_, B, G>,
+    window: usize,
+    loaded: &LoadedLlama,
+    ids: &[u32],
+    plan: &[LayerPlan],
+    todo: &[usize],
+) -> Result<()> {
+    let model = Llama::load(twin, loaded.cfg.clone(), loaded.weights.clone())?;
     let mut cache = model.new_cache(window)?;
-    if let Err(e) = model.forward(&ids, &mut cache, false) {
+    if let Err(e) = model.forward(ids, &mut cache, false) {
         return Err(match model.backend().take_failure() {
             Some(f) => f,
             None => anyhow::Error::new(e).context("sequential calibration forward pass"),
@@ -386,11 +512,7 @@ fn run_sequential(
             missing.len()
         );
     }
-    drop(model);
-    let results = results
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("sequential calibration: results lock poisoned"))?;
-    Ok((results, ids.len()))
+    Ok(())
 }
 
 /// The first `tokens` tokens of `text`, encoding only as much of it as needed (a whole
@@ -421,13 +543,6 @@ pub fn encode_prefix(
         }
         bytes *= 2;
     }
-}
-
-fn model_into_grams(model: Llama<Recording<Cpu>>) -> Result<Vec<Gram>> {
-    model
-        .backend()
-        .take_grams()
-        .map_err(|e| anyhow::anyhow!("accumulating calibration activations: {e}"))
 }
 
 fn style(prefix: &str) -> ProgressStyle {
@@ -650,6 +765,15 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         _ => None,
     };
     let allocate_ranks = args.calibrate.is_some() && !args.no_allocate && args.ratio.is_some();
+    // Where the calibration forward passes and their statistics run.
+    let calib_device = match &args.calibrate {
+        Some(_) => {
+            let (d, label) = CalibDevice::pick(&args.calib_device)?;
+            log(format!("calibration forward passes and Grams on {label}"));
+            d
+        }
+        None => CalibDevice::Cpu,
+    };
     // The dense model's Grams: the calibration itself in independent mode, and the error
     // curves the rank allocation compares in every mode.
     let (grams, out_weights, mut calib_tokens) = match &args.calibrate {
@@ -662,6 +786,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 args.calib_tokens,
                 args.calib_ctx,
                 rules.as_ref(),
+                &calib_device,
                 &multi,
             )?;
             log(format!(
@@ -809,7 +934,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     match (&args.calibrate, sequential) {
         (Some(path), true) => {
             let tc = Instant::now();
-            let (results, used) = run_sequential(
+            let (results, used, times) = run_sequential(
                 &loaded,
                 &plan,
                 &todo,
@@ -817,10 +942,11 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 path,
                 args,
                 rules.as_deref(),
+                &calib_device,
                 &factorize,
             )?;
             log(format!(
-                "{} calibration on {used} tokens of {} in {:.1}s",
+                "{} calibration on {used} tokens of {} in {:.1}s ({times})",
                 args.calib_mode,
                 path.display(),
                 tc.elapsed().as_secs_f64()
@@ -929,6 +1055,7 @@ mod tests {
             calib_tokens: 400,
             calib_damping: Calibration::DEFAULT_DAMPING,
             calib_ctx: 64,
+            calib_device: "cpu".into(),
             calib_mode: "corrected".into(),
             correction_ridge: 1.0,
             output_weights: "auto".into(),

@@ -196,6 +196,7 @@ pub fn run(args: Args) -> Result<()> {
         calibrate: Some(calibration),
         calib_tokens: args.calib_tokens,
         calib_ctx: 512,
+        calib_device: "auto".into(),
         calib_mode: "corrected".into(),
         correction_ridge: 1.0,
         output_weights: "auto".into(),

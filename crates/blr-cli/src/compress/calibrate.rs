@@ -3,10 +3,12 @@
 //! count), which the calibrated factorizations minimise `||(W - Ŵ) X||_F` against.
 //!
 //! The model code is not touched: [`Recording`] wraps any backend and, in its `linear` op,
-//! adds the input rows to the Gram of the layer being applied. Layers are recognised by a
+//! adds the input rows to the Gram of the layer being applied, through a [`GramOps`]: on the
+//! host for the CPU backend, on the device for the CUDA one (`compress::device`). Layers are recognised by a
 //! fingerprint of their weights taken at load time, so the wrapper needs no knowledge of the
 //! order in which a model loads or calls its layers.
 
+use crate::compress::device::GramOps;
 use crate::compress::weights::OutputWeightRules;
 use blr_compress::Gram;
 use blr_models::backend::{AttnSpec, Backend};
@@ -40,10 +42,12 @@ pub struct RecordedLinear<L> {
 }
 
 /// Wraps a backend; see the module docs.
-pub struct Recording<B: Backend> {
+pub struct Recording<B: Backend, G: GramOps<B>> {
     inner: B,
+    ops: G,
     slots: HashMap<u64, usize>,
-    grams: Vec<Mutex<Gram>>,
+    /// Per slot: input features and the statistic (made when the first rows arrive).
+    grams: Vec<(usize, Mutex<Option<G::Acc>>)>,
     /// Output-weight statistics (`--output-weights`): the rules and, per slot, the sums of
     /// the raw per-channel statistic over the rows seen (slots = the rules' layer indices).
     stats: Option<(Arc<OutputWeightRules>, Vec<StatSums>)>,
@@ -51,20 +55,19 @@ pub struct Recording<B: Backend> {
     failure: Mutex<Option<String>>,
 }
 
-impl<B: Backend> Recording<B> {
-    /// `layers`: the layers to record, by fingerprint, with their input dimension.
-    pub fn new(inner: B, layers: &[(u64, usize)]) -> Self {
+impl<B: Backend, G: GramOps<B>> Recording<B, G> {
+    /// `layers`: the layers to record, by fingerprint, with their input dimension; `ops` sums
+    /// their Grams.
+    pub fn new(inner: B, ops: G, layers: &[(u64, usize)]) -> Self {
         Recording {
             inner,
+            ops,
             slots: layers
                 .iter()
                 .enumerate()
                 .map(|(i, (f, _))| (*f, i))
                 .collect(),
-            grams: layers
-                .iter()
-                .map(|(_, n)| Mutex::new(Gram::new(*n)))
-                .collect(),
+            grams: layers.iter().map(|(_, n)| (*n, Mutex::new(None))).collect(),
             stats: None,
             failure: Mutex::new(None),
         }
@@ -107,24 +110,59 @@ impl<B: Backend> Recording<B> {
         Ok(())
     }
 
-    /// The Grams, in the order of `layers` given to [`Recording::new`] (taken out, leaving
-    /// empty ones behind: the model owning this backend is dropped right after).
+    /// The Grams, in the order of `layers` given to [`Recording::new`] (taken out: a second
+    /// call gives empty ones; the model owning this backend is dropped right after).
     pub fn take_grams(&self) -> std::result::Result<Vec<Gram>, String> {
         if let Some(e) = self.failure.lock().map_err(|e| e.to_string())?.take() {
             return Err(e);
         }
         self.grams
             .iter()
-            .map(|g| {
-                let mut g = g.lock().map_err(|e| e.to_string())?;
-                let n = g.dim();
-                Ok(std::mem::replace(&mut *g, Gram::new(n)))
+            .enumerate()
+            .map(|(slot, (n, g))| {
+                let acc = g.lock().map_err(|e| e.to_string())?.take();
+                match acc {
+                    None => Ok(Gram::new(*n)),
+                    Some(acc) => self
+                        .ops
+                        .gram(&self.inner, acc, &format!("calibration slot {slot}"))
+                        .map_err(|e| format!("{e:#}")),
+                }
             })
             .collect()
     }
+
+    /// Adds `x` to the Gram of `slot` (and, where a statistic needs them, its rows on the
+    /// host to the output-weight sums).
+    fn record(&self, slot: usize, x: &B::Tensor) -> std::result::Result<(), String> {
+        let (n, held) = &self.grams[slot];
+        let mut held = held.lock().map_err(|e| e.to_string())?;
+        if held.is_none() {
+            *held = Some(
+                self.ops
+                    .start(&self.inner, *n)
+                    .map_err(|e| format!("{e:#}"))?,
+            );
+        }
+        if let Some(acc) = held.as_mut() {
+            self.ops
+                .add(&self.inner, acc, x, None)
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        let needs_rows = self
+            .stats
+            .as_ref()
+            .is_some_and(|(rules, _)| rules.needs_rows(slot));
+        if needs_rows {
+            let rows = self.inner.dims(x).0;
+            let host = self.inner.download(x).map_err(|e| e.to_string())?;
+            self.accumulate_statistics(slot, &host, rows)?;
+        }
+        Ok(())
+    }
 }
 
-impl<B: Backend> Backend for Recording<B> {
+impl<B: Backend, G: GramOps<B>> Backend for Recording<B, G> {
     type Tensor = B::Tensor;
     type Linear = RecordedLinear<B::Linear>;
     type KvCache = B::KvCache;
@@ -159,14 +197,7 @@ impl<B: Backend> Backend for Recording<B> {
     }
     fn linear(&self, layer: &Self::Linear, x: &Self::Tensor) -> Result<Self::Tensor> {
         if let Some(slot) = layer.slot {
-            let (rows, _) = self.inner.dims(x);
-            let host = self.inner.download(x)?;
-            let result = match self.grams[slot].lock() {
-                Ok(mut g) => g.accumulate(&host, rows).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-            .and_then(|()| self.accumulate_statistics(slot, &host, rows));
-            if let Err(e) = result {
+            if let Err(e) = self.record(slot, x) {
                 if let Ok(mut f) = self.failure.lock() {
                     f.get_or_insert(e);
                 }

@@ -17,18 +17,35 @@
 //! and one forward pass over the whole calibration text runs them together.
 
 use crate::compress::calibrate::fingerprint;
+use crate::compress::device::GramOps;
+use blr_compress::{CrossGram, Gram};
 use blr_models::backend::{AttnSpec, Backend};
 use blr_models::{Error, Result};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// What the hook is given for planned layer `slot`: the layer's input rows in the dense and in
-/// the compressed stream (both row-major `(tokens, n)`).
+/// What the hook is given for planned layer `slot`: access to the layer's input in the dense
+/// and in the compressed stream, over `tokens` rows.
 pub struct HookInput<'x> {
     pub slot: usize,
-    pub dense: &'x [f32],
-    pub compressed: &'x [f32],
     pub tokens: usize,
+    pub input: &'x dyn LayerInput,
+}
+
+/// A planned layer's input as the hook sees it: statistics computed where the streams live
+/// (on the GPU for the CUDA backend) and shared by layers reading the same input, or rows
+/// downloaded (row-major `(tokens, n)`).
+pub trait LayerInput {
+    /// `G' = X' X'^T` of the compressed stream.
+    fn gram(&self) -> anyhow::Result<Arc<Gram>>;
+    /// `C = X X'^T` (dense rows first).
+    fn cross(&self) -> anyhow::Result<Arc<CrossGram>>;
+    /// The dense stream's rows.
+    fn dense_rows(&self) -> anyhow::Result<Vec<f32>>;
+    /// The compressed stream's rows (the tests compare them with the statistics).
+    #[cfg_attr(not(test), allow(dead_code))]
+    fn compressed_rows(&self) -> anyhow::Result<Vec<f32>>;
 }
 
 /// Factorizes one planned layer; see the module docs.
@@ -46,6 +63,25 @@ pub struct Pair<T> {
 pub struct Streams<T> {
     parts: Vec<Pair<T>>,
     shared: bool,
+    /// Identifies these values: new for every tensor and after every in-place op, so layers
+    /// reading the same input (q/k/v, gate/up) share its statistics (`Twin::stats`).
+    id: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+impl<T> Streams<T> {
+    fn new(parts: Vec<Pair<T>>, shared: bool) -> Self {
+        Streams {
+            parts,
+            shared,
+            id: next_id(),
+        }
+    }
 }
 
 /// A layer of the twin model: the dense layer, and for planned layers their slot and, once
@@ -64,9 +100,19 @@ pub struct TwinCache<C> {
     capacity: usize,
 }
 
+/// The statistics of one input (by [`Streams`] id), kept while layers read it.
+#[derive(Default)]
+struct StatsCache {
+    id: u64,
+    gram: Option<Arc<Gram>>,
+    cross: Option<Arc<CrossGram>>,
+}
+
 /// Runs every op on both streams of every window; see the module docs.
-pub struct Twin<'a, B: Backend> {
+pub struct Twin<'a, B: Backend, G: GramOps<B>> {
     inner: B,
+    ops: G,
+    stats: Mutex<StatsCache>,
     window: usize,
     slots: HashMap<u64, usize>,
     hook: &'a Hook<'a>,
@@ -75,13 +121,16 @@ pub struct Twin<'a, B: Backend> {
     done: Mutex<Vec<bool>>,
 }
 
-impl<'a, B: Backend> Twin<'a, B> {
+impl<'a, B: Backend, G: GramOps<B>> Twin<'a, B, G> {
     /// `layers`: fingerprints of the planned layers' dense weights, in slot order. A forward
     /// pass over `ids` runs them as independent windows of `window` tokens (positions restart
-    /// at each window, as in the sliding-window evaluation).
-    pub fn new(inner: B, window: usize, layers: &[u64], hook: &'a Hook<'a>) -> Self {
+    /// at each window, as in the sliding-window evaluation). `ops` sums the statistics the
+    /// hook asks for.
+    pub fn new(inner: B, ops: G, window: usize, layers: &[u64], hook: &'a Hook<'a>) -> Self {
         Twin {
             inner,
+            ops,
+            stats: Mutex::new(StatsCache::default()),
             window: window.max(1),
             slots: layers.iter().enumerate().map(|(i, f)| (*f, i)).collect(),
             hook,
@@ -119,10 +168,7 @@ impl<'a, B: Backend> Twin<'a, B> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Streams {
-            parts,
-            shared: x.shared,
-        })
+        Ok(Streams::new(parts, x.shared))
     }
 
     /// Window `w` of `y`, or its single part when `y` is a shared parameter.
@@ -148,10 +194,7 @@ impl<'a, B: Backend> Twin<'a, B> {
                 compressed: f(&self.inner, &p.compressed, &q.compressed)?,
             });
         }
-        Ok(Streams {
-            parts,
-            shared: x.shared && y.shared,
-        })
+        Ok(Streams::new(parts, x.shared && y.shared))
     }
 
     /// `f(x_w, y_w)` in place on both streams of every window of `x`.
@@ -161,6 +204,7 @@ impl<'a, B: Backend> Twin<'a, B> {
         y: &Streams<B::Tensor>,
         f: impl Fn(&B, &mut B::Tensor, &B::Tensor) -> Result<()>,
     ) -> Result<()> {
+        x.id = next_id();
         for (w, p) in x.parts.iter_mut().enumerate() {
             let q = Self::part(y, w)?;
             f(&self.inner, &mut p.dense, &q.dense)?;
@@ -169,15 +213,51 @@ impl<'a, B: Backend> Twin<'a, B> {
         Ok(())
     }
 
-    /// Both streams' rows of every window, concatenated (host, row-major).
-    fn gather(&self, x: &Streams<B::Tensor>) -> Result<(Vec<f32>, Vec<f32>, usize)> {
-        let (mut dense, mut compressed, mut rows) = (Vec::new(), Vec::new(), 0);
-        for p in &x.parts {
-            dense.extend(self.inner.download(&p.dense)?);
-            compressed.extend(self.inner.download(&p.compressed)?);
-            rows += self.inner.dims(&p.compressed).0;
+    /// The statistic of `x` (a Gram of the compressed stream, or the cross statistic), from
+    /// the cache when the last layer read the same input.
+    fn statistic<S>(
+        &self,
+        x: &Streams<B::Tensor>,
+        cached: impl Fn(&mut StatsCache) -> &mut Option<Arc<S>>,
+        compute: impl Fn(&mut G::Acc, &Pair<B::Tensor>) -> anyhow::Result<()>,
+        finish: impl Fn(G::Acc) -> anyhow::Result<S>,
+    ) -> anyhow::Result<Arc<S>> {
+        let mut cache = self
+            .stats
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sequential calibration: statistics lock poisoned"))?;
+        if cache.id != x.id {
+            *cache = StatsCache {
+                id: x.id,
+                ..StatsCache::default()
+            };
         }
-        Ok((dense, compressed, rows))
+        if let Some(s) = cached(&mut cache) {
+            return Ok(Arc::clone(s));
+        }
+        let n = x
+            .parts
+            .first()
+            .map_or(0, |p| self.inner.dims(&p.compressed).1);
+        let mut acc = self.ops.start(&self.inner, n)?;
+        for p in &x.parts {
+            compute(&mut acc, p)?;
+        }
+        let s = Arc::new(finish(acc)?);
+        *cached(&mut cache) = Some(Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// One stream's rows of every window, concatenated (host, row-major).
+    fn rows(&self, x: &Streams<B::Tensor>, dense: bool) -> anyhow::Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for p in &x.parts {
+            out.extend(
+                self.inner
+                    .download(if dense { &p.dense } else { &p.compressed })?,
+            );
+        }
+        Ok(out)
     }
 
     fn compress_layer(
@@ -193,12 +273,15 @@ impl<'a, B: Backend> Twin<'a, B> {
         if held.is_some() {
             return Ok(());
         }
-        let (dense, compressed, tokens) = self.gather(x)?;
+        let tokens = x
+            .parts
+            .iter()
+            .map(|p| self.inner.dims(&p.compressed).0)
+            .sum();
         let result = (self.hook)(HookInput {
             slot,
-            dense: &dense,
-            compressed: &compressed,
             tokens,
+            input: &TwinInput { twin: self, x },
         });
         match result {
             Ok(l) => {
@@ -219,7 +302,40 @@ impl<'a, B: Backend> Twin<'a, B> {
     }
 }
 
-impl<B: Backend> Backend for Twin<'_, B> {
+/// A planned layer's input in the twin: see [`LayerInput`].
+struct TwinInput<'t, 'a, B: Backend, G: GramOps<B>> {
+    twin: &'t Twin<'a, B, G>,
+    x: &'t Streams<B::Tensor>,
+}
+
+impl<B: Backend, G: GramOps<B>> LayerInput for TwinInput<'_, '_, B, G> {
+    fn gram(&self) -> anyhow::Result<Arc<Gram>> {
+        let t = self.twin;
+        t.statistic(
+            self.x,
+            |c| &mut c.gram,
+            |acc, p| t.ops.add(&t.inner, acc, &p.compressed, None),
+            |acc| t.ops.gram(&t.inner, acc, "compressed-stream Gram"),
+        )
+    }
+    fn cross(&self) -> anyhow::Result<Arc<CrossGram>> {
+        let t = self.twin;
+        t.statistic(
+            self.x,
+            |c| &mut c.cross,
+            |acc, p| t.ops.add(&t.inner, acc, &p.dense, Some(&p.compressed)),
+            |acc| t.ops.cross(&t.inner, acc, "dense x compressed statistic"),
+        )
+    }
+    fn dense_rows(&self) -> anyhow::Result<Vec<f32>> {
+        self.twin.rows(self.x, true)
+    }
+    fn compressed_rows(&self) -> anyhow::Result<Vec<f32>> {
+        self.twin.rows(self.x, false)
+    }
+}
+
+impl<B: Backend, G: GramOps<B>> Backend for Twin<'_, B, G> {
     type Tensor = Streams<B::Tensor>;
     type Linear = TwinLinear<B::Linear>;
     type KvCache = TwinCache<B::KvCache>;
@@ -229,13 +345,11 @@ impl<B: Backend> Backend for Twin<'_, B> {
     }
     /// Uploads a parameter, shared by every window.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor> {
-        Ok(Streams {
-            parts: vec![Pair {
-                dense: self.inner.upload(data, rows, cols)?,
-                compressed: self.inner.upload(data, rows, cols)?,
-            }],
-            shared: true,
-        })
+        let parts = vec![Pair {
+            dense: self.inner.upload(data, rows, cols)?,
+            compressed: self.inner.upload(data, rows, cols)?,
+        }];
+        Ok(Streams::new(parts, true))
     }
     /// The compressed stream (what the compressed model computes), windows concatenated.
     fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>> {
@@ -272,10 +386,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
             }
             at += rows;
         }
-        Ok(Streams {
-            parts,
-            shared: x.shared,
-        })
+        Ok(Streams::new(parts, x.shared))
     }
     fn slice_cols(&self, x: &Self::Tensor, start: usize, end: usize) -> Result<Self::Tensor> {
         self.map(x, |b, t| b.slice_cols(t, start, end))
@@ -316,10 +427,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Streams {
-            parts,
-            shared: x.shared,
-        })
+        Ok(Streams::new(parts, x.shared))
     }
     /// Splits `ids` into windows.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor> {
@@ -333,10 +441,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Streams {
-            parts,
-            shared: false,
-        })
+        Ok(Streams::new(parts, false))
     }
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor> {
         self.zip(x, weight, |b, x, w| b.rms_norm(x, w, eps))
@@ -361,10 +466,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
                 )?,
             });
         }
-        Ok(Streams {
-            parts,
-            shared: x.shared,
-        })
+        Ok(Streams::new(parts, x.shared))
     }
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()> {
         self.zip_mut(x, y, |b, x, y| b.add_assign(x, y))
@@ -378,6 +480,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
         shift: &Self::Tensor,
         scale: &Self::Tensor,
     ) -> Result<()> {
+        x.id = next_id();
         for (i, p) in x.parts.iter_mut().enumerate() {
             let (sh, sc) = (Self::part(shift, i)?, Self::part(scale, i)?);
             self.inner.modulate(&mut p.dense, &sh.dense, &sc.dense)?;
@@ -387,6 +490,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
         Ok(())
     }
     fn add_gated(&self, x: &mut Self::Tensor, y: &Self::Tensor, gate: &Self::Tensor) -> Result<()> {
+        x.id = next_id();
         for (i, p) in x.parts.iter_mut().enumerate() {
             let (yy, g) = (Self::part(y, i)?, Self::part(gate, i)?);
             self.inner.add_gated(&mut p.dense, &yy.dense, &g.dense)?;
@@ -399,6 +503,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
         self.zip(gate, up, |b, g, u| b.silu_mul(g, u))
     }
     fn gelu(&self, x: &mut Self::Tensor, tanh_approx: bool) -> Result<()> {
+        x.id = next_id();
         for p in &mut x.parts {
             self.inner.gelu(&mut p.dense, tanh_approx)?;
             self.inner.gelu(&mut p.compressed, tanh_approx)?;
@@ -406,6 +511,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
         Ok(())
     }
     fn silu(&self, x: &mut Self::Tensor) -> Result<()> {
+        x.id = next_id();
         for p in &mut x.parts {
             self.inner.silu(&mut p.dense)?;
             self.inner.silu(&mut p.compressed)?;
@@ -420,6 +526,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
         pos0: usize,
         inv_freq: &[f32],
     ) -> Result<()> {
+        x.id = next_id();
         for p in &mut x.parts {
             self.inner.rope(&mut p.dense, heads, pos0, inv_freq)?;
             self.inner.rope(&mut p.compressed, heads, pos0, inv_freq)?;
@@ -484,10 +591,7 @@ impl<B: Backend> Backend for Twin<'_, B> {
                 )?,
             });
         }
-        Ok(Streams {
-            parts,
-            shared: q.shared,
-        })
+        Ok(Streams::new(parts, q.shared))
     }
     fn attention(
         &self,
@@ -509,16 +613,14 @@ impl<B: Backend> Backend for Twin<'_, B> {
                 )?,
             });
         }
-        Ok(Streams {
-            parts,
-            shared: q.shared,
-        })
+        Ok(Streams::new(parts, q.shared))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::device::HostGrams;
     use blr_core::rng::Rng;
     use blr_models::cpu::Cpu;
 
@@ -539,7 +641,7 @@ mod tests {
         let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
             seen.lock()
                 .unwrap()
-                .push((x.slot, x.dense.to_vec(), x.compressed.to_vec()));
+                .push((x.slot, x.input.dense_rows()?, x.input.compressed_rows()?));
             // "Compress" every layer to zero.
             let (m, n) = if x.slot == 0 { (h, n) } else { (3, h) };
             Ok(blr_core::Linear::Dense(blr_core::Dense::new(
@@ -548,7 +650,7 @@ mod tests {
                 vec![0.0; m * n],
             )?))
         };
-        let twin = Twin::new(Cpu, 2, &fps, &hook);
+        let twin = Twin::new(Cpu, HostGrams, 2, &fps, &hook);
         let l1 = twin.load_linear(w1).unwrap();
         let l2 = twin.load_linear(w2).unwrap();
         let x = twin.upload(&rng.normal_vec(t * n, 1.0), t, n).unwrap();
@@ -606,11 +708,16 @@ mod tests {
         let calls = Mutex::new(0usize);
         let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
             assert_eq!(x.tokens, 13);
-            assert_eq!(x.dense, x.compressed);
+            assert_eq!(x.input.dense_rows()?, x.input.compressed_rows()?);
             *calls.lock().unwrap() += 1;
             Ok(planned[x.slot].clone())
         };
-        let twin = Llama::load(Twin::new(Cpu, 5, &fps, &hook), cfg.clone(), ck.clone()).unwrap();
+        let twin = Llama::load(
+            Twin::new(Cpu, HostGrams, 5, &fps, &hook),
+            cfg.clone(),
+            ck.clone(),
+        )
+        .unwrap();
         let mut cache = twin.new_cache(13).unwrap();
         let got = twin.forward(&ids, &mut cache, true).unwrap();
         assert!(twin.backend().missing().is_empty());
@@ -635,12 +742,99 @@ mod tests {
         let hook = |_: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
             anyhow::bail!("rank too large for layer")
         };
-        let twin = Twin::new(Cpu, 4, &[fingerprint(&w)], &hook);
+        let twin = Twin::new(Cpu, HostGrams, 4, &[fingerprint(&w)], &hook);
         let l = twin.load_linear(w).unwrap();
         let x = twin.upload(&[1.0, 2.0], 1, 2).unwrap();
         let e = twin.linear(&l, &x).err().unwrap();
         assert!(e.to_string().contains("rank too large"), "{e}");
         assert!(twin.take_failure().is_some());
         assert_eq!(twin.missing(), vec![0]);
+    }
+
+    /// Counts the statistics actually computed.
+    struct Counting(std::cell::Cell<usize>);
+
+    impl GramOps<Cpu> for Counting {
+        type Acc = <HostGrams as GramOps<Cpu>>::Acc;
+        fn start(&self, b: &Cpu, n: usize) -> anyhow::Result<Self::Acc> {
+            self.0.set(self.0.get() + 1);
+            HostGrams.start(b, n)
+        }
+        fn add(
+            &self,
+            b: &Cpu,
+            acc: &mut Self::Acc,
+            x: &<Cpu as Backend>::Tensor,
+            y: Option<&<Cpu as Backend>::Tensor>,
+        ) -> anyhow::Result<()> {
+            HostGrams.add(b, acc, x, y)
+        }
+        fn gram(&self, b: &Cpu, acc: Self::Acc, what: &str) -> anyhow::Result<Gram> {
+            HostGrams.gram(b, acc, what)
+        }
+        fn cross(&self, b: &Cpu, acc: Self::Acc, what: &str) -> anyhow::Result<CrossGram> {
+            HostGrams.cross(b, acc, what)
+        }
+    }
+
+    /// q/k/v and gate/up read one input: its Gram and cross statistic are computed once per
+    /// block (4 inputs per Llama block, 7 layers), and they equal a fresh computation.
+    #[test]
+    fn layers_sharing_an_input_share_its_statistics() {
+        use blr_models::llama::{self, Llama, LlamaConfig, RopeScaling};
+        use blr_models::lm::{BackendLm, CausalLm};
+        let cfg = LlamaConfig {
+            vocab_size: 23,
+            hidden: 12,
+            intermediate: 17,
+            layers: 2,
+            heads: 3,
+            kv_heads: 1,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rope_scaling: RopeScaling::None,
+            rms_eps: 1e-5,
+            tie_embeddings: true,
+            max_positions: 16,
+        };
+        let (cfg, ck) = llama::random(&cfg, 3, None).unwrap();
+        let planned: Vec<blr_core::Linear> = ck
+            .layers
+            .iter()
+            .filter(|(n, _)| n.contains("layers."))
+            .map(|(_, l)| l.clone())
+            .collect();
+        let fps: Vec<u64> = planned.iter().map(fingerprint).collect();
+        let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
+            let g = x.input.gram()?;
+            let c = x.input.cross()?;
+            let rows = x.input.compressed_rows()?;
+            let mut fresh = Gram::new(g.dim());
+            fresh.accumulate(&rows, x.tokens)?;
+            let n = g.dim();
+            for k in 0..n * n {
+                let (a, b) = (g.get(k / n, k % n), fresh.get(k / n, k % n));
+                assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
+            }
+            assert_eq!(c.tokens(), 9);
+            // Halve every layer so the streams differ and a stale statistic would show.
+            let blr_core::Linear::Dense(d) = &planned[x.slot] else {
+                anyhow::bail!("dense only")
+            };
+            let w = d.weight.iter().map(|v| 0.5 * v).collect();
+            Ok(blr_core::Linear::Dense(blr_core::Dense::new(
+                d.shape().m,
+                n,
+                w,
+            )?))
+        };
+        let counting = Counting(std::cell::Cell::new(0));
+        let model = Llama::load(Twin::new(Cpu, counting, 4, &fps, &hook), cfg, ck).unwrap();
+        let mut cache = model.new_cache(9).unwrap();
+        let ids: Vec<u32> = (0..9).collect();
+        model.forward(&ids, &mut cache, false).unwrap();
+        assert!(model.backend().missing().is_empty());
+        // 2 blocks x 4 distinct inputs x (Gram + cross).
+        assert_eq!(model.backend().ops.0.get(), 2 * 4 * 2);
     }
 }

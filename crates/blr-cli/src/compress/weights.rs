@@ -191,6 +191,19 @@ impl OutputWeightRules {
         )?))
     }
 
+    /// Whether layer `i`'s statistic is measured on its input rows (so calibration must hand
+    /// them to [`OutputWeightRules::sums`]; the others need none).
+    pub fn needs_rows(&self, i: usize) -> bool {
+        matches!(
+            self.rules.get(i),
+            Some(Some((
+                Rule::SiluOfGate { .. } | Rule::GateSlope { .. },
+                _,
+                _
+            )))
+        )
+    }
+
     /// Weights of layer `i` straight from its input rows (the sequential hook's case).
     pub fn weights_from_rows(
         &self,

@@ -228,3 +228,53 @@ impl Cublas {
         check(status, during)
     }
 }
+
+impl Cublas {
+    /// `C = alpha op(A) op(B) + beta C` with bf16 `A`, `B` and an fp32 `C`, fp32 accumulation
+    /// (one matrix; calibration Grams of bf16 activations, crate::gram).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_f32(
+        &self,
+        ta: Op,
+        tb: Op,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let during = || format!("bf16 GEMM {m}x{n}x{k} ({ta:?}{tb:?}), fp32 out");
+        let (mi, ni, ki) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
+        let bf16t = cb::cudaDataType_t::CUDA_R_16BF;
+        // SAFETY: live handle; the caller passes addresses of live bf16 (A, B) and fp32 (C)
+        // device buffers large enough for these shapes and leading dimensions.
+        let status = unsafe {
+            cb::cublasGemmEx(
+                self.handle,
+                ta.raw(),
+                tb.raw(),
+                mi,
+                ni,
+                ki,
+                (&alpha as *const f32).cast(),
+                a.ptr as *const std::ffi::c_void,
+                bf16t,
+                int(a.ld.max(1), "lda")?,
+                b.ptr as *const std::ffi::c_void,
+                bf16t,
+                int(b.ld.max(1), "ldb")?,
+                (&beta as *const f32).cast(),
+                c.ptr as *mut std::ffi::c_void,
+                cb::cudaDataType_t::CUDA_R_32F,
+                int(c.ld.max(1), "ldc")?,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        check(status, during)
+    }
+}

@@ -31,7 +31,7 @@
 //! gradient is formed transposed, (r, p) or (r, q), where the preconditioner solves act from
 //! the left; r x r matrices back to back.
 
-mod blas;
+pub(crate) mod blas;
 mod calibrated;
 mod chol;
 mod core;
