@@ -171,6 +171,63 @@ static __device__ __forceinline__ void s12_mix_store(const bf16* zs, const bf16*
     }
 }
 
+// The mixing of one tile with W written straight from the registers (16-byte row pieces, no
+// staging), for v3, whose free slots hold the next tile's first stages meanwhile.
+static __device__ __forceinline__ void s12_mix_direct(const bf16* zs, const bf16* s_lo, const bf16* s_hi,
+                                                      bf16* __restrict__ W, int t0, int k0, int T, int r,
+                                                      int b_out) {
+    using namespace blr_s12;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int wg = warp >> 2;
+    const int g8 = lane >> 2;
+    const int c4 = lane & 3;
+    const int tw = (warp & 3) * 16;
+    const int lj = (lane & 7) + ((lane >> 4) << 3);
+    const int lt = tw + (((lane >> 3) & 1) << 3);
+    const long ldwi = (long)T * r;
+#pragma unroll 1
+    for (int hf = 0; hf < 2; ++hf) {
+        const bf16* ss = hf ? s_hi : s_lo;
+#pragma unroll
+        for (int kbi = 0; kbi < 2; ++kbi) {
+            const int kl = wg * 16 + kbi * 8;  // within the half
+            float out[2][4][8];
+#pragma unroll
+            for (int kk = 0; kk < 8; ++kk) {
+                const int k = kl + kk;
+                blr_u32 a0, a1, a2, a3;
+                ldmatrix_x4_trans(smem_addr(zs + lj * PLANE + zoff(hf * 32 + k, lt)), a0, a1, a2, a3);
+                const blr_u32* srow = reinterpret_cast<const blr_u32*>(ss + k * 256);
+#pragma unroll
+                for (int it = 0; it < 2; ++it) {
+                    const blr_u32 b0 = srow[(it * 8 + g8) * 8 + c4];
+                    const blr_u32 b1 = srow[(it * 8 + g8) * 8 + 4 + c4];
+                    float d[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_bf16(d, a0, a1, a2, a3, b0, b1);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) out[it][e][kk] = d[e];
+                }
+            }
+            const int gk = k0 + hf * 32 + kl;
+#pragma unroll
+            for (int it = 0; it < 2; ++it)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = it * 8 + 2 * c4 + (e & 1);
+                    const int gt = t0 + tw + g8 + ((e >> 1) << 3);
+                    if (i < b_out && gt < T && gk < r)
+                        *reinterpret_cast<uint4*>(W + (long)i * ldwi + (long)gt * r + gk) =
+                            make_uint4(pack_bf16x2(out[it][e][0], out[it][e][1]),
+                                       pack_bf16x2(out[it][e][2], out[it][e][3]),
+                                       pack_bf16x2(out[it][e][4], out[it][e][5]),
+                                       pack_bf16x2(out[it][e][6], out[it][e][7]));
+                }
+        }
+    }
+}
+
 // Grid (ceil(T/64), ceil(r/64)); 256 threads; dynamic shared memory blr_s12::SMEM_BYTES + 1024
 // (the slots start at the next 1024-byte boundary). W planes are ldwi = T*r elements apart.
 // `ablate` (0 in the product; BLR_S12_ABLATE for measurements, the output is then wrong): bit 0
@@ -464,5 +521,166 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     const int f1 = (ns + 1) % SLOTS, f2 = (ns + 2) % SLOTS;
     s12_mix_store(zs, slot_ptr(0, ssl), slot_ptr(1, ssl), slot_ptr(0, f1), slot_ptr(0, f2), slot_ptr(1, f1),
                   slot_ptr(1, f2), W, t0, k0, T, r, b_out);
+#endif
+}
+
+// v3: v2 made persistent. Grid = min(tiles, SMs); a CTA walks tiles blockIdx.x, +gridDim.x, ...
+// (token tile fastest). Each warpgroup's load stream runs across tile boundaries: per tile the
+// ns K stages, then the stage that brings its half of S; so while the CTA mixes tile i and
+// writes its W (straight from registers), the first two stages of tile i+1 are already loading
+// into the other two slots. The mixing is framed by block barriers (all Z planes and both S
+// halves visible before; every Z plane and S slot read before the next tile overwrites them).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    blr_blast_s12_wg3(const bf16* __restrict__ X, const bf16* __restrict__ Vt, const bf16* __restrict__ S,
+                      bf16* __restrict__ W, int T, int n, int q, int r, int b_in, int b_out, int ablate) {
+#if defined(BLR_S12_HAVE_WGMMA)
+    using namespace blr_s12;
+    constexpr int HSLOT = SLOT_BYTES / 2;
+    extern __shared__ __align__(1024) unsigned char blr_s12c_smem[];
+    const blr_u32 base0 = smem_addr(blr_s12c_smem);
+    unsigned char* smem = blr_s12c_smem + (((base0 + 1023u) & ~1023u) - base0);
+    bf16* zs = reinterpret_cast<bf16*>(smem + Z_OFF);
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int wg = warp >> 2;
+    const int tg = tid & 127;
+    const int kt_n = (q + BK - 1) / BK;
+    const int pairs = (b_in + 1) >> 1;
+    const int ns = pairs * kt_n;
+    const int ntt = (T + TT - 1) / TT;
+    const int ntiles = ntt * ((r + KC - 1) / KC);
+    if ((int)blockIdx.x >= ntiles) return;
+
+    for (int idx = tid; idx < (JP - 2 * pairs) * (PLANE / 8); idx += THREADS)
+        reinterpret_cast<uint4*>(zs + 2 * pairs * PLANE)[idx] = make_uint4(0u, 0u, 0u, 0u);
+
+    const int lc = tg & 7;
+    const int r0 = tg >> 3;
+    const blr_u32 region = smem_addr(smem) + wg * 3 * HSLOT;
+    blr_u32 so[4];
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) so[rr] = swz(r0 + 16 * rr, lc) * 2;
+    const long vstep = 16L * q, xstep = 16L * n;
+    int ld_tile = blockIdx.x, ld_v = 0, ld_jp = 0, ld_kt = 0, ld_slot = 0;
+    int ld_t0 = (ld_tile % ntt) * TT, ld_k0 = (ld_tile / ntt) * KC;
+    auto load_next = [&]() {
+        if (ld_tile >= ntiles) return;
+        const blr_u32 sl = region + ld_slot * HSLOT;
+        if (ld_v < ns) {
+            if (!(ablate & 4)) {
+                const int kq = ld_kt * BK;
+                const int j = 2 * ld_jp + wg;
+                const bool jok = kq + lc * 8 < q && j < b_in;
+                const bf16* va = Vt + ((long)j * r + ld_k0 + r0) * q + lc * 8 + kq;
+                const bf16* xa = X + (long)(ld_t0 + r0) * n + (long)j * q + lc * 8 + kq;
+#pragma unroll
+                for (int rr = 0; rr < 4; ++rr) {
+                    const bool pa = jok && ld_k0 + r0 + 16 * rr < r;
+                    const bool pb = jok && ld_t0 + r0 + 16 * rr < T;
+                    cp_async16(sl + so[rr], pa ? va + rr * vstep : Vt, pa);
+                    cp_async16(sl + TILE_BYTES + so[rr], pb ? xa + rr * xstep : X, pb);
+                }
+            }
+            if (++ld_kt == kt_n) {
+                ld_kt = 0;
+                ++ld_jp;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int idx = tg + 128 * i;
+                const int k = ld_k0 + 32 * wg + (idx >> 5);
+                const bool p = k < r;
+                cp_async16(sl + idx * 16, p ? S + (long)k * 256 + (idx & 31) * 8 : S, p);
+            }
+        }
+        if (++ld_slot == SLOTS) ld_slot = 0;
+        if (++ld_v == ns + 1) {
+            ld_v = 0;
+            ld_jp = 0;
+            ld_kt = 0;
+            ld_tile += gridDim.x;
+            ld_t0 = (ld_tile % ntt) * TT;
+            ld_k0 = (ld_tile / ntt) * KC;
+        }
+    };
+    auto wg_bar = [&]() { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
+
+    load_next();
+    cp_async_commit();
+    load_next();
+    cp_async_commit();
+
+    float acc[8][4];
+#pragma unroll
+    for (int a = 0; a < 8; ++a)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[a][e] = 0.f;
+
+    const int g8 = lane >> 2;
+    const int c4 = lane & 3;
+    const int wl = warp & 3;
+    int cslot = 0;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int t0 = (tile % ntt) * TT;
+        const int k0 = (tile / ntt) * KC;
+        int jp = 0, kt = 0;
+        for (int s = 0; s < ns; ++s) {
+            cp_async_wait<1>();
+            if (!(ablate & 8)) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            wg_bar();
+            const blr_u32 a0 = region + cslot * HSLOT;
+            const blr_u32 b0 = a0 + TILE_BYTES;
+            const bool last = kt == kt_n - 1;
+            if (!(ablate & 1)) {
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk)
+                    s12_mma_m64n64k16(acc, s12_desc(a0 + kk * 32), s12_desc(b0 + kk * 32));
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                if (last)
+                    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                else
+                    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            }
+            wg_bar();
+            load_next();
+            cp_async_commit();
+            if (last && !(ablate & 2)) {
+                bf16* plane = zs + (2 * jp + wg) * PLANE;
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int k = wl * 16 + g8 + 8 * h;
+                        *reinterpret_cast<blr_u32*>(plane + zoff(k, nb * 8 + 2 * c4)) =
+                            pack_bf16x2(acc[nb][2 * h], acc[nb][2 * h + 1]);
+                        acc[nb][2 * h] = 0.f;
+                        acc[nb][2 * h + 1] = 0.f;
+                    }
+            }
+            if (++kt == kt_n) {
+                kt = 0;
+                ++jp;
+            }
+            if (++cslot == SLOTS) cslot = 0;
+        }
+        // The S stage: this thread's S copies are done; the block barrier makes both halves and
+        // every Z plane of the tile visible.
+        cp_async_wait<1>();
+        __syncthreads();
+        if (!(ablate & 2)) {
+            const bf16* s_lo = reinterpret_cast<const bf16*>(smem + cslot * HSLOT);
+            const bf16* s_hi = reinterpret_cast<const bf16*>(smem + 3 * HSLOT + cslot * HSLOT);
+            s12_mix_direct(zs, s_lo, s_hi, W, t0, k0, T, r, b_out);
+        }
+        __syncthreads();  // Z planes and the S slots are read: the next tile may overwrite them
+        load_next();
+        cp_async_commit();
+        if (++cslot == SLOTS) cslot = 0;
+    }
+    cp_async_wait<0>();
 #endif
 }
