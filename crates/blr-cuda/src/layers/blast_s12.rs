@@ -18,8 +18,9 @@ use crate::memory::DeviceBuffer;
 use cudarc::driver::LaunchConfig;
 
 /// blast_s12.cu: `blr_blast_s12_wg` (v1: one block-wide load pipeline) and `blr_blast_s12_wg2`
-/// (v2: one pipeline per warpgroup, wgmmas left in flight across stages) and `blr_blast_s12_wg3`
-/// (v3: v2 persistent, the next tile's first stages loading while a tile is mixed).
+/// (v2: one pipeline per warpgroup, wgmmas left in flight across stages). A persistent v3 (the
+/// next tile's first stages loading while a tile is mixed, W stored from registers) measured
+/// 1.9x slower than v2 and was taken out again (commit b2e692e; docs/perf/kernel-notes.md).
 pub const BLAST_S12_CU: KernelSource =
     crate::kernel_source!("blast_s12.cu", headers: ["common.cuh"]);
 
@@ -126,12 +127,8 @@ fn ablate_from_env() -> Result<i32> {
 pub struct Stage12Kernel {
     v1: Kernel,
     v2: Kernel,
-    v3: Kernel,
-    /// Which one runs: `BLR_S12_VARIANT=1|2|3` at load, default 2.
+    /// Which of the two runs: `BLR_S12_VARIANT=1|2` at load, default 2.
     variant: u8,
-    sms: usize,
-    /// v3's grid cap below the SM count (tests: several tiles per CTA on small shapes).
-    max_blocks: Option<usize>,
 }
 
 impl Stage12Kernel {
@@ -145,47 +142,26 @@ impl Stage12Kernel {
         let module = gpu.load_module(&BLAST_S12_CU, opts)?;
         let v1 = module.function("blr_blast_s12_wg")?;
         let v2 = module.function("blr_blast_s12_wg2")?;
-        let v3 = module.function("blr_blast_s12_wg3")?;
-        v3.set_max_dynamic_smem(S12_SMEM)?;
         v1.set_max_dynamic_smem(S12_SMEM)?;
         v2.set_max_dynamic_smem(S12_SMEM)?;
         let variant = match std::env::var("BLR_S12_VARIANT") {
             Ok(v) if !v.trim().is_empty() => match v.trim() {
                 "1" => 1,
                 "2" => 2,
-                "3" => 3,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_S12_VARIANT = '{other}': expected 1, 2 or 3"
+                        "BLR_S12_VARIANT = '{other}': expected 1 or 2"
                     )))
                 }
             },
             _ => 2,
         };
-        let sms = usize::try_from(gpu.info().sm_count.max(1)).unwrap_or(1);
-        Ok(Some(Self {
-            v1,
-            v2,
-            v3,
-            variant,
-            sms,
-            max_blocks: None,
-        }))
+        Ok(Some(Self { v1, v2, variant }))
     }
 
-    /// Selects v1 (`1`), v3 (`3`) or v2 (anything else) for the following launches (tests,
-    /// benches).
+    /// Selects v1 (`1`) or v2 (anything else) for the following launches (tests, benches).
     pub fn set_variant(&mut self, variant: u8) {
-        self.variant = if variant == 1 || variant == 3 {
-            variant
-        } else {
-            2
-        };
-    }
-
-    /// Caps v3's persistent grid at `cap` CTAs (`None`: one per SM).
-    pub fn set_max_blocks(&mut self, cap: Option<usize>) {
-        self.max_blocks = cap.map(|c| c.max(1));
+        self.variant = if variant == 1 { 1 } else { 2 };
     }
 
     /// `W (b_out, t, r) = mix(X V)` for the first `t` tokens of `x (t, n)`. `w` must hold
@@ -227,34 +203,24 @@ impl Stage12Kernel {
         let (bii, boi) = (i(s.b_in, "b_in")?, i(s.b_out, "b_out")?);
         i(t * s.n, "T*n")?;
         let ablate = ablate_from_env()?;
-        let tiles = (t.div_ceil(TT), r.div_ceil(KC));
-        let grid_dim = if self.variant == 3 {
-            // Persistent: tile = blockIdx.x + i * gridDim.x, token tile fastest.
-            let n = (tiles.0 * tiles.1)
-                .min(self.sms)
-                .min(self.max_blocks.unwrap_or(usize::MAX));
-            (u32::try_from(n).unwrap_or(u32::MAX), 1, 1)
-        } else {
-            (
-                u32::try_from(tiles.0).unwrap_or(u32::MAX),
-                u32::try_from(tiles.1).unwrap_or(u32::MAX),
-                1,
-            )
-        };
         let cfg = LaunchConfig {
-            grid_dim,
+            grid_dim: (
+                u32::try_from(t.div_ceil(TT)).unwrap_or(u32::MAX),
+                u32::try_from(r.div_ceil(KC)).unwrap_or(u32::MAX),
+                1,
+            ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: S12_SMEM,
         };
-        // SAFETY: blr_blast_s12_wg / _wg2 / _wg3 (same signature)(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
+        // SAFETY: blr_blast_s12_wg / _wg2 (same signature)(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
         // int n, int q, int r, int b_in, int b_out, int ablate) reads X (T, n), Vt (b_in, r, q), S (r, 16,
         // 16) and writes W[i][t][k] for i < b_out, t < T, k < r; every extent was checked above,
         // and the kernel guards every row past T / r and chunk past q.
         unsafe {
-            gpu.launch(match self.variant {
-                1 => &self.v1,
-                3 => &self.v3,
-                _ => &self.v2,
+            gpu.launch(if self.variant == 1 {
+                &self.v1
+            } else {
+                &self.v2
             })
             .arg(x)
             .arg(vt)
