@@ -58,11 +58,13 @@ pub use blast::{
 pub use correct::{corrected_target, CrossGram};
 pub use error::{CompressError, Result};
 pub use gram::Gram;
-pub use lowrank::{lowrank, lowrank_error_curve};
+pub use lowrank::{lowrank, lowrank_and_curve, lowrank_error_curve};
 pub use monarch::{monarch, monarch_error_curve, MonarchOptions};
 pub use output::{weighted_fit, OutputWeights};
 pub use progress::{Progress, Silent};
-pub use rank::{allocate, shape_for_ratio, Allocation, Candidate, LayerOptions};
+pub use rank::{
+    allocate, curve_candidates, shape_for_ratio, Allocation, Candidate, CurveRange, LayerOptions,
+};
 pub use target::{relative_error, Calibration, Target};
 
 #[cfg(test)]

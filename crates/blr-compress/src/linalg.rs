@@ -186,6 +186,8 @@ pub(crate) fn gershgorin(p: MatRef<'_, f64>) -> f64 {
 pub(crate) struct Truncated {
     pub left: Mat<f64>,
     pub right: Mat<f64>,
+    /// Every singular value of the (weighted) target, largest first.
+    pub sigma: Vec<f64>,
 }
 
 /// The best rank-`t` approximation of `target` in the norm `||E L||_F`, where `chol` is the
@@ -240,6 +242,7 @@ pub(crate) fn weighted_truncated_svd(
     Ok(Truncated {
         left,
         right: right_t.transpose().to_owned(),
+        sigma,
     })
 }
 

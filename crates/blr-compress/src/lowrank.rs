@@ -18,6 +18,16 @@ pub fn lowrank(
     rank: usize,
     calib: Option<&Calibration<'_>>,
 ) -> Result<Linear> {
+    Ok(lowrank_and_curve(target, rank, calib)?.0)
+}
+
+/// [`lowrank`] at `rank` and [`lowrank_error_curve`] of the same target, from one SVD (the
+/// rank allocation's sensitivity probes need both).
+pub fn lowrank_and_curve(
+    target: &Target<'_>,
+    rank: usize,
+    calib: Option<&Calibration<'_>>,
+) -> Result<(Linear, Vec<f64>)> {
     let (m, n) = (target.m, target.n);
     Shape {
         format: FormatKind::LowRank,
@@ -50,7 +60,7 @@ pub fn lowrank(
         linalg::to_row_major(t.left.as_ref()),
         linalg::to_row_major(t.right.as_ref()),
     )?;
-    Ok(Linear::LowRank(layer))
+    Ok((Linear::LowRank(layer), tail_curve(&t.sigma)))
 }
 
 /// The squared relative error of the optimal rank-`r` approximation for every `r` in

@@ -84,6 +84,9 @@ pub struct Candidate {
     pub rank: usize,
     pub params: usize,
     pub error: f64,
+    /// Keep the layer dense (`m n` parameters, no error) instead of factorizing it; `rank` is
+    /// then `min(m, n)` and means nothing.
+    pub dense: bool,
 }
 
 /// The options of one layer.
@@ -106,6 +109,7 @@ impl LayerOptions {
                     rank,
                     params: Shape { rank, ..shape }.params(),
                     error,
+                    dense: false,
                 })
                 .collect(),
         }
@@ -197,4 +201,81 @@ pub fn allocate(layers: &[LayerOptions], budget: usize) -> Result<Allocation> {
         error: chosen.iter().map(|c| c.error).sum(),
         chosen,
     })
+}
+
+/// Which ranks [`curve_candidates`] offers a layer, and how it weighs the layer's error.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CurveRange {
+    /// Smallest and largest rank offered (clamped to at least `step`).
+    pub lo: usize,
+    pub hi: usize,
+    /// Ranks between `lo` and `hi`: `points + 1` evenly spaced ones.
+    pub points: usize,
+    /// Ranks are multiples of this (Monarch: the block count; the curve is indexed by
+    /// `rank / step`).
+    pub step: usize,
+    /// The candidate's error is `weight * curve[rank / step]`: e.g. `||W||_F^2` (absolute
+    /// squared error) or a measured sensitivity of the model's output to the layer's relative
+    /// error (see `blr compress --allocation`).
+    pub weight: f64,
+    /// Also offer keeping the layer dense (its `m n` parameters, error 0): worth it where a
+    /// layer's error costs so much that spending a whole dense layer's parameters on it buys
+    /// more than the same parameters spread over other layers.
+    pub allow_dense: bool,
+}
+
+/// The candidates of one layer of shape `shape` (whose `rank` is its uniform rank, always
+/// offered) from its relative error-vs-rank curve `curve` (entry `k`: rank `k * step`, e.g.
+/// [`crate::lowrank_error_curve`]). Ranks whose layer would have at least the dense layer's
+/// parameters are left out (the dense layer is exact at that size).
+pub fn curve_candidates(
+    name: impl Into<String>,
+    shape: Shape,
+    curve: &[f64],
+    range: CurveRange,
+) -> Result<LayerOptions> {
+    let name = name.into();
+    if curve.is_empty() {
+        return Err(CompressError::rank(format!(
+            "layer '{name}': empty error curve"
+        )));
+    }
+    if !(range.weight.is_finite() && range.weight >= 0.0) {
+        return Err(CompressError::rank(format!(
+            "layer '{name}': error weight {} must be finite and >= 0",
+            range.weight
+        )));
+    }
+    let step = range.step.max(1);
+    let dense = shape.m * shape.n;
+    let lo = range.lo.max(step);
+    let hi = range.hi.max(lo);
+    let points = range.points.max(1);
+    let error_at = |rank: usize| range.weight * curve[(rank / step).min(curve.len() - 1)];
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let ranks = (0..=points)
+        .map(|k| ((lo + (hi - lo) * k / points) / step * step).max(step))
+        .chain(std::iter::once(shape.rank));
+    for rank in ranks {
+        let s = Shape { rank, ..shape };
+        let keep_uniform = rank == shape.rank;
+        if (s.params() >= dense && !keep_uniform) || candidates.iter().any(|c| c.rank == rank) {
+            continue;
+        }
+        candidates.push(Candidate {
+            rank,
+            params: s.params(),
+            error: error_at(rank),
+            dense: false,
+        });
+    }
+    if range.allow_dense {
+        candidates.push(Candidate {
+            rank: shape.m.min(shape.n),
+            params: dense,
+            error: 0.0,
+            dense: true,
+        });
+    }
+    Ok(LayerOptions { name, candidates })
 }

@@ -476,6 +476,13 @@ fn calibrated_lowrank_is_optimal_in_the_weighted_norm() {
         "{} vs {e_best}",
         curve[r].sqrt()
     );
+    // The one-SVD variant gives the same layer and the same curve.
+    let (same, curve2) = lowrank_and_curve(&t, r, Some(&calib)).unwrap();
+    assert_eq!(same, best);
+    assert_eq!(curve2.len(), curve.len());
+    for (a, b) in curve.iter().zip(&curve2) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
     let Linear::LowRank(lr) = &best else { panic!() };
     for _ in 0..5 {
         let mut u = lr.u.clone();
@@ -631,6 +638,7 @@ fn allocator_matches_brute_force_on_convex_equal_step_curves() {
                             rank: k,
                             params: 10 * k,
                             error: a * decay.powi(k as i32),
+                            dense: false,
                         })
                         .collect(),
                 }
@@ -698,12 +706,106 @@ fn allocator_spends_where_error_falls_fastest_and_validates() {
             rank: 1,
             params: 1,
             error: f64::NAN,
+            dense: false,
         }],
     };
     assert!(allocate(&[bad], 10)
         .unwrap_err()
         .to_string()
         .contains("nan"));
+}
+
+/// Sensitivity weights (`CurveRange::weight`, `blr compress --allocation sensitivity`): of two
+/// layers with the same error curve, the more sensitive one gets the rank; the dense candidate
+/// is taken where it buys the most error per parameter and left where it does not; the budget
+/// holds throughout.
+#[test]
+fn sensitivity_weights_move_rank_and_choose_dense_where_it_pays() {
+    let shape = Shape {
+        format: FormatKind::LowRank,
+        m: 40,
+        n: 40,
+        b_out: 1,
+        b_in: 1,
+        rank: 10,
+    };
+    let linear: Vec<f64> = (0..=40).map(|r| 1.0 - r as f64 / 40.0).collect();
+    let steep: Vec<f64> = (0..=40).map(|r| 0.5f64.powi(r)).collect();
+    let range = |weight: f64, allow_dense: bool| CurveRange {
+        lo: 5,
+        hi: 40,
+        points: 35,
+        step: 1,
+        weight,
+        allow_dense,
+    };
+    let opts = |name: &str, curve: &[f64], w: f64, dense: bool| {
+        curve_candidates(name, shape, curve, range(w, dense)).unwrap()
+    };
+    // Ranks at or past the dense layer's parameters (20 * 80 = 1600) are not offered.
+    assert!(opts("a", &linear, 1.0, false)
+        .candidates
+        .iter()
+        .all(|c| c.params < 1600 && !c.dense));
+    let budget = 2 * shape.params();
+    let got = allocate(
+        &[
+            opts("a", &linear, 1.0, false),
+            opts("b", &linear, 10.0, false),
+        ],
+        budget,
+    )
+    .unwrap();
+    assert!(got.params <= budget);
+    assert_eq!((got.chosen[0].rank, got.chosen[1].rank), (5, 15));
+    let swapped = allocate(
+        &[
+            opts("a", &linear, 10.0, false),
+            opts("b", &linear, 1.0, false),
+        ],
+        budget,
+    )
+    .unwrap();
+    assert_eq!((swapped.chosen[0].rank, swapped.chosen[1].rank), (15, 5));
+
+    // A sensitive layer whose error falls slowly: the whole dense layer (1600 parameters,
+    // error 0) beats rank 19 (the largest factorized size that fits).
+    let budget = 1600 + 400;
+    let with = allocate(
+        &[
+            opts("s", &linear, 100.0, true),
+            opts("c", &linear, 1.0, true),
+        ],
+        budget,
+    )
+    .unwrap();
+    assert!(with.chosen[0].dense && !with.chosen[1].dense, "{with:?}");
+    assert_eq!(with.chosen[0].params, 1600);
+    assert!(with.params <= budget);
+    let without = allocate(
+        &[
+            opts("s", &linear, 100.0, false),
+            opts("c", &linear, 1.0, false),
+        ],
+        budget,
+    )
+    .unwrap();
+    assert!(without.chosen.iter().all(|c| !c.dense));
+    assert!(with.error < without.error);
+    // Error that falls fast with rank: a few more ranks buy nearly all of it, dense does not pay.
+    let fast = allocate(
+        &[
+            opts("s", &steep, 100.0, true),
+            opts("c", &linear, 1.0, true),
+        ],
+        budget,
+    )
+    .unwrap();
+    assert!(fast.chosen.iter().all(|c| !c.dense), "{fast:?}");
+    assert!(fast.chosen[0].rank > 10 && fast.params <= budget);
+    // Bad weights are typed errors.
+    assert!(curve_candidates("x", shape, &linear, range(f64::NAN, false)).is_err());
+    assert!(curve_candidates("x", shape, &[], range(1.0, false)).is_err());
 }
 
 #[test]

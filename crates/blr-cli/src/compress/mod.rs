@@ -3,5 +3,6 @@
 pub mod calibrate;
 pub mod device;
 pub mod plan;
+pub mod sensitivity;
 pub mod sequential;
 pub mod weights;
