@@ -408,6 +408,12 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
 //     row block; rows past R are zero-filled. Boxes wholly past R (seg = 1) are not issued: their
 //     tile columns are never stored, and the expected byte count leaves them out.
 // Arguments: rbm and g as above (the box height of wmap; the launcher builds the map with it).
+// Measured on the H100 (kernel-notes, "Monarch stage 1 on TMA"): at llama7b q/k/v/o T=1024 ncu
+// 38.6 -> 37.5 us against the cp.async kernel, instructions 14.9M -> 8.7M, registers 128 -> 90,
+// but eligible warps per scheduler 1.05 -> 0.55: the loads' latency, not the producers'
+// instructions, bounds the kernel. Layer 61.8 / 62.1 -> 60.5 / 60.1 us there; slower with 32-row
+// w1 boxes (gate/up T=1024 122.4 -> 125.6) and long K (down, 11 k-tiles: 130.8 -> 143.5), so
+// blr's rule (monarch.rs, Stage1Mma::resolve) picks it only for 64-row boxes and n/b <= 256.
 struct __align__(64) blr_tmap {
     unsigned long long w[16];
 };
@@ -568,6 +574,11 @@ extern "C" __global__ void __launch_bounds__(blr_mon1::THREADS, 2)
 // The loads of the next tile start during the current tile's MMAs and epilogue, which the
 // non-persistent kernel could overlap only with the other block on its SM.
 // Shared memory: 4 x 32 KB stages + 2 x 34 KB C tiles + 80 B of barriers + 1024 (alignment).
+// Measured slower on the H100 (kernel-notes, "Monarch stage 1 on TMA"; knob only): ncu at
+// llama7b q/k/v/o T=1024 43.7 us against 39.2 for the cp.async kernel (eligible warps 0.36),
+// layer 66.2 vs 62.2 us, down T=1024 196.6 vs 130.1: with the k-loops in tile order only one
+// warpgroup per SM issues MMAs at a time (the non-persistent kernels have four: 2 blocks x 2),
+// which long K exposes most.
 namespace blr_mon1pp {
 constexpr int NST = 4;
 constexpr int THREADS = 384;

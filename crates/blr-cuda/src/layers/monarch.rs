@@ -113,9 +113,12 @@ pub enum MidTranspose {
     Packed,
 }
 
-/// Which MMA blr's own stage 1 uses.
+/// Which kernel blr's own stage 1 uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage1Mma {
+    /// blr's rule ([`Stage1Mma::resolve`]): `Tma` where it measured faster on the H100, else
+    /// `Wgmma` (the default).
+    Auto,
     /// `blr_monarch_stage1`: mma.sync (sm_80+).
     MmaSync,
     /// `blr_monarch_stage1_wg`: wgmma, on compute capability 9.0 (sm_90a) only; elsewhere
@@ -130,7 +133,43 @@ pub enum Stage1Mma {
     TmaPingPong,
 }
 
+/// The w1 box height (tile columns per copy) of the TMA stage 1 for this shape: 128 / boxes per
+/// stage ([`stage1_tma_views`]).
+fn tma_box_rows(s: &Shape) -> usize {
+    if segmented(s) {
+        gcd(s.rank / s.b_in, STAGE1_BN)
+    } else {
+        STAGE1_BN
+    }
+}
+
 impl Stage1Mma {
+    /// What `Auto` means for this shape: `Tma` where stage 1 stores 16-byte runs (`segmented`),
+    /// the w1 tile arrives in at most two copies (box height >= 64) and K = n/b <= 256 (at most
+    /// 4 k-tiles), else `Wgmma`. Measured on the
+    /// H100 (docs/perf/kernel-notes.md, "Monarch stage 1 on TMA"): llama7b q/k/v/o (rb = 64,
+    /// n/b = 256) T=1024 61.8 / 62.1 -> 60.5 / 60.1 us (two pairs in one call), T=128 a tie;
+    /// with 32-row boxes (gate/up rb = 96: 122.4 -> 125.6 us; llama3.2-1b gate rb = 32: 44.0 ->
+    /// 44.5) and long K (down, n/b = 688, 11 k-tiles: 130.8 -> 143.5) the cp.async kernel wins.
+    /// Other choices are returned unchanged.
+    pub fn resolve(self, s: &Shape) -> Stage1Mma {
+        match self {
+            Stage1Mma::Auto => {
+                let nb = s.n / s.b_in.max(1);
+                if segmented(s)
+                    && nb <= 256
+                    && tma_box_rows(s) >= 64
+                    && partial_requirement(s).is_none()
+                {
+                    Stage1Mma::Tma
+                } else {
+                    Stage1Mma::Wgmma
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Whether this choice loads through tensor maps (TMA).
     pub fn uses_tma(self) -> bool {
         matches!(self, Stage1Mma::Tma | Stage1Mma::TmaPingPong)
@@ -155,7 +194,7 @@ impl Default for MonarchOptions {
     fn default() -> Self {
         Self {
             mid: MidTranspose::Packed,
-            stage1: Stage1Mma::Wgmma,
+            stage1: Stage1Mma::Auto,
             own_max_nb: None,
             pp_blocks: None,
         }
@@ -176,7 +215,7 @@ impl MonarchOptions {
     }
 
     /// The defaults, overridden by `BLR_MONARCH_MID=generic|pairs|packed`,
-    /// `BLR_MONARCH_STAGE1=mma|wgmma|tma|tmapp`, `BLR_MONARCH_OWN_MAX_NB=<n/b>` and
+    /// `BLR_MONARCH_STAGE1=auto|mma|wgmma|tma|tmapp`, `BLR_MONARCH_OWN_MAX_NB=<n/b>` and
     /// `BLR_MONARCH_PP_BLOCKS=<blocks>`.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
@@ -200,13 +239,14 @@ impl MonarchOptions {
         }
         if let Some(v) = var("BLR_MONARCH_STAGE1") {
             o.stage1 = match v.as_str() {
+                "auto" => Stage1Mma::Auto,
                 "mma" => Stage1Mma::MmaSync,
                 "wgmma" => Stage1Mma::Wgmma,
                 "tma" => Stage1Mma::Tma,
                 "tmapp" => Stage1Mma::TmaPingPong,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_MONARCH_STAGE1='{other}': expected mma, wgmma, tma or tmapp"
+                        "BLR_MONARCH_STAGE1='{other}': expected auto, mma, wgmma, tma or tmapp"
                     )))
                 }
             };
@@ -247,7 +287,7 @@ pub(super) fn stage1_tma_views(
     let seg = segmented(s);
     // seg: row c = a*b + l of w1[k] is element (k, a, l); else one "l" and rbm = R rows.
     let (bl, rbm) = if seg { (b, rr / b) } else { (1, rr) };
-    let g = if seg { gcd(rbm, STAGE1_BN) } else { STAGE1_BN };
+    let g = tma_box_rows(s);
     let u = |v: usize| v as u64;
     let xv = TiledBf16 {
         addr: x_addr,
@@ -414,7 +454,8 @@ impl GpuLinear {
                  {STAGE1_BM} tokens, 65535 blocks)"
             )));
         }
-        let tma_kernel = match opts.stage1 {
+        let stage1 = opts.stage1.resolve(s);
+        let tma_kernel = match stage1 {
             Stage1Mma::Tma if k.monarch_stage1_tma_ok => {
                 Some((&k.monarch_stage1_tma, grid, STAGE1_THREADS, STAGE1_TMA_SMEM))
             }
@@ -479,7 +520,7 @@ impl GpuLinear {
                 return self.monarch_stage2(gpu, k, t, w2, y, ws);
             }
         }
-        let wg = opts.stage1 != Stage1Mma::MmaSync && k.monarch_stage1_wg_ok;
+        let wg = stage1 != Stage1Mma::MmaSync && k.monarch_stage1_wg_ok;
         let (stage1, stage1_smem) = if wg {
             (&k.monarch_stage1_wg, STAGE1_WG_SMEM)
         } else {

@@ -290,6 +290,18 @@ fn monarch_stage1_tma_views() {
     // n/b not a multiple of 8: no partial at all, so no TMA either.
     let narrow = shape(FormatKind::Monarch, 120, 60, 4, 4, 40);
     assert!(stage1_tma_views(&narrow, 5, x, w).is_err());
+    // blr's rule: TMA only for 64-row boxes and n/b <= 256 (llama7b q/k/v/o), else cp.async.
+    let auto = Stage1Mma::Auto;
+    assert_eq!(auto.resolve(&qkvo), Stage1Mma::Tma);
+    assert_eq!(auto.resolve(&gate), Stage1Mma::Wgmma);
+    let down = shape(FormatKind::Monarch, 4096, 11008, 16, 16, 1536);
+    assert_eq!(auto.resolve(&down), Stage1Mma::Wgmma);
+    let small_gate = shape(FormatKind::Monarch, 8192, 2048, 16, 16, 512);
+    assert_eq!(auto.resolve(&small_gate), Stage1Mma::Wgmma);
+    assert_eq!(auto.resolve(&odd), Stage1Mma::Wgmma);
+    assert_eq!(auto.resolve(&narrow), Stage1Mma::Wgmma);
+    assert_eq!(Stage1Mma::MmaSync.resolve(&qkvo), Stage1Mma::MmaSync);
+    assert_eq!(MonarchOptions::default().stage1, Stage1Mma::Auto);
 }
 
 /// Monarch `partial` (monarch.rs) on shapes that exercise every path of its stage-1 kernel:
@@ -325,6 +337,8 @@ fn gpu_monarch_partial_parity_on_odd_shapes() {
         (512, 512, 16, 256),
         // m = 132 (m/b = 33, m % 8 != 0): the output permutation falls back to per element
         (132, 96, 4, 32),
+        // rb = 64, n/b = 128: blr's rule picks the TMA kernel for the default choices
+        (200, 256, 2, 128),
         // n/b = 272 > 256: cuBLASLt stage 1 + per-token transpose of the intermediate
         (136, 1088, 4, 96),
         // n/b = 264, R % b != 0 (b*R = 152)
