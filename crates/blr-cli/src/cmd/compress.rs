@@ -50,7 +50,7 @@ use std::time::Instant;
 ///   blr compress --model smollm2 --out smol-blast.safetensors --format blast --ratio 0.7 \
 ///       --calibrate data/wikitext-2/valid.txt --calib-tokens 4096
 ///   blr compress --model llama.gguf --out l.safetensors --preset llama7b --format monarch
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
     /// Source model: `smollm2` (fetched by scripts/fetch-smollm2.sh), a Llama .gguf, a blr
@@ -82,13 +82,14 @@ pub struct Args {
     /// Calibration text (plain UTF-8, e.g. data/wikitext-2/valid.txt).
     #[arg(long)]
     pub calibrate: Option<PathBuf>,
-    /// Calibration tokens to run through the model. More tokens estimate the correction
-    /// better: 16384 with --correction-ridge 0.1 took SmolLM2 BLAST at 70% from perplexity
-    /// 86.5 to 65.1 (30 iterations, CPU) and from 58.6 to 49.1 (300 iterations on an H100,
-    /// 259 -> 351 s; docs/accuracy.md), for ~1.3-3x the compression time. Calibration memory
-    /// grows with the tokens (activations and KV caches of every window are held at once).
-    #[arg(long, default_value_t = 4096)]
-    pub calib_tokens: usize,
+    /// Calibration tokens to run through the model [default: 16384 when calibration runs on a
+    /// GPU, 4096 on the CPU]. More tokens estimate the correction better: 16384 with
+    /// --correction-ridge 0.1 took SmolLM2 BLAST at 70% from perplexity 86.5 to 65.1 (30
+    /// iterations, CPU) and from 58.6 to 49.1 (300 iterations on an H100; docs/accuracy.md),
+    /// for ~1.3-3x the compression time on a CPU and little on a GPU. Calibration memory grows
+    /// with the tokens (activations and KV caches of every window are held at once).
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
     /// Ridge added to the calibration Gram, relative to its mean eigenvalue: small trusts the
     /// calibration text, large moves towards the data-free fit.
     #[arg(long, default_value_t = Calibration::DEFAULT_DAMPING)]
@@ -111,9 +112,10 @@ pub struct Args {
     pub calib_mode: String,
     /// `corrected` mode: ridge pulling each layer's corrected target towards its weight,
     /// relative to the Gram's mean eigenvalue (large: plain sequential; small: the full
-    /// least-squares correction, which overfits short calibration texts).
-    #[arg(long, default_value_t = 1.0)]
-    pub correction_ridge: f64,
+    /// least-squares correction, which overfits short calibration texts) [default: 0.1 with
+    /// 16384 or more calibration tokens, else 1; the best measured values, docs/accuracy.md].
+    #[arg(long)]
+    pub correction_ridge: Option<f64>,
     /// With --calibrate: weight a layer's output channels by how much their error costs
     /// downstream, in the fit (min ||D^1/2 (W - Ŵ) X||) and in the rank allocation. `auto`:
     /// up_proj channels by E[silu(gate)^2] on the calibration text (up's output is multiplied
@@ -177,6 +179,40 @@ pub struct Args {
     /// List the built-in presets and exit.
     #[arg(long)]
     pub list_presets: bool,
+}
+
+/// Calibration tokens when `--calib-tokens` is not given: calibration on a GPU affords 4x.
+pub const CALIB_TOKENS_CPU: usize = 4096;
+pub const CALIB_TOKENS_GPU: usize = 16384;
+
+impl Args {
+    /// Calibration tokens: `--calib-tokens`, else the default of the CPU path (see
+    /// [`Args::resolve_calibration`] for the GPU's).
+    pub fn calib_tokens(&self) -> usize {
+        self.calib_tokens.unwrap_or(CALIB_TOKENS_CPU)
+    }
+
+    /// The correction ridge: `--correction-ridge`, else 0.1 with 16384 or more calibration
+    /// tokens and 1 below (the best measured on SmolLM2: docs/accuracy.md).
+    pub fn correction_ridge(&self) -> f64 {
+        self.correction_ridge
+            .unwrap_or(if self.calib_tokens() >= CALIB_TOKENS_GPU {
+                0.1
+            } else {
+                1.0
+            })
+    }
+
+    /// Fills in the calibration defaults that depend on where calibration runs.
+    fn resolve_calibration(&mut self, on_gpu: bool) {
+        if self.calib_tokens.is_none() {
+            self.calib_tokens = Some(if on_gpu {
+                CALIB_TOKENS_GPU
+            } else {
+                CALIB_TOKENS_CPU
+            });
+        }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -420,7 +456,7 @@ fn run_sequential(
 ) -> Result<(Vec<Factorized>, usize, SequentialTimes)> {
     let t0 = Instant::now();
     let corrected = args.calib_mode == "corrected";
-    let ids = calibration_ids(loaded, text_path, args.calib_tokens)?;
+    let ids = calibration_ids(loaded, text_path, args.calib_tokens())?;
     let window = args.calib_ctx.min(loaded.cfg.max_positions).max(2);
     let mut fps = Vec::with_capacity(todo.len());
     for &i in todo {
@@ -453,7 +489,7 @@ fn run_sequential(
                 p.shape.n,
                 c,
                 &g,
-                args.correction_ridge,
+                args.correction_ridge(),
             )?,
             None => weights[i].clone(),
         };
@@ -916,6 +952,9 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         }
         None => CalibDevice::Cpu,
     };
+    let mut resolved = args.clone();
+    resolved.resolve_calibration(matches!(calib_device, CalibDevice::Cuda(_)));
+    let args = &resolved;
     // The dense model's Grams: the calibration itself in independent mode, and the error
     // curves the rank allocation compares in every mode.
     let (grams, out_weights, mut calib_tokens) = match &args.calibrate {
@@ -925,7 +964,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 &loaded,
                 &plan,
                 path,
-                args.calib_tokens,
+                args.calib_tokens(),
                 args.calib_ctx,
                 rules.as_ref(),
                 &calib_device,
@@ -1110,8 +1149,9 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 &factorize,
             )?;
             log(format!(
-                "{} calibration on {used} tokens of {} in {:.1}s ({times})",
+                "{} calibration (correction ridge {}) on {used} tokens of {} in {:.1}s ({times})",
                 args.calib_mode,
+                args.correction_ridge(),
                 path.display(),
                 tc.elapsed().as_secs_f64()
             ));
@@ -1189,6 +1229,12 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     if args.calibrate.is_some() {
         ck.metadata
             .insert("compress.calib_mode".into(), args.calib_mode.clone());
+        if args.calib_mode == "corrected" {
+            ck.metadata.insert(
+                "compress.correction_ridge".into(),
+                args.correction_ridge().to_string(),
+            );
+        }
         ck.metadata.insert(
             "compress.output_weights".into(),
             args.output_weights.clone(),
@@ -1251,12 +1297,12 @@ mod tests {
             blocks: None,
             layers: None,
             calibrate: Some(text.to_path_buf()),
-            calib_tokens: 400,
+            calib_tokens: Some(400),
             calib_damping: Calibration::DEFAULT_DAMPING,
             calib_ctx: 64,
             calib_device: "cpu".into(),
             calib_mode: "corrected".into(),
-            correction_ridge: 1.0,
+            correction_ridge: Some(1.0),
             output_weights: "auto".into(),
             output_weight_alpha: 1.0,
             allocation: "sensitivity".into(),
