@@ -11,8 +11,8 @@
 // as wgmma m64n64k16 over K = q in stages of 64. A stage holds V_j, V_j+1, X_j, X_j+1 tiles
 // (4 x 64 rows x 128 B, the canonical 128-byte-swizzle K-major layout of blr_monarch_stage1_wg:
 // chunk c of row r at c ^ (r & 7), 1024-byte aligned; descriptor stride 1024 B, +32 B per k16
-// step); 3 slots, loads issued two stages ahead with cp.async, each stage's wgmmas waited for
-// before its slot is refilled. The slot after the last stage receives S for the tile's 64 ranks.
+// step), loaded with cp.async two stages ahead, one pipeline per warpgroup (see the kernel).
+// The stage after the last receives S for the tile's 64 ranks.
 // After the last K stage of j the accumulators (rows = ranks, column pairs = tokens) go to
 // shared memory as bf16 plane Zt[j][k][t] (64 x 64, 16-byte chunks swizzled by t-chunk ^ (k & 7)
 // so the 4-byte fragment stores are conflict-free; planes 4104 elements apart, so the 8 j-rows
@@ -26,8 +26,8 @@
 // reads = (r/KC)|X| + (T/TT)|V| = 256 MB at q/k/v/o T=1024; DRAM: X and V once, W written
 // (docs/perf/kernel-notes.md "BLAST stage 1 + mixing in one kernel" has prediction and outcome).
 // Requirements (launcher checks): b_in, b_out <= 16; q, r, n multiples of 8; sm_90a.
-// Measured (H100, llama7b q/k/v/o T=1024, same call as split): layer 81.3 us (v1) / 73.1 (v2,
-// below) against 70.0 for cuBLASLt stage 1 + blr_blast_mix_tc4; ncu 72.1 / 62.2 us for the
+// Measured (H100, llama7b q/k/v/o T=1024, same call as split): layer 73.1 us (81.3 for the
+// first version) against 70.0 for cuBLASLt stage 1 + blr_blast_mix_tc4; ncu 62.2 (72.1) us for the
 // kernel, 253 / 251 MB through L2 as predicted, but L2 throughput only 29-35%: one CTA per SM
 // with 8 warps (0.65 eligible per scheduler) cannot keep the loads, the wgmmas and the
 // epilogue's W burst in flight together. Not the default (layers/blast_s12.rs).
@@ -176,153 +176,16 @@ static __device__ __forceinline__ void s12_mix_store(const bf16* zs, const bf16*
 // `ablate` (0 in the product; BLR_S12_ABLATE for measurements, the output is then wrong): bit 0
 // skips the wgmmas, bit 1 the Z stores, mixing and W stores, bit 2 the stage loads, bit 3 the
 // proxy fence.
-extern "C" __global__ void __launch_bounds__(256, 1)
-    blr_blast_s12_wg(const bf16* __restrict__ X, const bf16* __restrict__ Vt, const bf16* __restrict__ S,
-                     bf16* __restrict__ W, int T, int n, int q, int r, int b_in, int b_out, int ablate) {
-#if defined(BLR_S12_HAVE_WGMMA)
-    using namespace blr_s12;
-    extern __shared__ __align__(1024) unsigned char blr_s12_smem[];
-    const blr_u32 base0 = smem_addr(blr_s12_smem);
-    unsigned char* smem = blr_s12_smem + (((base0 + 1023u) & ~1023u) - base0);
-    bf16* zs = reinterpret_cast<bf16*>(smem + Z_OFF);
-
-    const int tid = threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int wg = warp >> 2;
-    const int t0 = blockIdx.x * TT;
-    const int k0 = blockIdx.y * KC;
-    const int kt_n = (q + BK - 1) / BK;
-    const int pairs = (b_in + 1) >> 1;
-    const int ns = pairs * kt_n;
-
-    // Planes no warpgroup computes (j >= 2 * pairs) are read by the mixing: zero them.
-    for (int idx = tid; idx < (JP - 2 * pairs) * (PLANE / 8); idx += THREADS)
-        reinterpret_cast<uint4*>(zs + 2 * pairs * PLANE)[idx] = make_uint4(0u, 0u, 0u, 0u);
-
-    // Loads are issued in stage order; the counters replace divisions in the loop, and the
-    // per-thread row pointers (rows r0 and r0 + 32, chunk lc) are formed once.
-    const int lc = tid & 7;
-    const int r0 = tid >> 3;
-    const blr_u32 smem0 = smem_addr(smem);
-    const blr_u32 so0 = swz(r0, lc) * 2;
-    const blr_u32 so1 = swz(r0 + 32, lc) * 2;
-    const bool vrow0 = k0 + r0 < r, vrow1 = k0 + r0 + 32 < r;
-    const bool xrow0 = t0 + r0 < T, xrow1 = t0 + r0 + 32 < T;
-    const bf16* vp = Vt + (long)(k0 + r0) * q + lc * 8;
-    const bf16* xp = X + (long)(t0 + r0) * n + lc * 8;
-    const long vrow32 = 32L * q, xrow32 = 32L * n;
-    int ld_v = 0, ld_jp = 0, ld_kt = 0, ld_slot = 0;
-    auto load_next = [&]() {
-        const blr_u32 sl = smem0 + ld_slot * SLOT_BYTES;
-        if (ld_v < ns) {
-            if (!(ablate & 4)) {
-                const int kq = ld_kt * BK;
-                const bool kin = kq + lc * 8 < q;
-#pragma unroll
-                for (int g = 0; g < 2; ++g) {
-                    const int j = 2 * ld_jp + g;
-                    const bool jok = kin && j < b_in;
-                    const bf16* va = vp + (long)j * r * q + kq;
-                    const bf16* xa = xp + (long)j * q + kq;
-                    const blr_u32 da = sl + g * TILE_BYTES;
-                    const blr_u32 db = sl + (2 + g) * TILE_BYTES;
-                    cp_async16(da + so0, jok && vrow0 ? va : Vt, jok && vrow0);
-                    cp_async16(da + so1, jok && vrow1 ? va + vrow32 : Vt, jok && vrow1);
-                    cp_async16(db + so0, jok && xrow0 ? xa : X, jok && xrow0);
-                    cp_async16(db + so1, jok && xrow1 ? xa + xrow32 : X, jok && xrow1);
-                }
-            }
-        } else if (ld_v == ns) {
-            // S[k0 .. k0+63] (64 x 256 elements, 16-byte chunks).
-            for (int idx = tid; idx < KC * 32; idx += THREADS) {
-                const int k = idx >> 5;
-                const bool p = k0 + k < r;
-                const bf16* src = p ? S + (long)(k0 + k) * 256 + (idx & 31) * 8 : S;
-                cp_async16(sl + idx * 16, src, p);
-            }
-        }
-        ++ld_v;
-        if (++ld_kt == kt_n) {
-            ld_kt = 0;
-            ++ld_jp;
-        }
-        if (++ld_slot == SLOTS) ld_slot = 0;
-    };
-
-    load_next();
-    cp_async_commit();
-    load_next();
-    cp_async_commit();
-
-    float acc[8][4];
-#pragma unroll
-    for (int a = 0; a < 8; ++a)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[a][e] = 0.f;
-
-    const int g8 = lane >> 2;
-    const int c4 = lane & 3;
-    const int wl = warp & 3;
-    int jp = 0, kt = 0, cslot = 0;
-    for (int s = 0; s < ns; ++s) {
-        cp_async_wait<1>();
-        // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one.
-        if (!(ablate & 8)) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        load_next();
-        cp_async_commit();
-        const blr_u32 slot = smem0 + cslot * SLOT_BYTES;
-        const blr_u32 a0 = slot + wg * TILE_BYTES;
-        const blr_u32 b0 = slot + (2 + wg) * TILE_BYTES;
-        if (!(ablate & 1)) {
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk)
-                s12_mma_m64n64k16(acc, s12_desc(a0 + kk * 32), s12_desc(b0 + kk * 32));
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            // The slot is refilled two iterations on: finish reading it first.
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        }
-        if (kt == kt_n - 1 && !(ablate & 2)) {
-            bf16* plane = zs + (2 * jp + wg) * PLANE;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int k = wl * 16 + g8 + 8 * h;
-                    *reinterpret_cast<blr_u32*>(plane + zoff(k, nb * 8 + 2 * c4)) =
-                        pack_bf16x2(acc[nb][2 * h], acc[nb][2 * h + 1]);
-                    acc[nb][2 * h] = 0.f;
-                    acc[nb][2 * h + 1] = 0.f;
-                }
-        }
-        if (++kt == kt_n) {
-            kt = 0;
-            ++jp;
-        }
-        if (++cslot == SLOTS) cslot = 0;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-    if (ablate & 2) return;
-
-    const bf16* ss = reinterpret_cast<const bf16*>(smem + (ns % SLOTS) * SLOT_BYTES);
-    bf16* stage_lo = reinterpret_cast<bf16*>(smem + ((ns + 1) % SLOTS) * SLOT_BYTES);
-    bf16* stage_hi = reinterpret_cast<bf16*>(smem + ((ns + 2) % SLOTS) * SLOT_BYTES);
-    s12_mix_store(zs, ss, ss + 32 * 256, stage_lo, stage_lo + 4 * TT * 32, stage_hi, stage_hi + 4 * TT * 32, W, t0,
-                  k0, T, r, b_out);
-#endif
-}
-
-// v2: the same tile, math and epilogue, with one load pipeline per warpgroup. Warpgroup g loads
+// One load pipeline per warpgroup. Warpgroup g loads
 // only its own operands (V_j and X_j, j = 2*jp + g: 16 KB per stage, 3 slots of its own at
 // g * 48 KB) and synchronises with named barriers among its 128 threads, so the two warpgroups
 // drift instead of meeting at a block barrier every stage; its wgmmas stay in flight while it
 // waits for the next stage (wgmma.wait_group 1; 0 only where Z_j is complete). The slot of stage
 // s - 1 is refilled (stage s + 2) only after a second named barrier that follows every warp's
 // wait for stage s - 1's wgmmas. The stage after the last loads S rows 32g..32g+31 of the tile.
-// Measured against v1 in docs/perf/kernel-notes.md ("BLAST stage 1 + mixing in one kernel").
+// The first version (one block-wide pipeline, every stage's wgmmas waited for before its slot
+// was refilled: 81.3 against 73.1 us) is in git history (commit e8f5d91) and
+// docs/perf/kernel-notes.md ("BLAST stage 1 + mixing in one kernel").
 extern "C" __global__ void __launch_bounds__(256, 1)
     blr_blast_s12_wg2(const bf16* __restrict__ X, const bf16* __restrict__ Vt, const bf16* __restrict__ S,
                       bf16* __restrict__ W, int T, int n, int q, int r, int b_in, int b_out, int ablate) {

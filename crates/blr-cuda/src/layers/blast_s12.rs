@@ -1,4 +1,4 @@
-//! BLAST `partial`, stage 1 + mixing in one kernel (blast_s12.cu, `blr_blast_s12_wg`, sm_90a):
+//! BLAST `partial`, stage 1 + mixing in one kernel (blast_s12.cu, `blr_blast_s12_wg2`, sm_90a):
 //! a CTA computes `Z_j = X_j V_j` for a tile of 64 tokens x 64 ranks and every input block `j`
 //! on wgmma, keeps all `b_in` planes of `Z` in shared memory and mixes them into `W` there, so
 //! `Z` never reaches device memory. Stage 3 stays the cuBLASLt batched GEMM that reads `W`.
@@ -17,10 +17,10 @@ use crate::gpu::{Gpu, Kernel};
 use crate::memory::DeviceBuffer;
 use cudarc::driver::LaunchConfig;
 
-/// blast_s12.cu: `blr_blast_s12_wg` (v1: one block-wide load pipeline) and `blr_blast_s12_wg2`
-/// (v2: one pipeline per warpgroup, wgmmas left in flight across stages). A persistent v3 (the
-/// next tile's first stages loading while a tile is mixed, W stored from registers) measured
-/// 1.9x slower than v2 and was taken out again (commit b2e692e; docs/perf/kernel-notes.md).
+/// blast_s12.cu: `blr_blast_s12_wg2` (one load pipeline per warpgroup, wgmmas left in flight
+/// across stages). A first version with one block-wide pipeline (11% slower) and a persistent
+/// one (the next tile's first stages loading while a tile is mixed, W stored from registers:
+/// 1.9x slower) were measured and taken out (commits e8f5d91, b2e692e; kernel-notes.md).
 pub const BLAST_S12_CU: KernelSource =
     crate::kernel_source!("blast_s12.cu", headers: ["common.cuh"]);
 
@@ -36,7 +36,7 @@ pub const S12_SMEM: u32 = 3 * 32768 + 16 * (64 * 64 + 8) * 2 + 1024;
 pub enum Stage12 {
     /// blr's rule ([`Stage12::fused_here`]).
     Auto,
-    /// `blr_blast_s12_wg` wherever it applies (else the split path).
+    /// `blr_blast_s12_wg2` wherever it applies (else the split path).
     Fused,
     /// cuBLASLt stage 1 + the mixing kernel.
     Split,
@@ -125,10 +125,7 @@ fn ablate_from_env() -> Result<i32> {
 /// only for sm_90a) with [`S12_SMEM`] of opt-in shared memory.
 #[derive(Debug, Clone)]
 pub struct Stage12Kernel {
-    v1: Kernel,
-    v2: Kernel,
-    /// Which of the two runs: `BLR_S12_VARIANT=1|2` at load, default 2.
-    variant: u8,
+    kernel: Kernel,
 }
 
 impl Stage12Kernel {
@@ -140,28 +137,9 @@ impl Stage12Kernel {
             return Ok(None);
         }
         let module = gpu.load_module(&BLAST_S12_CU, opts)?;
-        let v1 = module.function("blr_blast_s12_wg")?;
-        let v2 = module.function("blr_blast_s12_wg2")?;
-        v1.set_max_dynamic_smem(S12_SMEM)?;
-        v2.set_max_dynamic_smem(S12_SMEM)?;
-        let variant = match std::env::var("BLR_S12_VARIANT") {
-            Ok(v) if !v.trim().is_empty() => match v.trim() {
-                "1" => 1,
-                "2" => 2,
-                other => {
-                    return Err(Error::Shape(format!(
-                        "BLR_S12_VARIANT = '{other}': expected 1 or 2"
-                    )))
-                }
-            },
-            _ => 2,
-        };
-        Ok(Some(Self { v1, v2, variant }))
-    }
-
-    /// Selects v1 (`1`) or v2 (anything else) for the following launches (tests, benches).
-    pub fn set_variant(&mut self, variant: u8) {
-        self.variant = if variant == 1 { 1 } else { 2 };
+        let kernel = module.function("blr_blast_s12_wg2")?;
+        kernel.set_max_dynamic_smem(S12_SMEM)?;
+        Ok(Some(Self { kernel }))
     }
 
     /// `W (b_out, t, r) = mix(X V)` for the first `t` tokens of `x (t, n)`. `w` must hold
@@ -212,28 +190,24 @@ impl Stage12Kernel {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: S12_SMEM,
         };
-        // SAFETY: blr_blast_s12_wg / _wg2 (same signature)(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
+        // SAFETY: blr_blast_s12_wg2(const bf16* X, const bf16* Vt, const bf16* S, bf16* W, int T,
         // int n, int q, int r, int b_in, int b_out, int ablate) reads X (T, n), Vt (b_in, r, q), S (r, 16,
         // 16) and writes W[i][t][k] for i < b_out, t < T, k < r; every extent was checked above,
         // and the kernel guards every row past T / r and chunk past q.
         unsafe {
-            gpu.launch(if self.variant == 1 {
-                &self.v1
-            } else {
-                &self.v2
-            })
-            .arg(x)
-            .arg(vt)
-            .arg(s_dev)
-            .arg(w)
-            .arg(&ti)
-            .arg(&ni)
-            .arg(&qi)
-            .arg(&ri)
-            .arg(&bii)
-            .arg(&boi)
-            .arg(&ablate)
-            .launch(cfg)
+            gpu.launch(&self.kernel)
+                .arg(x)
+                .arg(vt)
+                .arg(s_dev)
+                .arg(w)
+                .arg(&ti)
+                .arg(&ni)
+                .arg(&qi)
+                .arg(&ri)
+                .arg(&bii)
+                .arg(&boi)
+                .arg(&ablate)
+                .launch(cfg)
         }
     }
 }

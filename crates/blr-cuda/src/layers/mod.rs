@@ -282,9 +282,6 @@ pub struct LayerKernels {
     /// The same with TMA loads (sm_90a), and whether this device runs it.
     monarch_stage1_tma: Kernel,
     monarch_stage1_tma_ok: bool,
-    /// Its persistent ping-pong version, and whether this device runs it.
-    monarch_stage1_tmapp: Kernel,
-    monarch_stage1_tmapp_ok: bool,
     /// Monarch partial's kernel choices ([`monarch::MonarchOptions::from_env`] at load).
     monarch: monarch::MonarchOptions,
     /// [`Strategy::Fused`]'s kernel; `None` before sm_90 (no thread-block clusters).
@@ -357,8 +354,6 @@ impl LayerKernels {
             monarch_stage1_wg_ok: false,
             monarch_stage1_tma: monarch.function("blr_monarch_stage1_tma")?,
             monarch_stage1_tma_ok: false,
-            monarch_stage1_tmapp: monarch.function("blr_monarch_stage1_tmapp")?,
-            monarch_stage1_tmapp_ok: false,
             monarch: monarch::MonarchOptions::from_env()?,
             fused: blast_fused::FusedKernel::load(gpu, &opts)?,
             s12: blast_s12::Stage12Kernel::load(gpu, &opts)?,
@@ -393,11 +388,6 @@ impl LayerKernels {
             k.monarch_stage1_tma
                 .set_max_dynamic_smem(monarch::STAGE1_TMA_SMEM)?;
             k.monarch_stage1_tma_ok = true;
-        }
-        if gpu.info().compute_capability.0 == 9 && optin >= monarch::STAGE1_TMAPP_SMEM {
-            k.monarch_stage1_tmapp
-                .set_max_dynamic_smem(monarch::STAGE1_TMAPP_SMEM)?;
-            k.monarch_stage1_tmapp_ok = true;
         }
         Ok(k)
     }

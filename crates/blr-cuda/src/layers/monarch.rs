@@ -48,10 +48,6 @@ pub(super) const STAGE1_SMEM: u32 = 3 * (128 + 128) * 64 * 2;
 pub(super) const STAGE1_WG_SMEM: u32 = STAGE1_SMEM + 1024;
 /// blr_monarch_stage1_tma: the wgmma kernel's plus 64 bytes for the three stage mbarriers.
 pub(super) const STAGE1_TMA_SMEM: u32 = STAGE1_WG_SMEM + 64;
-/// blr_monarch_stage1_tmapp (blr_mon1pp): 4 stages of (128 + 128) x 64 bf16, two C tiles of
-/// 128 x 136 bf16, 10 mbarriers, 1024 bytes of alignment slack; 384 threads, one block per SM.
-pub(super) const STAGE1_TMAPP_SMEM: u32 = 4 * (128 + 128) * 64 * 2 + 2 * 128 * 136 * 2 + 80 + 1024;
-const STAGE1_TMAPP_THREADS: u32 = 384;
 /// blr_mon1::BK: K elements per stage (one 128-byte swizzled row).
 const STAGE1_BK: u32 = 64;
 /// Shared memory blr_monarch_out_transpose and blr_monarch_mid_transpose may use (allowed at
@@ -128,9 +124,6 @@ pub enum Stage1Mma {
     /// compute capability 9.0 only. Where a tensor map cannot describe the buffers (see
     /// [`stage1_tma_views`]) `Wgmma` runs; elsewhere `MmaSync`.
     Tma,
-    /// `blr_monarch_stage1_tmapp`: persistent (one block per SM), one TMA producer thread and
-    /// two wgmma consumer warpgroups on alternate tiles ("ping-pong"); fallbacks as `Tma`.
-    TmaPingPong,
 }
 
 /// The w1 box height (tile columns per copy) of the TMA stage 1 for this shape: 128 / boxes per
@@ -172,7 +165,7 @@ impl Stage1Mma {
 
     /// Whether this choice loads through tensor maps (TMA).
     pub fn uses_tma(self) -> bool {
-        matches!(self, Stage1Mma::Tma | Stage1Mma::TmaPingPong)
+        matches!(self, Stage1Mma::Tma)
     }
 }
 
@@ -185,9 +178,6 @@ pub struct MonarchOptions {
     /// Largest n/b for which stage 1 runs on blr's own kernel (beyond: cuBLASLt + `mid`);
     /// `None`: blr's rule ([`MonarchOptions::own_stage1`]).
     pub own_max_nb: Option<usize>,
-    /// Blocks of the persistent [`Stage1Mma::TmaPingPong`] kernel at most (default: one per
-    /// SM); small caps make every block walk many tiles (tests).
-    pub pp_blocks: Option<u32>,
 }
 
 impl Default for MonarchOptions {
@@ -196,7 +186,6 @@ impl Default for MonarchOptions {
             mid: MidTranspose::Packed,
             stage1: Stage1Mma::Auto,
             own_max_nb: None,
-            pp_blocks: None,
         }
     }
 }
@@ -215,8 +204,7 @@ impl MonarchOptions {
     }
 
     /// The defaults, overridden by `BLR_MONARCH_MID=generic|pairs|packed`,
-    /// `BLR_MONARCH_STAGE1=auto|mma|wgmma|tma|tmapp`, `BLR_MONARCH_OWN_MAX_NB=<n/b>` and
-    /// `BLR_MONARCH_PP_BLOCKS=<blocks>`.
+    /// `BLR_MONARCH_STAGE1=auto|mma|wgmma|tma` and `BLR_MONARCH_OWN_MAX_NB=<n/b>`.
     pub fn from_env() -> Result<Self> {
         let mut o = Self::default();
         let var = |name: &str| {
@@ -243,10 +231,9 @@ impl MonarchOptions {
                 "mma" => Stage1Mma::MmaSync,
                 "wgmma" => Stage1Mma::Wgmma,
                 "tma" => Stage1Mma::Tma,
-                "tmapp" => Stage1Mma::TmaPingPong,
                 other => {
                     return Err(Error::Shape(format!(
-                        "BLR_MONARCH_STAGE1='{other}': expected auto, mma, wgmma, tma or tmapp"
+                        "BLR_MONARCH_STAGE1='{other}': expected auto, mma, wgmma or tma"
                     )))
                 }
             };
@@ -255,13 +242,6 @@ impl MonarchOptions {
             o.own_max_nb = Some(v.parse().map_err(|_| {
                 Error::Shape(format!(
                     "BLR_MONARCH_OWN_MAX_NB='{v}': expected a non-negative integer"
-                ))
-            })?);
-        }
-        if let Some(v) = var("BLR_MONARCH_PP_BLOCKS") {
-            o.pp_blocks = Some(v.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                Error::Shape(format!(
-                    "BLR_MONARCH_PP_BLOCKS='{v}': expected a positive integer"
                 ))
             })?);
         }
@@ -455,25 +435,7 @@ impl GpuLinear {
             )));
         }
         let stage1 = opts.stage1.resolve(s);
-        let tma_kernel = match stage1 {
-            Stage1Mma::Tma if k.monarch_stage1_tma_ok => {
-                Some((&k.monarch_stage1_tma, grid, STAGE1_THREADS, STAGE1_TMA_SMEM))
-            }
-            Stage1Mma::TmaPingPong if k.monarch_stage1_tmapp_ok => {
-                let tiles = u64::from(grid.0) * u64::from(grid.1) * u64::from(grid.2);
-                let cap = opts.pp_blocks.unwrap_or(gpu.info().sm_count).max(1);
-                let blocks = tiles.min(u64::from(cap));
-                let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
-                Some((
-                    &k.monarch_stage1_tmapp,
-                    (blocks, 1, 1),
-                    STAGE1_TMAPP_THREADS,
-                    STAGE1_TMAPP_SMEM,
-                ))
-            }
-            _ => None,
-        };
-        if let Some((kernel, kgrid, threads, smem)) = tma_kernel {
+        if stage1 == Stage1Mma::Tma && k.monarch_stage1_tma_ok {
             let key = (x.device_ptr(), w1.device_ptr(), t, *s);
             if ws.mon_tma.as_ref().map(|m| &m.key) != Some(&key) {
                 let maps = stage1_tma_views(s, t, key.0, key.1).and_then(|(xv, wv, rbm, g)| {
@@ -495,12 +457,10 @@ impl GpuLinear {
                 // `x` and `w1` for this T (rebuilt above whenever a pointer, T or the shape
                 // changes), so the copy engine reads only inside them and zero-fills the rest;
                 // g is the w1 map's box height. P is written as by blr_monarch_stage1 (T*b*R
-                // elements of ws.b, checked above). blr_monarch_stage1_tmapp takes the same
-                // arguments and walks the same tiles (tile count < 2^31: grid limits checked
-                // above) from fewer blocks. Shared memory: STAGE1_TMA_SMEM / STAGE1_TMAPP_SMEM,
-                // allowed at load (`monarch_stage1_tma_ok` / `_tmapp_ok`, sm_90a).
+                // elements of ws.b, checked above). Shared memory: STAGE1_TMA_SMEM, allowed at
+                // load (`monarch_stage1_tma_ok`, sm_90a).
                 unsafe {
-                    gpu.launch(kernel)
+                    gpu.launch(&k.monarch_stage1_tma)
                         .arg(&xmap)
                         .arg(&wmap)
                         .arg(&mut ws.b)
@@ -512,9 +472,9 @@ impl GpuLinear {
                         .arg(&rbm)
                         .arg(&g)
                         .launch(LaunchConfig {
-                            grid_dim: kgrid,
-                            block_dim: (threads, 1, 1),
-                            shared_mem_bytes: smem,
+                            grid_dim: grid,
+                            block_dim: (STAGE1_THREADS, 1, 1),
+                            shared_mem_bytes: STAGE1_TMA_SMEM,
                         })?;
                 }
                 return self.monarch_stage2(gpu, k, t, w2, y, ws);
