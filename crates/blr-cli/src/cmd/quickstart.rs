@@ -204,7 +204,7 @@ pub fn run(args: Args) -> Result<()> {
         calib_damping: blr_compress::Calibration::DEFAULT_DAMPING,
         allocation: "sensitivity".into(),
         sensitivity_tokens: 512,
-        sensitivity_groups: 5,
+        sensitivity_groups: 3,
         no_allocate: false,
         iterations: args.iterations,
         blast_init: "lowrank".into(),
