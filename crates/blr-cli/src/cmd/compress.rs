@@ -1403,6 +1403,40 @@ mod tests {
         let mut cache = lm.new_cache(8).unwrap();
         let logits = lm.forward(&[3, 4, 5], &mut cache, false).unwrap();
         assert!(logits.iter().all(|v| v.is_finite()));
+        // BLAST and Monarch take the same path (low-rank probes of the same parameters, their
+        // own curves) and stay within their uniform budgets.
+        for format in [FormatKind::Blast, FormatKind::Monarch] {
+            let budget_of = |allocation: &str| {
+                let mut a = args(&model, &text, dir.join(format!("{format}-{allocation}.st")));
+                a.format = format;
+                a.blocks = Some(2);
+                a.ratio = Some(0.7);
+                a.no_allocate = false;
+                a.allocation = allocation.into();
+                a.sensitivity_tokens = 128;
+                a.sensitivity_groups = 2;
+                compress(&a, false, false).unwrap()
+            };
+            let (uniform, sens) = (budget_of("uniform"), budget_of("sensitivity"));
+            assert!(
+                sens.compressed_params <= uniform.compressed_params,
+                "{format}"
+            );
+            assert_eq!(
+                sens.dense_params_of_compressed_layers,
+                uniform.dense_params_of_compressed_layers
+            );
+            let ck = loader::load_llama(
+                &dir.join(format!("{format}-sensitivity.st"))
+                    .display()
+                    .to_string(),
+            )
+            .unwrap();
+            let lm = Llama::load(Cpu, ck.cfg.clone(), ck.weights).unwrap();
+            let mut cache = lm.new_cache(8).unwrap();
+            let logits = lm.forward(&[3, 4, 5], &mut cache, false).unwrap();
+            assert!(logits.iter().all(|v| v.is_finite()), "{format}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
