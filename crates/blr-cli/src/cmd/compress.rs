@@ -1335,20 +1335,7 @@ mod tests {
     /// checkpoint records the allocation and loads and runs with its dense and low-rank layers.
     #[test]
     fn allocation_switch_moves_ranks_within_the_budget() {
-        let dir = std::env::temp_dir().join(format!("blr-cli-alloc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let model = dir.join("tiny.gguf");
-        std::fs::write(
-            &model,
-            blr_models::testing::tiny_llama_gguf(7, &["t h", "th e", "Ġ the"]).unwrap(),
-        )
-        .unwrap();
-        let text = dir.join("calib.txt");
-        std::fs::write(
-            &text,
-            " = Heading = \n The cat sat on the mat . The dog 's 42 bones @-@ gone .\n".repeat(12),
-        )
-        .unwrap();
+        let (dir, model, text) = crate::cmd::tiny_model_and_text("blr-cli-alloc", 7, 12);
         let run = |allocation: &str| -> Report {
             let mut a = args(&model, &text, dir.join(format!("{allocation}.safetensors")));
             a.no_allocate = false;
@@ -1453,20 +1440,7 @@ mod tests {
     /// mode and the rank allocation take the weights too.
     #[test]
     fn output_weights_switch_reaches_the_weighted_layers() {
-        let dir = std::env::temp_dir().join(format!("blr-cli-ow-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let model = dir.join("tiny.gguf");
-        std::fs::write(
-            &model,
-            blr_models::testing::tiny_llama_gguf(6, &["t h", "th e", "Ġ the"]).unwrap(),
-        )
-        .unwrap();
-        let text = dir.join("calib.txt");
-        std::fs::write(
-            &text,
-            " = Heading = \n The cat sat on the mat . The dog 's 42 bones @-@ gone .\n".repeat(12),
-        )
-        .unwrap();
+        let (dir, model, text) = crate::cmd::tiny_model_and_text("blr-cli-ow", 6, 12);
         let run = |tag: &str, f: &dyn Fn(&mut Args)| -> Report {
             let mut a = args(&model, &text, dir.join(format!("{tag}.safetensors")));
             f(&mut a);

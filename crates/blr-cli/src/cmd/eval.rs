@@ -353,20 +353,7 @@ mod tests {
 
     #[test]
     fn perplexity_of_a_tiny_gguf_on_a_text_file() {
-        let dir = std::env::temp_dir().join(format!("blr-cli-eval-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let model = dir.join("tiny.gguf");
-        std::fs::write(
-            &model,
-            blr_models::testing::tiny_llama_gguf(4, &["t h", "th e", "Ġ the"]).unwrap(),
-        )
-        .unwrap();
-        let data = dir.join("text.txt");
-        std::fs::write(
-            &data,
-            " = Heading = \n The cat sat on the mat . The dog 's 42 bones @-@ gone .\n".repeat(4),
-        )
-        .unwrap();
+        let (dir, model, data) = crate::cmd::tiny_model_and_text("blr-cli-eval", 4, 4);
         let a = |tokens, ctx, stride, json| PplArgs {
             model: model.display().to_string(),
             tokenizer: None,
