@@ -59,7 +59,7 @@ pub(crate) fn checked_sum(n: usize, sum: &[f64], source_name: &str) -> Result<Ma
     };
     if sum.len() != n * n {
         return Err(bad(format!(
-            "sum has {} values, expected n * n = {n} * {n}",
+            "has {} values, expected n * n = {n} * {n}",
             sum.len()
         )));
     }
@@ -140,43 +140,24 @@ impl Gram {
     /// Builds a Gram from a full (n, n) matrix (row-major), checking it is symmetric, finite
     /// and has a non-negative diagonal.
     pub fn from_matrix(n: usize, data: &[f32], tokens: u64, source_name: &str) -> Result<Self> {
-        let bad = |detail: String| CompressError::Gram {
-            source_name: source_name.to_string(),
-            detail,
-        };
-        if data.len() != n * n {
-            return Err(bad(format!(
-                "has {} values, expected n * n = {n} * {n}",
-                data.len()
-            )));
-        }
-        if let Some(pos) = data.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!(
-                "entry ({}, {}) is not finite",
-                pos / n,
-                pos % n
-            )));
-        }
-        let sum = linalg::to_f64(data, n, n);
-        let scale = (0..n).map(|i| sum[(i, i)].abs()).fold(0.0, f64::max);
+        let sum: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
+        let g = Gram::from_sum(n, &sum, tokens, source_name)?;
+        let scale = (0..n).map(|i| g.sum[(i, i)].abs()).fold(0.0, f64::max);
         for i in 0..n {
-            if sum[(i, i)] < 0.0 {
-                return Err(bad(format!(
-                    "diagonal entry {i} is negative ({}): not a Gram matrix X X^T",
-                    sum[(i, i)]
-                )));
-            }
             for j in 0..i {
-                if (sum[(i, j)] - sum[(j, i)]).abs() > 1e-4 * scale {
-                    return Err(bad(format!(
-                        "not symmetric: ({i}, {j}) = {} but ({j}, {i}) = {}",
-                        sum[(i, j)],
-                        sum[(j, i)]
-                    )));
+                if (g.sum[(i, j)] - g.sum[(j, i)]).abs() > 1e-4 * scale {
+                    return Err(CompressError::Gram {
+                        source_name: source_name.to_string(),
+                        detail: format!(
+                            "not symmetric: ({i}, {j}) = {} but ({j}, {i}) = {}",
+                            g.sum[(i, j)],
+                            g.sum[(j, i)]
+                        ),
+                    });
                 }
             }
         }
-        Ok(Gram { n, sum, tokens })
+        Ok(g)
     }
 
     /// Writes the Gram as safetensors (tensor `gram`, F32, and `blr.gram.tokens`).
