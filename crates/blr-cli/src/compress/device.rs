@@ -199,7 +199,7 @@ impl CalibDevice {
 mod tests {
     use super::*;
     use crate::compress::calibrate::{fingerprint, Recording};
-    use crate::compress::sequential::{HookInput, Twin};
+    use crate::compress::sequential::{planned_layers, HookInput, Twin};
     use blr_models::cpu::Cpu;
     use blr_models::llama::{self, Llama, LlamaConfig, RopeScaling};
     use blr_models::lm::{BackendLm, CausalLm};
@@ -255,14 +255,6 @@ mod tests {
         (0..n * n).map(|k| c.get(k / n, k % n)).collect()
     }
 
-    fn planned(ck: &blr_core::checkpoint::Checkpoint) -> Vec<(String, blr_core::Linear)> {
-        ck.layers
-            .iter()
-            .filter(|(n, _)| n.contains("layers."))
-            .cloned()
-            .collect()
-    }
-
     /// The recording pass's Grams: CPU backend + host sums (reference) against the CUDA backend
     /// with device sums and with host sums, 3 windows of 23 tokens (the last one short).
     #[test]
@@ -271,7 +263,7 @@ mod tests {
             return;
         };
         let (cfg, ck) = model();
-        let layers = planned(&ck);
+        let layers = planned_layers(&ck);
         let fps: Vec<(u64, usize)> = layers
             .iter()
             .map(|(_, l)| (fingerprint(l), l.shape().n))
@@ -325,7 +317,7 @@ mod tests {
             return;
         };
         let (cfg, ck) = model();
-        let layers = planned(&ck);
+        let layers = planned_layers(&ck);
         let fps: Vec<u64> = layers.iter().map(|(_, l)| fingerprint(l)).collect();
         let text = ids(35);
         type Seen = Vec<(Vec<f64>, Vec<f64>, Vec<f32>, u64)>;

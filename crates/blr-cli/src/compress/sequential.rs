@@ -617,6 +617,19 @@ impl<B: Backend, G: GramOps<B>> Backend for Twin<'_, B, G> {
     }
 }
 
+/// Test fixture: the layers of a checkpoint's transformer blocks (`layers.N.*`), the ones a
+/// compression plans, with their names, in checkpoint order.
+#[cfg(test)]
+pub(crate) fn planned_layers(
+    ck: &blr_core::checkpoint::Checkpoint,
+) -> Vec<(String, blr_core::Linear)> {
+    ck.layers
+        .iter()
+        .filter(|(n, _)| n.contains("layers."))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,12 +711,8 @@ mod tests {
         };
         let (cfg, ck) = llama::random(&cfg, 7, None).unwrap();
         let ids: Vec<u32> = (0..13u32).map(|i| (i * 7 + 3) % 41).collect();
-        let planned: Vec<blr_core::Linear> = ck
-            .layers
-            .iter()
-            .filter(|(n, _)| n.contains("layers."))
-            .map(|(_, l)| l.clone())
-            .collect();
+        let planned: Vec<blr_core::Linear> =
+            planned_layers(&ck).into_iter().map(|(_, l)| l).collect();
         let fps: Vec<u64> = planned.iter().map(fingerprint).collect();
         let calls = Mutex::new(0usize);
         let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
@@ -798,12 +807,8 @@ mod tests {
             max_positions: 16,
         };
         let (cfg, ck) = llama::random(&cfg, 3, None).unwrap();
-        let planned: Vec<blr_core::Linear> = ck
-            .layers
-            .iter()
-            .filter(|(n, _)| n.contains("layers."))
-            .map(|(_, l)| l.clone())
-            .collect();
+        let planned: Vec<blr_core::Linear> =
+            planned_layers(&ck).into_iter().map(|(_, l)| l).collect();
         let fps: Vec<u64> = planned.iter().map(fingerprint).collect();
         let hook = |x: HookInput<'_>| -> anyhow::Result<blr_core::Linear> {
             let g = x.input.gram()?;
