@@ -52,7 +52,8 @@ pub struct Agreement {
     pub ctx: usize,
 }
 
-fn log_softmax(row: &[f32]) -> Vec<f64> {
+/// The log-probabilities of one row of logits, in f64.
+pub(crate) fn log_softmax(row: &[f32]) -> Vec<f64> {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let lse = row
         .iter()
@@ -61,6 +62,15 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
         .ln()
         + max;
     row.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// `KL(p || q)` in nats from the log-probabilities of two distributions over the same outcomes.
+pub(crate) fn kl_divergence(log_p: &[f64], log_q: &[f64]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(&p, &q)| p.exp() * (p - q))
+        .sum()
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -104,11 +114,7 @@ pub fn agreement<A: CausalLm, B: CausalLm>(
         for (rm, rr) in lm.chunks(v).zip(lr.chunks(v)) {
             agree += usize::from(argmax(rm) == argmax(rr));
             let (pm, pr) = (log_softmax(rm), log_softmax(rr));
-            kl += pr
-                .iter()
-                .zip(&pm)
-                .map(|(&r, &m)| r.exp() * (r - m))
-                .sum::<f64>();
+            kl += kl_divergence(&pr, &pm);
             n += 1;
         }
     }

@@ -15,6 +15,7 @@
 //!
 //! Cost: one forward pass over the sensitivity tokens per group, plus one dense pass.
 
+use crate::cmd::agree::{kl_divergence, log_softmax};
 use anyhow::{bail, Result};
 use blr_core::checkpoint::Checkpoint;
 use blr_core::Linear;
@@ -105,42 +106,24 @@ pub fn group_layers(names: &[String], depth_groups: usize) -> Vec<Group> {
     groups
 }
 
-/// `log_softmax` of each row of `logits` (rows of `vocab`), in place.
-fn log_softmax_rows(logits: &mut [f32], vocab: usize) {
-    for row in logits.chunks_mut(vocab) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-        let log_z = max as f64 + sum.ln();
-        for v in row.iter_mut() {
-            *v = (*v as f64 - log_z) as f32;
-        }
-    }
-}
-
-/// Sum over rows of `KL(p || q)` from log-probabilities.
-fn kl_sum(log_p: &[f32], log_q: &[f32], vocab: usize) -> f64 {
+/// Sum over rows (of `vocab` log-probabilities each) of `KL(p || q)`.
+fn kl_sum(log_p: &[f64], log_q: &[f64], vocab: usize) -> f64 {
     log_p
         .chunks(vocab)
         .zip(log_q.chunks(vocab))
-        .map(|(p, q)| {
-            p.iter()
-                .zip(q)
-                .map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64))
-                .sum::<f64>()
-        })
+        .map(|(p, q)| kl_divergence(p, q))
         .sum()
 }
 
 /// Runs `model` over the windows and returns the log-probabilities of every position.
-fn log_probs(model: &Llama<Cpu>, windows: &[&[u32]], ctx: usize) -> Result<Vec<Vec<f32>>> {
+fn log_probs(model: &Llama<Cpu>, windows: &[&[u32]], ctx: usize) -> Result<Vec<Vec<f64>>> {
     let mut cache = model.new_cache(ctx)?;
     let mut out = Vec::with_capacity(windows.len());
     for w in windows {
         model.clear_cache(&mut cache);
-        let mut logits = model.forward(w, &mut cache, true)?;
+        let logits = model.forward(w, &mut cache, true)?;
         let vocab = logits.len() / w.len().max(1);
-        log_softmax_rows(&mut logits, vocab);
-        out.push(logits);
+        out.push(logits.chunks(vocab).flat_map(log_softmax).collect());
     }
     Ok(out)
 }
