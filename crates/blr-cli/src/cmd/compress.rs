@@ -313,20 +313,17 @@ fn calibration_ids(
     Ok(ids)
 }
 
-/// Runs the dense model over the calibration text on `device` and returns one Gram per planned
-/// layer, the output weights and the tokens used.
-#[allow(clippy::too_many_arguments)]
+/// Runs the dense model over the calibration tokens `ids` on `device` and returns one Gram per
+/// planned layer, the output weights and the tokens used.
 pub fn collect_grams(
     loaded: &LoadedLlama,
     plan: &[LayerPlan],
-    text_path: &std::path::Path,
-    tokens: usize,
+    ids: &[u32],
     ctx: usize,
     rules: Option<&Arc<OutputWeightRules>>,
     device: &CalibDevice,
     multi: &MultiProgress,
 ) -> Result<(Vec<Gram>, Vec<Option<OutputWeights>>, usize)> {
-    let ids = calibration_ids(loaded, text_path, tokens)?;
     let mut fps = Vec::with_capacity(plan.len());
     for p in plan {
         let w = dense_weight(&loaded.weights, &p.name).with_context(|| {
@@ -342,7 +339,7 @@ pub fn collect_grams(
         CalibDevice::Cpu => record_grams(
             Recording::new(Cpu, HostGrams, &fps),
             loaded,
-            &ids,
+            ids,
             ctx,
             rules,
             multi,
@@ -350,7 +347,7 @@ pub fn collect_grams(
         CalibDevice::Cuda(cuda) => record_grams(
             Recording::new(cuda.clone(), CudaGrams::new(cuda)?, &fps),
             loaded,
-            &ids,
+            ids,
             ctx,
             rules,
             multi,
@@ -442,7 +439,7 @@ impl std::fmt::Display for SequentialTimes {
 }
 
 /// Sequential calibration (see `compress::sequential`): one forward pass of the dense and the
-/// compressed model in lockstep over the calibration text on `device`, factorizing each planned
+/// compressed model in lockstep over the calibration tokens `ids` on `device`, factorizing each planned
 /// layer in `todo` when the pass first reaches it. Returns the layers (by plan index), the tokens
 /// used and where the time went.
 #[allow(clippy::too_many_arguments)]
@@ -451,7 +448,7 @@ fn run_sequential(
     plan: &[LayerPlan],
     todo: &[usize],
     weights: &[Vec<f32>],
-    text_path: &std::path::Path,
+    ids: &[u32],
     args: &Args,
     rules: Option<&OutputWeightRules>,
     device: &CalibDevice,
@@ -459,7 +456,6 @@ fn run_sequential(
 ) -> Result<(Vec<Factorized>, usize, SequentialTimes)> {
     let t0 = Instant::now();
     let corrected = args.calib_mode == "corrected";
-    let ids = calibration_ids(loaded, text_path, args.calib_tokens())?;
     let window = args.calib_ctx.min(loaded.cfg.max_positions).max(2);
     let mut fps = Vec::with_capacity(todo.len());
     for &i in todo {
@@ -523,7 +519,7 @@ fn run_sequential(
             Twin::new(Cpu, HostGrams, window, &fps, &hook),
             window,
             loaded,
-            &ids,
+            ids,
             plan,
             todo,
         )?,
@@ -531,7 +527,7 @@ fn run_sequential(
             Twin::new(cuda.clone(), CudaGrams::new(cuda)?, window, &fps, &hook),
             window,
             loaded,
-            &ids,
+            ids,
             plan,
             todo,
         )?,
@@ -678,10 +674,12 @@ fn reallocate(
         let probe_rank = (s.params() / (s.m + s.n)).clamp(1, s.m.min(s.n));
         let (lowrank_curve, probe_layer) = match sensitivity {
             Some(_) => {
-                let (layer, curve) = weighted_fit(&plain, ow, |t| {
-                    let (layer, curve) = lowrank_and_curve(t, probe_rank, Some(&calib))?;
-                    Ok::<_, anyhow::Error>((layer, curve))
-                })?;
+                // Fitted to the weighted problem (`target`), the probe's rows unscaled back to W's.
+                let (layer, curve) = lowrank_and_curve(&target, probe_rank, Some(&calib))?;
+                let layer = match ow {
+                    Some(ow) => ow.unscale(&p.name, layer)?,
+                    None => layer,
+                };
                 (curve, Some(layer))
             }
             None => (lowrank_error_curve(&target, Some(&calib))?, None),
@@ -958,6 +956,14 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
     let mut resolved = args.clone();
     resolved.resolve_calibration(matches!(calib_device, CalibDevice::Cuda(_)));
     let args = &resolved;
+    // The calibration text, encoded once: the calibration passes run on its first
+    // --calib-tokens tokens, the sensitivity passes on its first --sensitivity-tokens.
+    let sensitivity_tokens = args.sensitivity_tokens.max(2);
+    let encoded = match &args.calibrate {
+        Some(path) => calibration_ids(&loaded, path, args.calib_tokens().max(sensitivity_tokens))?,
+        None => Vec::new(),
+    };
+    let calib_ids = &encoded[..encoded.len().min(args.calib_tokens())];
     // The dense model's Grams: the calibration itself in independent mode, and the error
     // curves the rank allocation compares in every mode.
     let (grams, out_weights, mut calib_tokens) = match &args.calibrate {
@@ -966,8 +972,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
             let (g, ow, used) = collect_grams(
                 &loaded,
                 &plan,
-                path,
-                args.calib_tokens(),
+                calib_ids,
                 args.calib_ctx,
                 rules.as_ref(),
                 &calib_device,
@@ -983,18 +988,14 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
         _ => (None, Vec::new(), 0),
     };
     if let (Some(g), true) = (&grams, allocate_ranks) {
-        let ids;
         let sensitivity = match (allocation, &args.calibrate) {
-            ("sensitivity", Some(path)) => {
-                ids = calibration_ids(&loaded, path, args.sensitivity_tokens.max(2))?;
-                Some(SensitivityInput {
-                    loaded: &loaded,
-                    ids: &ids,
-                    ctx: args.calib_ctx,
-                    depth_groups: args.sensitivity_groups,
-                    multi: &multi,
-                })
-            }
+            ("sensitivity", Some(_)) => Some(SensitivityInput {
+                loaded: &loaded,
+                ids: &encoded[..encoded.len().min(sensitivity_tokens)],
+                ctx: args.calib_ctx,
+                depth_groups: args.sensitivity_groups,
+                multi: &multi,
+            }),
             _ => None,
         };
         let line = reallocate(
@@ -1145,7 +1146,7 @@ pub fn compress(args: &Args, log_layers: bool, bars: bool) -> Result<Report> {
                 &plan,
                 &todo,
                 &weights,
-                path,
+                calib_ids,
                 args,
                 rules.as_deref(),
                 &calib_device,
