@@ -174,22 +174,19 @@ impl CalibDevice {
     /// label); `cpu`; `cuda`: an error when no GPU is usable. Returns the device and a label
     /// for the log.
     pub fn pick(flag: &str) -> Result<(Self, String)> {
+        let on_gpu = |cuda: Cuda| {
+            let label = format!("cuda ({})", cuda.gpu().info().name);
+            (CalibDevice::Cuda(cuda), label)
+        };
         match flag {
             "cpu" => Ok((CalibDevice::Cpu, "cpu".into())),
-            "cuda" => {
-                let cuda = Cuda::open_default().context(
-                    "--calib-device cuda: the CUDA backend did not open (use --calib-device cpu or auto)",
-                )?;
-                let label = format!("cuda ({})", cuda.gpu().info().name);
-                Ok((CalibDevice::Cuda(cuda), label))
-            }
-            "auto" => match Cuda::open_default() {
-                Ok(cuda) => {
-                    let label = format!("cuda ({})", cuda.gpu().info().name);
-                    Ok((CalibDevice::Cuda(cuda), label))
-                }
-                Err(e) => Ok((CalibDevice::Cpu, format!("cpu (no usable GPU: {e})"))),
-            },
+            "cuda" => Ok(on_gpu(Cuda::open_default().context(
+                "--calib-device cuda: the CUDA backend did not open (use --calib-device cpu or auto)",
+            )?)),
+            "auto" => Ok(match Cuda::open_default() {
+                Ok(cuda) => on_gpu(cuda),
+                Err(e) => (CalibDevice::Cpu, format!("cpu (no usable GPU: {e})")),
+            }),
             other => bail!("--calib-device must be auto, cpu or cuda, got '{other}'"),
         }
     }
